@@ -1,0 +1,124 @@
+"""A preallocated key/value cache written by position.
+
+All layers share one pair of tensors ``k, v`` of shape (layers, batch, kv_heads, max_len, head_dim).
+A forward over T new tokens writes slots ``[length, length + T)``; rolling a rejected draft back is
+``rollback(new_length)``: index arithmetic, no reallocation. Slots beyond ``length`` hold stale
+values that the attention mask never reads.
+
+Left padding (batched prompts of different lengths) is recorded in ``valid``: a (batch, max_len)
+bool tensor, False for padding slots, which the attention mask excludes as keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CacheFullError(ValueError):
+    """Writing would run past the cache's preallocated length."""
+
+
+class KVCache:
+    """Static KV cache for one stack of attention layers (a backbone or a recyclable module).
+
+    Args:
+        n_layers: attention layers that write into it.
+        batch: rows decoded together.
+        n_kv_heads: key/value heads per layer.
+        head_dim: width of one head.
+        max_len: slots preallocated per row; the hard limit on prompt + generated tokens.
+        dtype: storage dtype (match the model's parameters).
+        device: where the tensors live.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.has_padding = False
+        self.length = 0
+        self.max_len = max_len
+        # causal[i, j]: slot i may attend to slot j. Sliced per forward, never rebuilt.
+        self._causal = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def set_padding(self, pad_lengths: list[int]) -> None:
+        """Mark the first ``pad_lengths[b]`` slots of row b as left padding (never attended to)."""
+        if len(pad_lengths) != self.batch:
+            raise ValueError(f"expected {self.batch} pad lengths, got {len(pad_lengths)}")
+        self.valid.fill_(True)
+        for row, n in enumerate(pad_lengths):
+            self.valid[row, :n] = False
+        self.has_padding = any(n > 0 for n in pad_lengths)
+
+    def check_room(self, n_new: int) -> None:
+        """Raise a clear error if ``n_new`` more tokens do not fit."""
+        if self.length + n_new > self.max_len:
+            raise CacheFullError(
+                f"cache holds {self.max_len} tokens; {self.length} used, cannot add {n_new} more"
+            )
+
+    def attn_mask(self, n_new: int) -> torch.Tensor | None:
+        """Boolean mask (batch or 1, 1, n_new, length + n_new) for queries at the next n_new slots.
+
+        Returns None when every visible key may be attended (one new token, no padding), which lets
+        ``scaled_dot_product_attention`` take its fastest path.
+        """
+        start, end = self.length, self.length + n_new
+        if n_new == 1 and not self.has_padding:
+            return None
+        mask = self._causal[start:end, :end]  # (T, end), a view
+        if self.has_padding:
+            mask = mask & self.valid[:, None, None, :end]  # (B, 1, T, end)
+            # A padding query must attend somewhere (else softmax is NaN): let it see itself.
+            mask = mask | _eye(n_new, end, start, mask.device)
+            return mask
+        return mask[None, None]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new keys/values (B, kv_heads, T, head_dim) at slots [length, length+T).
+
+        Returns views of all keys and values up to the new end. ``advance`` must be called once
+        after every layer has written.
+        """
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n_new: int) -> None:
+        """Count ``n_new`` written slots as part of the sequence."""
+        self.length += n_new
+
+    def rollback(self, length: int) -> None:
+        """Forget every slot from ``length`` on (e.g. a rejected draft token)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot roll back to {length}: cache length is {self.length}")
+        self.length = length
+
+    def reset(self) -> None:
+        """Empty the cache for a new sequence (keeps the allocation)."""
+        self.length = 0
+        self.valid.fill_(True)
+        self.has_padding = False
+
+
+def _eye(n: int, m: int, offset: int, device: torch.device) -> torch.Tensor:
+    """(n, m) bool matrix that is True at [i, i + offset]."""
+    out = torch.zeros(n, m, dtype=torch.bool, device=device)
+    idx = torch.arange(n, device=device)
+    out[idx, idx + offset] = True
+    return out

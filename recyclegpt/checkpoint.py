@@ -1,0 +1,186 @@
+"""Checkpoints: safetensors weights with the JSON config inside the file's metadata.
+
+Two kinds of file:
+
+* a **module** file (``save_module``): the recyclable module alone plus the configs and the identity
+  of the base it was trained on; this is what ships and what ``--module PATH`` loads;
+* a **model** file (``save_model``): a whole native RecycleGPT (backbone and module).
+
+Every write goes to a temporary file in the same directory and is renamed into place, so a crash
+mid-write never leaves a truncated checkpoint under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from recyclegpt.config import ConfigError, ModelConfig, RecycleConfig
+from recyclegpt.model import Backbone
+from recyclegpt.recycle import RecyclableModule, RecycleGPT
+
+FORMAT_VERSION = "1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, corrupt or does not fit the model it is loaded into."""
+
+
+def atomic_write(path: str | Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # Tied weights appear under two names; safetensors refuses shared storage, so keep the first.
+    aliases = _tied_aliases(module)
+    return {k: t.detach().contiguous().cpu() for k, t in module.state_dict().items() if k not in aliases}
+
+
+def save_module(path: str | Path, module: RecyclableModule, base: dict[str, Any] | None = None) -> None:
+    """Save a recyclable module alone.
+
+    Args:
+        path: destination ``.safetensors`` file.
+        module: the module to save.
+        base: identity of the base it belongs to, e.g. ``{"name": "smollm2-135m"}``; stored as is
+            and reported when the module is loaded onto a different base.
+    """
+    meta = {
+        "format": FORMAT_VERSION,
+        "kind": "recyclegpt-module",
+        "model_config": json.dumps(module.config.to_dict()),
+        "recycle_config": json.dumps(module.recycle_config.to_dict()),
+        "base": json.dumps(base or {}),
+    }
+    state = _state(module)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
+def save_model(path: str | Path, model: RecycleGPT, extra: dict[str, Any] | None = None) -> None:
+    """Save a whole native RecycleGPT (backbone + module) with its configs."""
+    if not isinstance(model.backbone, Backbone):
+        raise CheckpointError("save_model saves native backbones only; save the module with save_module")
+    meta = {
+        "format": FORMAT_VERSION,
+        "kind": "recyclegpt-model",
+        "model_config": json.dumps(model.backbone.config.to_dict()),
+        "recycle_config": json.dumps(model.recycle_config.to_dict()),
+        "extra": json.dumps(extra or {}),
+    }
+    state = _state(model)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read tensors and metadata, turning every failure into a one-line ``CheckpointError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors checkpoint (truncated or corrupt?): {exc}"
+        ) from None
+    if meta.get("format") != FORMAT_VERSION or "model_config" not in meta:
+        raise CheckpointError(f"{path} is a safetensors file but not a RecycleGPT checkpoint (no config metadata)")
+    return tensors, meta
+
+
+def _configs(path: Path, meta: dict[str, str]) -> tuple[ModelConfig, RecycleConfig]:
+    try:
+        return (
+            ModelConfig.from_dict(json.loads(meta["model_config"])),
+            RecycleConfig.from_dict(json.loads(meta["recycle_config"])),
+        )
+    except (ConfigError, json.JSONDecodeError, KeyError) as exc:
+        raise CheckpointError(f"{path}: config metadata is invalid: {exc}") from None
+
+
+def _load_state(path: Path, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in tensors and k not in _tied_aliases(module)]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+    for name, tensor in tensors.items():
+        if tuple(expected[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(expected[name].shape)}"
+            )
+    module.load_state_dict(tensors, strict=False)
+
+
+def _tied_aliases(module: torch.nn.Module) -> set[str]:
+    """State-dict names that share storage with an earlier name (saved once, under the first)."""
+    seen: set[int] = set()
+    aliases = set()
+    for name, tensor in module.state_dict().items():
+        if tensor.data_ptr() in seen:
+            aliases.add(name)
+        seen.add(tensor.data_ptr())
+    return aliases
+
+
+def load_module_file(path: str | Path) -> tuple[RecyclableModule, dict[str, Any]]:
+    """Load a module file on its own; returns the module and the base identity it records."""
+    path = Path(path)
+    tensors, meta = read_checkpoint(path)
+    if meta.get("kind") != "recyclegpt-module":
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r}, not a recyclable module")
+    cfg, rcfg = _configs(path, meta)
+    module = RecyclableModule(cfg, rcfg)
+    _load_state(path, module, tensors)
+    return module, json.loads(meta.get("base", "{}"))
+
+
+def load_module(path: str | Path, backbone_config: ModelConfig) -> RecyclableModule:
+    """Load a module file for a given backbone, refusing one whose widths do not fit it.
+
+    The module's rotary tables and cache length follow the backbone's ``max_seq_len``.
+    """
+    module, base = load_module_file(path)
+    mc = module.config
+    for name in ("d_model", "vocab_size"):
+        if getattr(mc, name) != getattr(backbone_config, name):
+            raise CheckpointError(
+                f"module {path} was trained for a base with {name}={getattr(mc, name)} "
+                f"(base {base.get('name', 'unknown')}); this backbone has {name}={getattr(backbone_config, name)}"
+            )
+    if mc.max_seq_len != backbone_config.max_seq_len:
+        resized = RecyclableModule(mc.replace(max_seq_len=backbone_config.max_seq_len), module.recycle_config)
+        resized.load_state_dict(module.state_dict())
+        module = resized
+    return module
+
+
+def load_model(path: str | Path) -> RecycleGPT:
+    """Load a whole native RecycleGPT saved with ``save_model``."""
+    path = Path(path)
+    tensors, meta = read_checkpoint(path)
+    if meta.get("kind") != "recyclegpt-model":
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r}, not a whole RecycleGPT model")
+    cfg, rcfg = _configs(path, meta)
+    model = RecycleGPT.from_config(cfg, rcfg)
+    _load_state(path, model, tensors)
+    return model

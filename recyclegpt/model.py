@@ -1,0 +1,220 @@
+"""A Llama-style decoder-only backbone in one file.
+
+RMSNorm, rotary position embeddings (the rotate-half convention of Hugging Face's Llama), grouped-query
+attention through ``scaled_dot_product_attention`` and a SwiGLU feed-forward. Parameter names follow
+Hugging Face's ``LlamaForCausalLM`` without the ``model.`` prefix, so converting a checkpoint is a
+rename (see ``recyclegpt.bases``).
+
+Every backbone, native or wrapped (``recyclegpt.bases.hf.HFBackbone``), offers the same interface to
+the recyclable module and the decoder:
+
+* ``forward(tokens, cache=None, logits_last=None) -> (logits, hidden)``: ``hidden`` is the final
+  hidden state after the last norm, the vector the LM head reads;
+* ``embed(tokens)``: the input embeddings the first layer reads;
+* ``head(hidden)``: the LM head applied to final hidden states;
+* ``new_cache(batch, max_len)``: a cache that takes several tokens per call and rolls back;
+* ``config``: a ``ModelConfig`` describing its widths.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recyclegpt.cache import KVCache
+from recyclegpt.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 and cast back."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (max_len, head_dim), for the rotate-half RoPE convention.
+
+    Always built on the CPU (also inside a ``torch.device("meta")`` context), then moved with the model.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device="cpu"), inv_freq)  # (S, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (S, D)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by the angles of its T positions (cos/sin: (T, D))."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention that writes its keys and values into a ``KVCache``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        layer: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            k, v = cache.write(layer, k, v)  # (B, KV, length + T, D)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; the recyclable module stacks the same class."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache, layer, mask) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Stack(nn.Module):
+    """N blocks sharing rotary tables and one ``KVCache``: the body of backbone and module alike."""
+
+    def __init__(self, cfg: ModelConfig, n_layers: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(n_layers))
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Run x (B, T, d) through every block; with a cache, the T tokens follow its current length."""
+        T = x.shape[1]
+        start = 0 if cache is None else cache.length
+        if cache is not None:
+            cache.check_room(T)
+        elif T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        mask = None if cache is None else cache.attn_mask(T)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, mask)
+        if cache is not None:
+            cache.advance(T)
+        return x
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """A cache sized for this stack, in the dtype and on the device of its parameters."""
+        p = next(self.parameters())
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds max_seq_len {self.cfg.max_seq_len}")
+        return KVCache(
+            len(self.layers), batch, self.cfg.n_kv_heads, self.cfg.head_dim, max_len, p.dtype, p.device
+        )
+
+
+class Backbone(nn.Module):
+    """Llama-style language model returning logits and final hidden states.
+
+    Args:
+        cfg: the model's shape.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.stack = Stack(cfg, cfg.n_layers)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.apply(_init_weights)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (B, T, d) of token ids (B, T)."""
+        return self.embed_tokens(tokens)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (..., vocab) from final (already normed) hidden states (..., d)."""
+        return self.lm_head(hidden)
+
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache | None = None, logits_last: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the model over tokens (B, T).
+
+        Args:
+            tokens: token ids (B, T); with a cache they occupy the next T slots.
+            cache: optional ``KVCache`` from ``new_cache``; advanced by T.
+            logits_last: compute logits only for the last this-many positions (decode reads 1 or 2;
+                the head is the largest matrix of a small model). None: every position.
+
+        Returns:
+            (logits (B, T or logits_last, vocab), hidden (B, T, d) after the final norm).
+        """
+        hidden = self.norm(self.stack(self.embed(tokens), cache))
+        tail = hidden if logits_last is None else hidden[:, -logits_last:]
+        return self.head(tail), hidden
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """A preallocated cache for ``batch`` rows of at most ``max_len`` tokens."""
+        return self.stack.new_cache(batch, max_len)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Unique parameters (a tied weight counts once)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())

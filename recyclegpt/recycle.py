@@ -1,0 +1,103 @@
+"""The recyclable module and RecycleGPT (a backbone plus its module).
+
+Notation: h_t is the backbone's final hidden state at position t (what its head reads), e(x) the token
+embedding, W the shared LM head.
+
+    u_t = fuse([h_t ; e(x_{t+1})])          Linear 2d -> d
+    g_t = Blocks(u_1..u_t)                  causal, with the module's own KV cache
+    p(x_{t+2} | x_<=t+1) = softmax(W . norm(g_t))
+
+Module position t is aligned with backbone position t: its cache slot t holds the pair
+(h_t, x_{t+1}), so one ``KVCache`` length describes both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recyclegpt.cache import KVCache
+from recyclegpt.config import ModelConfig, RecycleConfig
+from recyclegpt.model import Backbone, RMSNorm, Stack, _init_weights, count_parameters
+
+
+class RecyclableModule(nn.Module):
+    """A few transformer blocks that predict the token after next from (h_t, x_{t+1}).
+
+    It owns no embedding and no head: both are the backbone's, shared, not copied.
+
+    Args:
+        cfg: the backbone's shape (the module's blocks take its widths).
+        rcfg: module depth and loss settings.
+    """
+
+    def __init__(self, cfg: ModelConfig, rcfg: RecycleConfig) -> None:
+        super().__init__()
+        self.config, self.recycle_config = cfg, rcfg
+        self.fuse = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
+        self.stack = Stack(cfg, rcfg.n_layers)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.apply(_init_weights)
+
+    def forward(self, hidden: torch.Tensor, emb: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Module states g (B, T, d), normed, ready for the shared head.
+
+        Args:
+            hidden: backbone final hidden states h_t (B, T, d) (or, when drafting a chain, the
+                module's own previous output in place of h).
+            emb: embeddings e(x_{t+1}) of the tokens that follow each h_t (B, T, d).
+            cache: the module's own cache; the T pairs occupy its next T slots.
+        """
+        u = self.fuse(torch.cat([hidden, emb], dim=-1))  # (B, T, 2d) -> (B, T, d)
+        return self.norm(self.stack(u, cache))
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """A preallocated cache for the module's blocks."""
+        return self.stack.new_cache(batch, max_len)
+
+
+class RecycleGPT(nn.Module):
+    """A backbone and its recyclable module.
+
+    Args:
+        backbone: a native ``Backbone`` or any object with the backbone interface (see ``model.py``).
+        module: the recyclable module; built fresh from ``rcfg`` when None.
+        rcfg: module settings (depth, recycle loss weight, gradient to backbone).
+    """
+
+    def __init__(
+        self, backbone: nn.Module, module: RecyclableModule | None = None, rcfg: RecycleConfig | None = None
+    ) -> None:
+        super().__init__()
+        if module is None:
+            module = RecyclableModule(backbone.config, rcfg or RecycleConfig())
+        self.backbone = backbone
+        self.module = module
+        self.recycle_config = module.recycle_config
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, rcfg: RecycleConfig) -> RecycleGPT:
+        """A randomly initialised native backbone with a fresh module."""
+        return cls(Backbone(cfg), RecyclableModule(cfg, rcfg))
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training forward over a whole sequence in one pass.
+
+        Args:
+            tokens: (B, T) token ids.
+
+        Returns:
+            main_logits (B, T, V): position t predicts x_{t+1};
+            recycle_logits (B, T-1, V): position t predicts x_{t+2} from (h_t, x_{t+1}).
+        """
+        main_logits, hidden = self.backbone(tokens)
+        h = hidden[:, :-1]  # h_0 .. h_{T-2}
+        if not self.recycle_config.grad_to_backbone:
+            h = h.detach()
+        g = self.module(h, self.backbone.embed(tokens[:, 1:]))  # pairs (h_t, x_{t+1})
+        return main_logits, self.backbone.head(g)
+
+    def parameter_counts(self) -> dict[str, float]:
+        """Backbone and module parameter counts and the module's share of the backbone."""
+        backbone, module = count_parameters(self.backbone), count_parameters(self.module)
+        return {"backbone": backbone, "module": module, "module_share": module / backbone}

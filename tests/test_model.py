@@ -1,0 +1,117 @@
+"""The native backbone against Hugging Face's Llama, and the cache against the uncached forward."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from recyclegpt.bases.convert import UnsupportedArchitecture, backbone_from_hf, config_from_hf
+from recyclegpt.model import Backbone
+
+
+def _hf_llama(tie: bool = True) -> LlamaForCausalLM:
+    cfg = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_logits_match_transformers_llama(tie):
+    hf = _hf_llama(tie)
+    backbone = backbone_from_hf(hf)
+    tokens = torch.randint(0, 256, (2, 48))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        logits, hidden = backbone(tokens)
+    assert (ref - logits).abs().max().item() <= 1e-4
+    assert hidden.shape == (2, 48, 64)
+
+
+def test_qwen2_biases_are_converted():
+    cfg = Qwen2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    hf = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.q_proj.bias.normal_()
+    backbone = backbone_from_hf(hf)
+    tokens = torch.randint(0, 128, (1, 32))
+    with torch.no_grad():
+        assert (hf(tokens).logits - backbone(tokens)[0]).abs().max().item() <= 1e-4
+
+
+def test_unsupported_architecture_points_to_generic_path():
+    class Fake:
+        model_type = "gpt2"
+
+    with pytest.raises(UnsupportedArchitecture, match="--backend hf"):
+        config_from_hf(Fake())
+
+
+def test_logits_last_computes_only_the_requested_positions():
+    backbone = backbone_from_hf(_hf_llama())
+    tokens = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        full, _ = backbone(tokens)
+        last2, hidden = backbone(tokens, logits_last=2)
+    assert last2.shape == (1, 2, 256) and hidden.shape == (1, 10, 64)
+    torch.testing.assert_close(last2, full[:, -2:], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_cached_decode_equals_uncached_forward(step):
+    backbone = backbone_from_hf(_hf_llama())
+    tokens = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        ref, ref_hidden = backbone(tokens)
+        cache = backbone.new_cache(2, 64)
+        backbone(tokens[:, :20], cache)
+        for start in range(20, 40, step):
+            logits, hidden = backbone(tokens[:, start : start + step], cache, logits_last=step)
+            torch.testing.assert_close(logits, ref[:, start : start + step], atol=1e-5, rtol=0)
+            assert torch.equal(logits.argmax(-1), ref[:, start : start + step].argmax(-1))
+    assert cache.length == 40
+
+
+def test_rollback_rewrites_the_same_slots():
+    backbone = backbone_from_hf(_hf_llama())
+    tokens = torch.randint(0, 256, (1, 30))
+    other = torch.randint(0, 256, (1, 2))
+    with torch.no_grad():
+        ref, _ = backbone(tokens)
+        cache = backbone.new_cache(1, 32)
+        backbone(tokens[:, :20], cache)
+        backbone(other, cache)  # a rejected two-token draft
+        cache.rollback(20)
+        storage = cache.k.data_ptr()
+        logits, _ = backbone(tokens[:, 20:30], cache)
+    assert cache.k.data_ptr() == storage  # no reallocation
+    torch.testing.assert_close(logits, ref[:, 20:30], atol=1e-5, rtol=0)
+
+
+def test_left_padding_gives_the_same_logits_as_unpadded_rows(tiny):
+    backbone: Backbone = tiny.backbone
+    short, long = torch.randint(0, 256, (1, 5)), torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        ref_short, _ = backbone(short)
+        ref_long, _ = backbone(long)
+        batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+        cache = backbone.new_cache(2, 16)
+        cache.set_padding([4, 0])
+        logits, _ = backbone(batch, cache)
+        nxt = torch.randint(0, 256, (2, 1))
+        step, _ = backbone(nxt, cache)
+        ref_step, _ = backbone(torch.cat([short, nxt[:1]], 1))
+    torch.testing.assert_close(logits[0, 4:], ref_short[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[1], ref_long[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step[0, 0], ref_step[0, -1], atol=1e-5, rtol=0)
+
+
+def test_cache_overflow_is_a_clear_error(tiny):
+    cache = tiny.backbone.new_cache(1, 8)
+    with pytest.raises(ValueError, match="cache holds 8 tokens; 0 used, cannot add 9 more"):
+        tiny.backbone(torch.zeros(1, 9, dtype=torch.long), cache)
