@@ -88,6 +88,37 @@ def save_model(path: str | Path, model: RecycleGPT, extra: dict[str, Any] | None
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
+def save_backbone(path: str | Path, backbone: Backbone, extra: dict[str, Any] | None = None) -> None:
+    """Save a native backbone alone (used for the converted-base cache, never committed)."""
+    meta = {
+        "format": FORMAT_VERSION,
+        "kind": "recyclegpt-backbone",
+        "model_config": json.dumps(backbone.config.to_dict()),
+        "recycle_config": json.dumps(RecycleConfig().to_dict()),
+        "extra": json.dumps(extra or {}),
+    }
+    state = _state(backbone)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
+def load_backbone(path: str | Path, max_seq_len: int | None = None) -> Backbone:
+    """Load a native backbone saved with ``save_backbone``; optionally with another context length."""
+    path = Path(path)
+    tensors, meta = read_checkpoint(path)
+    if meta.get("kind") != "recyclegpt-backbone":
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r}, not a backbone")
+    cfg, _ = _configs(path, meta)
+    if max_seq_len is not None:
+        cfg = cfg.replace(max_seq_len=max_seq_len)
+    with torch.device("meta"):
+        backbone = Backbone(cfg)
+    _check_state(path, backbone, tensors)
+    backbone.load_state_dict(tensors, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        backbone.lm_head.weight = backbone.embed_tokens.weight
+    return backbone.eval()
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read tensors and metadata, turning every failure into a one-line ``CheckpointError``."""
     path = Path(path)
@@ -117,6 +148,11 @@ def _configs(path: Path, meta: dict[str, str]) -> tuple[ModelConfig, RecycleConf
 
 
 def _load_state(path: Path, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    _check_state(path, module, tensors)
+    module.load_state_dict(tensors, strict=False)
+
+
+def _check_state(path: Path, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     expected = module.state_dict()
     missing = [k for k in expected if k not in tensors and k not in _tied_aliases(module)]
     unexpected = [k for k in tensors if k not in expected]
@@ -128,17 +164,16 @@ def _load_state(path: Path, module: torch.nn.Module, tensors: dict[str, torch.Te
                 f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
                 f"{tuple(expected[name].shape)}"
             )
-    module.load_state_dict(tensors, strict=False)
 
 
 def _tied_aliases(module: torch.nn.Module) -> set[str]:
     """State-dict names that share storage with an earlier name (saved once, under the first)."""
     seen: set[int] = set()
     aliases = set()
-    for name, tensor in module.state_dict().items():
-        if tensor.data_ptr() in seen:
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
             aliases.add(name)
-        seen.add(tensor.data_ptr())
+        seen.add(id(param))
     return aliases
 
 

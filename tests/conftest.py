@@ -12,6 +12,11 @@ def _seed():
     torch.manual_seed(0)
 
 
+# Tiny models gain nothing from a second thread, and two threads on a busy 2-core machine stall on
+# each other; tests that load a real model set their own thread count.
+torch.set_num_threads(1)
+
+
 @pytest.fixture
 def tiny() -> RecycleGPT:
     """A tiny random RecycleGPT (2-layer backbone, 1-layer module), in eval mode."""

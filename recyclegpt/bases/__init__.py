@@ -1,0 +1,135 @@
+"""Pretrained bases: registry names, Hugging Face directories or GGUF files -> backbone + tokenizer.
+
+The first use converts the weights once into ``$RECYCLEGPT_HOME/bases/<key>/`` (a native
+safetensors backbone, or a transformers directory for the generic path) with the tokenizer beside it;
+later loads read that cache and take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from recyclegpt.bases.convert import NATIVE_ARCHITECTURES, UnsupportedArchitecture, backbone_from_hf
+from recyclegpt.bases.hf import HFBackbone
+from recyclegpt.bases.registry import DEFAULT_BASE, REGISTRY, BaseError, BaseSpec, home, resolve
+from recyclegpt.bases.tokenizer import ByteTokenizer, HFTokenizer
+from recyclegpt.checkpoint import load_backbone, save_backbone
+
+__all__ = [
+    "DEFAULT_BASE", "REGISTRY", "Base", "BaseError", "ByteTokenizer", "HFTokenizer", "UnsupportedArchitecture",
+    "load_base",
+]
+
+BACKENDS = ("auto", "native", "hf")
+
+
+@dataclass
+class Base:
+    """A loaded base: backbone (native or generic), tokenizer and how it was found."""
+
+    name: str
+    backbone: torch.nn.Module
+    tokenizer: HFTokenizer
+    backend: str
+    chat: bool
+
+
+def _cache_key(spec: BaseSpec | None, path: Path) -> str:
+    if spec is not None:
+        return spec.name
+    st = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return f"{path.stem}-{digest}"
+
+
+def _read_hf(path: Path):
+    """Load a transformers model + tokenizer from a GGUF file or checkpoint directory, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    where = path.parent if path.suffix == ".gguf" else path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
+        tok = AutoTokenizer.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BaseError(f"cannot read model from {path} (missing, corrupt or unsupported file?): {first}") from None
+    return model, tok
+
+
+def _convert(spec: BaseSpec | None, path: Path, backend: str, target: Path) -> None:
+    """Read the source once and write the cache directory ``target`` atomically."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        with tqdm(total=3, desc=f"converting {path.name} (first use only)", unit="step") as bar:
+            model, tok = _read_hf(path)
+            bar.update()
+            arch = getattr(model.config, "model_type", "?")
+            if backend == "auto":
+                backend = "native" if arch in NATIVE_ARCHITECTURES else "hf"
+            if backend == "native":
+                save_backbone(tmp / "backbone.safetensors", backbone_from_hf(model), {"source": str(path)})
+            else:
+                model.hf_quantizer = None  # a GGUF-loaded model is already dequantized
+                model.save_pretrained(tmp / "hf")
+            bar.update()
+            tok.save_pretrained(tmp / "tokenizer")
+            (tmp / "backend").write_text(backend)
+            bar.update()
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def load_base(
+    model: str = DEFAULT_BASE, backend: str = "auto", max_seq_len: int | None = None, chat: bool | None = None
+) -> Base:
+    """Load a base model by registry name, Hugging Face directory or GGUF file.
+
+    Args:
+        model: ``smollm2-135m``, ``gemma3-270m``, a checkpoint directory or a ``.gguf`` path.
+        backend: ``native`` (Llama/Mistral/Qwen2 converted into the project's model, the fast path),
+            ``hf`` (any transformers causal LM) or ``auto`` (native when the architecture allows).
+        max_seq_len: context to allocate for; defaults to the model's (native caches preallocate it).
+        chat: apply the chat template to prompts; default from the registry (False for paths).
+
+    Raises:
+        BaseError: unknown name, missing/corrupt file, or a backend that does not fit.
+    """
+    if backend not in BACKENDS:
+        raise BaseError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    spec, path = resolve(model)
+    wanted = spec.backend if (spec is not None and backend == "auto") else backend
+    target = home() / "bases" / _cache_key(spec, path)
+    cached = (target / "backend").read_text().strip() if (target / "backend").is_file() else None
+    if cached is None or (wanted != "auto" and cached != wanted):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _convert(spec, path, wanted, target)
+        cached = (target / "backend").read_text().strip()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(target / "tokenizer")
+    if cached == "native":
+        backbone = load_backbone(target / "backbone.safetensors", max_seq_len=max_seq_len)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(target / "hf", dtype=torch.float32)
+        backbone = HFBackbone(hf_model, max_seq_len)
+    stop = spec.stop_tokens if spec is not None else ("<|im_end|>", "<end_of_turn>", "<|eot_id|>")
+    use_chat = chat if chat is not None else (spec.chat if spec is not None else False)
+    return Base(spec.name if spec else str(path), backbone, HFTokenizer(tok, stop), cached, use_chat)

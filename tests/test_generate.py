@@ -1,0 +1,211 @@
+"""The decode loop and its strategies on tiny random models (no network)."""
+
+import pytest
+import torch
+
+from recyclegpt.bases.tokenizer import ByteTokenizer
+from recyclegpt.config import PRESETS, RecycleConfig
+from recyclegpt.generate import Engine, GenerationError
+from recyclegpt.loss import attach_loss
+from recyclegpt.recycle import RecycleGPT
+from recyclegpt.sampling import SamplingConfig, SamplingError
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 256, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def _peaked(model: RecycleGPT) -> RecycleGPT:
+    """Sharpen a random model's logits so greedy decoding has no near-ties (float noise cannot flip them)."""
+    with torch.no_grad():
+        model.backbone.embed_tokens.weight.mul_(20)
+    return model
+
+
+@pytest.fixture
+def engine(tiny) -> Engine:
+    return Engine(_peaked(tiny).backbone, ByteTokenizer(), tiny.module)
+
+
+@pytest.fixture(scope="module")
+def trained() -> Engine:
+    """A tiny base whose module was trained (attach loss) on its own greedy outputs."""
+    torch.manual_seed(1)
+    preset = PRESETS["tiny"]
+    model = _peaked(RecycleGPT.from_config(preset.model, RecycleConfig(n_layers=1, grad_to_backbone=False)))
+    model.backbone.requires_grad_(False)
+    engine = Engine(model.backbone, ByteTokenizer(), model.module)
+    rows = [p + engine.generate([p], max_new_tokens=24)[0].token_ids for p in _prompts(48, 5)]
+    width = min(len(r) for r in rows)
+    data = torch.tensor([r[:width] for r in rows])
+    opt = torch.optim.AdamW(model.module.parameters(), lr=3e-3)
+    model.module.train()
+    for _ in range(200):
+        main, rec = model(data)
+        loss, metrics = attach_loss(rec, main, data)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.module.eval()
+    return engine
+
+
+def test_verified_greedy_equals_standard_with_untrained_module(engine):
+    stats = []
+    for p in _prompts(50):
+        std = engine.generate([p], "standard", max_new_tokens=24)[0]
+        ver = engine.generate([p], "verified", max_new_tokens=24)[0]
+        assert ver.token_ids == std.token_ids
+        stats.append(ver.stats)
+    rejected = sum(s.rejected for s in stats) / sum(s.drafted for s in stats)
+    assert rejected > 0.5  # an untrained module is mostly wrong: the rollback path is exercised
+
+
+@pytest.mark.parametrize("draft_len", [1, 3])
+def test_verified_greedy_equals_standard_with_trained_module(trained, draft_len):
+    accepted = drafted = 0
+    for p in _prompts(50, seed=5):
+        std = trained.generate([p], "standard", max_new_tokens=24)[0]
+        ver = trained.generate([p], "verified", max_new_tokens=24, draft_len=draft_len)[0]
+        assert ver.token_ids == std.token_ids
+        accepted, drafted = accepted + ver.stats.accepted, drafted + ver.stats.drafted
+    assert accepted / drafted > 0.5  # a trained module is mostly right: the accept path is exercised
+
+
+def test_verified_batch_equals_standard_rows(trained):
+    prompts = _prompts(6, seed=9)
+    batch = trained.generate(prompts, "verified", max_new_tokens=16, draft_len=2)
+    for p, g in zip(prompts, batch, strict=True):
+        assert g.token_ids == trained.generate([p], "standard", max_new_tokens=16)[0].token_ids
+
+
+def test_alternating_batch_equals_alternating_rows(trained):
+    prompts = _prompts(5, seed=3)
+    batch = trained.generate(prompts, "alternating", max_new_tokens=16)
+    for p, g in zip(prompts, batch, strict=True):
+        assert g.token_ids == trained.generate([p], "alternating", max_new_tokens=16)[0].token_ids
+
+
+class OracleModule(torch.nn.Module):
+    """Returns (as its 'state') a vector whose head logits are the backbone's own greedy next-next token.
+
+    It looks up the answer by running the backbone on the whole sequence it has seen, so alternating
+    decoding with it must reproduce standard decoding exactly.
+    """
+
+    def __init__(self, backbone, prompt):
+        super().__init__()
+        self.backbone, self.seq, self.recycle_config = backbone, list(prompt), RecycleConfig()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def new_cache(self, batch, max_len):
+        return self.backbone.new_cache(batch, max_len)
+
+    def forward(self, hidden, emb, cache):
+        n_new = hidden.shape[1]
+        cache.advance(n_new)
+        toks = emb.argmax(-1)[0].tolist()  # the embedding is one-hot (see _OracleBackbone)
+        self.seq = self.seq[: cache.length - n_new + 1] + toks  # x_0 .. x_{length}
+        seq = torch.tensor([self.seq])
+        nxt = self.backbone(seq)[0][0, -1].argmax()
+        out = torch.zeros(1, n_new, self.backbone.config.vocab_size)
+        out[0, -1, nxt] = 1.0
+        return out
+
+
+def test_alternating_with_oracle_module_equals_standard():
+    backbone = _peaked(RecycleGPT.from_config(PRESETS["tiny"].model, RecycleConfig())).backbone.eval()
+    for p in _prompts(10, seed=11):
+        oracle = OracleModule(backbone, p)
+        wrapped = _OracleBackbone(backbone)
+        std = Engine(backbone, ByteTokenizer()).generate([p], max_new_tokens=20)[0]
+        alt = Engine(wrapped, ByteTokenizer(), oracle).generate([p], "alternating", max_new_tokens=20)[0]
+        assert alt.token_ids == std.token_ids
+        assert alt.stats.full_calls <= 11  # one prefill + ten two-token cycles
+
+
+class _OracleBackbone(torch.nn.Module):
+    """The same backbone, but embed() is one-hot and head() the identity, so the oracle can talk to it."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.inner, self.config = backbone, backbone.config
+
+    def forward(self, tokens, cache=None, logits_last=None):
+        return self.inner(tokens, cache, logits_last)
+
+    def new_cache(self, batch, max_len=None):
+        return self.inner.new_cache(batch, max_len)
+
+    def embed(self, tokens):
+        return torch.nn.functional.one_hot(tokens, self.config.vocab_size).float()
+
+    def head(self, g):
+        return g
+
+
+@pytest.mark.parametrize("strategy", ["standard", "alternating", "verified"])
+def test_same_seed_same_sample(tiny, strategy):
+    engine = Engine(tiny.backbone, ByteTokenizer(), tiny.module)  # unsharpened: sampling is diverse
+
+    def run(seed):
+        cfg = SamplingConfig(temperature=0.9, top_p=0.95, top_k=50, repetition_penalty=1.1, seed=seed)
+        return engine.generate(["hello"], strategy, max_new_tokens=20, sampling=cfg, draft_len=2)[0].token_ids
+
+    assert run(123) == run(123) != run(124)
+
+
+def test_stop_criteria(trained):
+    g = trained.generate(["abc"], max_new_tokens=7)[0]
+    assert len(g.token_ids) == 7 and g.finish_reason == "length"
+    first = g.text[2:4]
+    s = trained.generate(["abc"], max_new_tokens=7, stop=[first])[0]
+    assert s.finish_reason == "stop" and first not in s.text
+    eos_engine = Engine(trained.backbone, ByteTokenizer(eos_token_id=g.token_ids[1]), trained.module)
+    e = eos_engine.generate(["abc"], max_new_tokens=7)[0]
+    cut = g.token_ids.index(g.token_ids[1]) + 1
+    assert e.token_ids == g.token_ids[:cut] and e.finish_reason == "stop"
+
+
+def test_stream_never_splits_a_multibyte_character(trained):
+    chunks = list(trained.stream("é", max_new_tokens=30))
+    full = trained.generate(["é"], max_new_tokens=30)[0].text
+    assert "".join(chunks) == full
+    for c in chunks[:-1]:
+        assert "\ufffd" not in c[-1:]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prompts": [""]}, "prompt 0 is empty"),
+        ({"prompts": []}, "no prompt given"),
+        ({"prompts": ["a"], "max_new_tokens": 10_000}, "exceeds the context of 256 tokens"),
+        ({"prompts": ["a"], "strategy": "fastest"}, "known strategies: standard, alternating, verified, adaptive"),
+        ({"prompts": ["a"], "max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+    ],
+)
+def test_bad_requests_are_clear_errors(engine, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        engine.generate(**kwargs)
+
+
+def test_strategy_needing_a_module_without_one(tiny):
+    with pytest.raises(GenerationError, match="needs a recyclable module"):
+        Engine(tiny.backbone, ByteTokenizer()).generate(["a"], "alternating")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"top_k": -1}, "top_k must be an integer >= 0"),
+    ],
+)
+def test_bad_sampling_values(kwargs, message):
+    with pytest.raises(SamplingError, match=message):
+        SamplingConfig(**kwargs)
