@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -47,21 +48,26 @@ def add_model_args(p: argparse.ArgumentParser, module: bool = True) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    """Decoding options shared by generate, chat and bench."""
+def add_strategy_args(p: argparse.ArgumentParser) -> None:
+    """--strategy / --draft-len / --threshold, shared by every command that decodes."""
     p.add_argument("--strategy", default="standard", choices=list(STRATEGIES),
                    help="standard: plain decoding; alternating: the paper's full/module alternation (lossy); "
                    "verified: module drafts checked by the full model (lossless); adaptive: use the "
                    "module's token only when it is confident")
+    p.add_argument("--draft-len", type=int, default=1, help="module steps per full call for verified (default 1)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="adaptive: module probability needed to use its token, in [0, 1] (default 0.5)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Decoding options shared by generate, chat and bench (the strategy options included)."""
+    add_strategy_args(p)
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (default)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed: same seed, same text")
-    p.add_argument("--draft-len", type=int, default=1, help="module steps per full call for verified (default 1)")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="adaptive: module probability needed to use its token, in [0, 1] (default 0.5)")
 
 
 def load_engine(args: argparse.Namespace):
@@ -153,12 +159,191 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_prompt(engine, system: list[dict[str, str]], history: list[dict[str, str]], room: int) -> str | None:
+    """The prompt for ``system + history`` that leaves ``room`` tokens for the reply.
+
+    Drops the oldest exchanges from ``history`` (in place) until it fits; None if the last message
+    alone does not.
+    """
+    limit = engine.backbone.config.max_seq_len
+    while True:
+        prompt = engine.tokenizer.apply_chat(system + history)
+        if len(engine.tokenizer.encode(prompt)) + room + 1 <= limit:
+            return prompt
+        if len(history) == 1:
+            return None
+        del history[:2]  # the oldest user message and its reply
+
+
+@command
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Chat in the terminal: each line you type gets a streamed reply; /exit or end of input quits."""
+    from recyclegpt.strategies import make_strategy
+
+    _threads(args.threads)
+    engine, _ = load_engine(args)
+    if make_strategy(args.strategy, args.draft_len, args.threshold).uses_module and engine.module is None:
+        raise ValueError(f"strategy {args.strategy!r} needs a recyclable module; pass --module PATH")
+    kw = dict(strategy=args.strategy, max_new_tokens=args.max_new_tokens, sampling=sampling_from(args),
+              draft_len=args.draft_len, threshold=args.threshold)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    print("type a message; /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line == "/exit":
+            return 0
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = _chat_prompt(engine, system, history, args.max_new_tokens)
+        if prompt is None:
+            history.pop()
+            print(f"error: this message and --max-new-tokens {args.max_new_tokens} do not fit the context of "
+                  f"{engine.backbone.config.max_seq_len} tokens", file=sys.stderr)
+            continue
+        stats, reply = [], []
+        for chunk in engine.stream(prompt, stats_out=stats, **kw):
+            print(chunk, end="", flush=True)
+            reply.append(chunk)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+        s = stats[0]
+        print(f"[{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, {s.tau:.2f} tokens per full call]",
+              file=sys.stderr)
+
+
+@command
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, streaming)."""
+    import uvicorn
+
+    from recyclegpt.server import create_app
+
+    _threads(args.threads)
+    engine, base = load_engine(args)
+    app = create_app(
+        engine, args.served_model_name or base.name, default_strategy=args.strategy, api_key=args.api_key,
+        chat=base.chat or bool(base.tokenizer.chat_template), draft_len=args.draft_len, threshold=args.threshold,
+    )
+    uvicorn.run(app, host=args.host, port=args.port)
+    return 0
+
+
 @command
 def cmd_bases(args: argparse.Namespace) -> int:
     """List the known base models."""
     for spec in REGISTRY.values():
         print(f"{spec.name:14s} {spec.description}  [install: {spec.install}]")
     return 0
+
+
+@command
+def cmd_data(args: argparse.Namespace) -> int:
+    """Prepare training data: tokenize text files, distill a base's own answers, or merge directories."""
+    import json as _json
+
+    from recyclegpt import data
+
+    _threads(args.threads)
+    if args.action == "merge":
+        meta = data.merge(args.inputs, args.out)
+    else:
+        from recyclegpt.bases import load_base
+
+        base = load_base(args.model, backend=args.backend)
+        if args.action == "prepare":
+            meta = data.prepare(args.inputs, base.tokenizer, args.out, args.val_fraction, base.name)
+        else:
+            from recyclegpt.generate import Engine
+
+            prompts = data.read_prompts(args.prompts)[: args.limit or None]
+            meta = data.distill(Engine(base.backbone, base.tokenizer), prompts, args.out, args.max_new_tokens,
+                                args.batch_size, args.val_fraction, base.chat, base.name)
+    print(_json.dumps(meta["tokens"]))
+    return 0
+
+
+def _build_model(args: argparse.Namespace):
+    """The RecycleGPT to train: a preset from scratch (train) or a loaded base plus a new module (attach)."""
+    import torch
+
+    from recyclegpt.config import RecycleConfig, get_preset
+    from recyclegpt.recycle import RecycleGPT
+
+    torch.manual_seed(args.seed)  # same initialisation in every process and every rerun
+    if args.command == "train":
+        preset = get_preset(args.preset)
+        rcfg = preset.recycle.replace(
+            n_layers=args.module_layers or preset.recycle.n_layers, recycle_weight=args.recycle_weight
+        )
+        return RecycleGPT.from_config(preset.model.replace(max_seq_len=max(args.seq_len, 8)), rcfg), {}
+    from recyclegpt.bases import load_base
+
+    base = load_base(args.base, backend=args.backend)
+    rcfg = RecycleConfig(n_layers=args.module_layers or 1, grad_to_backbone=False)
+    return RecycleGPT(base.backbone, rcfg=rcfg), {"name": base.name, "backend": base.backend}
+
+
+def _train_config(args: argparse.Namespace):
+    from recyclegpt.config import TrainConfig
+
+    return TrainConfig(
+        mode="joint" if args.command == "train" else "attach", steps=args.steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr, min_lr=args.lr * 0.1, warmup=args.warmup,
+        weight_decay=args.weight_decay, grad_clip=1.0, ce_weight=getattr(args, "ce_weight", 0.0), bf16=args.bf16,
+        eval_every=args.eval_every, eval_batches=args.eval_batches, ckpt_every=args.ckpt_every, seed=args.seed,
+    )
+
+
+@command
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a RecycleGPT from scratch with the joint loss (lambda 0 = a plain GPT baseline)."""
+    return _run_training(args)
+
+
+@command
+def cmd_attach(args: argparse.Namespace) -> int:
+    """Train a recyclable module on a frozen pretrained base (distillation to its next-step distribution)."""
+    return _run_training(args)
+
+
+def _run_training(args: argparse.Namespace) -> int:
+    from recyclegpt.data import TokenData
+    from recyclegpt.train import Trainer
+
+    _threads(args.threads)
+    cfg = _train_config(args)
+    data = TokenData(args.data)
+    model, base = _build_model(args)
+    history = Trainer(model, data, cfg, args.out, base).run(resume=args.resume)
+    last = history[-1] if history else {}
+    print(json.dumps({k: v for k, v in last.items() if isinstance(v, int | float)}))
+    return 0
+
+
+def _add_train_args(p: argparse.ArgumentParser, lr: float, layers_help: str) -> None:
+    p.add_argument("--data", required=True, help="prepared data directory (recyclegpt data prepare/distill)")
+    p.add_argument("--out", required=True, help="run directory: checkpoint.pt, module.safetensors, log.jsonl")
+    p.add_argument("--module-layers", type=int, default=None, help=layers_help)
+    p.add_argument("--steps", type=int, default=1000, help="optimiser steps (default 1000)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step, over all processes (default 8)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr}); cosine to lr/10")
+    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps (default 50)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster batched on this CPU)")
+    p.add_argument("--eval-every", type=int, default=100, help="validation every N steps (default 100)")
+    p.add_argument("--eval-batches", type=int, default=8, help="validation batches (default 8)")
+    p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order and initialisation (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 @command
@@ -192,6 +377,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="a string that ends generation (repeatable)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, token ids and stats")
+
+    p = sub.add_parser("data", help="prepare training data", description=cmd_data.__doc__)
+    p.add_argument("action", choices=["prepare", "distill", "merge"],
+                   help="prepare: tokenize text files; distill: the base's own greedy answers to prompts; "
+                   "merge: concatenate prepared directories")
+    p.add_argument("inputs", nargs="*", help="prepare: text files (.txt .md .rst .jsonl .parquet); "
+                   "merge: prepared directories")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--model", default=DEFAULT_BASE, help=f"whose tokenizer / generations (default {DEFAULT_BASE})")
+    p.add_argument("--backend", default="auto", choices=["auto", "native", "hf"], help="backbone path")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share held out for validation (default 0.01)")
+    p.add_argument("--prompts", help="distill: prompt file (one per line, or JSONL with a 'prompt' field)")
+    p.add_argument("--limit", type=int, default=0, help="distill: use only the first N prompts (0 = all)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="distill: answer length cap (default 128)")
+    p.add_argument("--batch-size", type=int, default=16, help="distill: prompts decoded together (default 16)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    p = sub.add_parser("train", help="train a RecycleGPT from scratch (joint loss)", description=cmd_train.__doc__)
+    p.add_argument("--preset", default="small", choices=list(PRESETS), help="model shape (default small)")
+    p.add_argument("--recycle-weight", type=float, default=1.0,
+                   help="lambda of the recycle loss (default 1; 0 trains a plain GPT baseline)")
+    _add_train_args(p, 6e-4, "module depth (default: the preset's)")
+
+    p = sub.add_parser("attach", help="train a module for a frozen pretrained base", description=cmd_attach.__doc__)
+    p.add_argument("--base", default=DEFAULT_BASE,
+                   help=f"registry name, HF directory or .gguf (default {DEFAULT_BASE})")
+    p.add_argument("--backend", default="auto", choices=["auto", "native", "hf"], help="backbone path")
+    p.add_argument("--ce-weight", type=float, default=0.0,
+                   help="weight of the text-token cross-entropy added to the KL (default 0)")
+    _add_train_args(p, 1e-3, "module depth (default 1)")
+
+    p = sub.add_parser("chat", help="chat in the terminal, replies streamed with their speed",
+                       description=cmd_chat.__doc__)
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--system", default=None, help="a system message that opens the conversation")
+
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API", description=cmd_serve.__doc__)
+    add_model_args(p)
+    add_strategy_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 listens on every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("RECYCLEGPT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 requests (default: $RECYCLEGPT_API_KEY; "
+                   "none if unset)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients must send (default: the name given to --model)")
 
     p = sub.add_parser("demo", help="run the main job on the embedded default base and module",
                        description=cmd_demo.__doc__)

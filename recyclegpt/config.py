@@ -179,3 +179,47 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class TrainConfig(_JsonMixin):
+    """One training run (joint from scratch, or attaching a module to a frozen base).
+
+    Attributes:
+        mode: ``joint`` (whole model, L = CE + lambda * recycle CE) or ``attach`` (module only, KL to
+            the frozen base's next-step distribution plus ``ce_weight`` * recycle CE).
+        steps: optimiser steps; one step sees ``batch_size * grad_accum`` windows of ``seq_len`` tokens.
+        lr / min_lr: peak and final learning rate (linear warm-up for ``warmup`` steps, then cosine).
+        bf16: autocast matmuls to bfloat16 on CPU (faster batched here) or GPU.
+        eval_every / eval_batches: validation cadence and size; ckpt_every: checkpoint cadence.
+    """
+
+    mode: str = "joint"
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    ce_weight: float = 0.0
+    bf16: bool = False
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.mode in ("joint", "attach"), f"TrainConfig.mode must be 'joint' or 'attach', got {self.mode!r}")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "ckpt_every"):
+            _positive_int(self, name)
+        _require(self.seq_len >= 3, f"TrainConfig.seq_len must be >= 3 (the recycle loss looks two ahead), "
+                 f"got {self.seq_len}")
+        _require(0 < self.lr < 1 and 0 <= self.min_lr <= self.lr,
+                 f"TrainConfig needs 0 < lr < 1 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        _require(isinstance(self.warmup, int) and self.warmup >= 0,
+                 f"TrainConfig.warmup must be an integer >= 0, got {self.warmup}")
+        _require(self.grad_clip >= 0 and self.weight_decay >= 0 and self.ce_weight >= 0,
+                 "TrainConfig.grad_clip, weight_decay and ce_weight must be >= 0")

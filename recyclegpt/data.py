@@ -1,0 +1,272 @@
+"""Training data: text files -> token memmaps with a train/validation split, and windows to train on.
+
+A prepared directory holds ``train.bin`` and ``val.bin`` (flat token ids, uint16 when the vocabulary
+fits, else uint32, documents separated by the tokenizer's EOS) and ``meta.json``. Text is read in
+chunks, so files larger than memory stream through. Every ``1/val_fraction``-th chunk goes to the
+validation split: deterministic, and held out from training.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
+CHUNK_CHARS = 1 << 16
+
+
+class DataError(ValueError):
+    """An input file or prepared directory cannot be used."""
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise DataError(f"input file not found: {path}")
+    if path.stat().st_size == 0:
+        raise DataError(f"input file is empty: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in TEXT_SUFFIXES | {".jsonl", ".parquet"}:
+        raise DataError(
+            f"unsupported input {path.name}: accepted are {', '.join(sorted(TEXT_SUFFIXES))}, .jsonl (a 'text' "
+            "field per line) and .parquet (a 'text' column)"
+        )
+    if suffix != ".parquet":
+        with path.open("rb") as f:
+            if b"\x00" in f.read(8192):
+                raise DataError(f"{path} looks binary (NUL bytes), not text")
+
+
+def iter_text(path: Path) -> Iterator[str]:
+    """Chunks of text of one file (about 64k characters each; never a whole big file at once)."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise DataError(f"{path}:{i}: expected a JSON object with a 'text' field") from None
+    elif suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError("reading .parquet needs pyarrow: pip install pyarrow") from None
+        table = pq.ParquetFile(path)
+        if "text" not in table.schema_arrow.names:
+            raise DataError(f"{path} has no 'text' column (columns: {table.schema_arrow.names})")
+        for batch in table.iter_batches(columns=["text"]):
+            yield from (t for t in batch.column(0).to_pylist() if t)
+    else:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            buf = ""
+            for line in f:
+                buf += line
+                if len(buf) >= CHUNK_CHARS and line.strip() == "":  # cut at paragraph breaks
+                    yield buf
+                    buf = ""
+            if buf.strip():
+                yield buf
+
+
+def prepare(
+    inputs: Sequence[str | Path], tokenizer, out_dir: str | Path, val_fraction: float = 0.01, name: str = ""
+) -> dict:
+    """Tokenize text files into ``out_dir/{train,val}.bin`` and ``meta.json``.
+
+    Args:
+        inputs: text files (.txt .md .rst .jsonl .parquet).
+        tokenizer: the chosen model's tokenizer (``encode``, ``eos_token_ids``, ``vocab_size``).
+        out_dir: destination directory (created).
+        val_fraction: share of chunks held out for validation, in (0, 0.5].
+        name: the tokenizer's model name, recorded in the metadata.
+
+    Returns:
+        The metadata written to ``meta.json`` (token counts per split).
+    """
+    if not 0 < val_fraction <= 0.5:
+        raise DataError(f"val_fraction must be in (0, 0.5], got {val_fraction}")
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise DataError("no input files given")
+    for p in paths:
+        _check_file(p)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    eos = min(tokenizer.eos_token_ids) if tokenizer.eos_token_ids else None
+    every = max(round(1 / val_fraction), 2)
+    counts = {"train": 0, "val": 0}
+    files = {split: (out / f"{split}.bin.tmp").open("wb") for split in counts}
+    total = sum(p.stat().st_size for p in paths)
+    chunk_index = 0
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing") as bar:
+            for path in paths:
+                for text in iter_text(path):
+                    ids = tokenizer.encode(text)
+                    if eos is not None:
+                        ids.append(eos)
+                    split = "val" if chunk_index % every == every - 1 else "train"
+                    files[split].write(np.asarray(ids, dtype=dtype).tobytes())
+                    counts[split] += len(ids)
+                    chunk_index += 1
+                    bar.update(len(text.encode("utf-8", errors="replace")))
+    finally:
+        for f in files.values():
+            f.close()
+    if counts["train"] == 0 or counts["val"] == 0:
+        raise DataError(
+            f"too little text for a train/validation split ({counts}); add text or raise val_fraction"
+        )
+    for split in counts:
+        (out / f"{split}.bin.tmp").replace(out / f"{split}.bin")
+    meta = {"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size, "tokenizer": name,
+            "inputs": [str(p) for p in paths], "tokens": counts, "val_fraction": val_fraction}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+class TokenData:
+    """Random training windows from a prepared directory, deterministic in (seed, step).
+
+    The windows of step s depend only on the seed and s, so a resumed run sees exactly the data the
+    uninterrupted run would have, and every DDP rank can draw the same global batch and take its rows.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        d = Path(directory)
+        meta_path = d / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(f"{d} is not a prepared data directory (no meta.json); run `recyclegpt data prepare`")
+        self.meta = json.loads(meta_path.read_text())
+        self.dir = d
+        self.splits = {
+            s: np.memmap(d / f"{s}.bin", dtype=self.meta["dtype"], mode="r") for s in ("train", "val")
+        }
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    def batch(self, split: str, batch_size: int, seq_len: int, seed: int, step: int) -> torch.Tensor:
+        """(batch_size, seq_len) windows of token ids for one step."""
+        data = self.splits[split]
+        if len(data) <= seq_len:
+            raise DataError(f"the {split} split has {len(data)} tokens, fewer than seq_len {seq_len} + 1")
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        starts = torch.randint(0, len(data) - seq_len, (batch_size,), generator=g).tolist()
+        return torch.from_numpy(np.stack([data[s : s + seq_len].astype(np.int64) for s in starts]))
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: one per line, or JSONL objects with a ``prompt`` field.
+
+    Raises:
+        DataError: a missing or empty file, or a JSONL line without a string ``prompt``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"prompt file not found: {p}")
+    lines = [line for line in p.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"prompt file {p} is empty: give one prompt per line, or JSONL with a 'prompt' field")
+    if p.suffix == ".jsonl" or lines[0].lstrip().startswith("{"):
+        prompts = []
+        for i, line in enumerate(lines, 1):
+            try:
+                obj = json.loads(line)
+                prompt = obj["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"{p}:{i}: expected a JSON object with a 'prompt' field") from None
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise DataError(f"{p}:{i}: 'prompt' must be a non-empty string")
+            prompts.append(prompt)
+        return prompts
+    return lines
+
+
+def distill(
+    engine, prompts: Sequence[str], out_dir: str | Path, max_new_tokens: int = 128, batch_size: int = 16,
+    val_fraction: float = 0.05, chat: bool = True, name: str = "",
+) -> dict:
+    """Self-distillation data: the base's own greedy answers to prompts, as token memmaps.
+
+    Each sequence is (chat-templated) prompt + the base's greedy continuation + EOS, so a module trained
+    on it learns to predict what the base itself says. Prompts are batched by length; every
+    ``1/val_fraction``-th prompt goes to the validation split.
+
+    Args:
+        engine: a ``recyclegpt.generate.Engine`` on the base.
+        prompts: user prompts (the chat template is applied when ``chat``).
+        out_dir: destination (``train.bin``, ``val.bin``, ``meta.json``, ``samples.jsonl``).
+        max_new_tokens: answer length cap.
+        batch_size: prompts decoded together (left padding).
+        val_fraction: share of prompts held out.
+        chat: apply the tokenizer's chat template.
+        name: the base's name, recorded in the metadata.
+    """
+    if not prompts:
+        raise DataError("no prompts given")
+    tok = engine.tokenizer
+    texts = [tok.apply_chat([{"role": "user", "content": p}]) if chat else p for p in prompts]
+    ids = [tok.encode(t) for t in texts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    every = max(round(1 / val_fraction), 2)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+    eos = min(tok.eos_token_ids)
+    counts = {"train": 0, "val": 0}
+    files = {s: (out / f"{s}.bin.tmp").open("wb") for s in counts}
+    samples = (out / "samples.jsonl").open("w")
+    try:
+        with tqdm(total=len(ids), desc="distilling", unit="prompt") as bar:
+            for lo in range(0, len(order), batch_size):
+                idx = order[lo : lo + batch_size]
+                gens = engine.generate([ids[i] for i in idx], max_new_tokens=max_new_tokens)
+                for i, g in zip(idx, gens, strict=True):
+                    seq = ids[i] + [t for t in g.token_ids if t not in tok.eos_token_ids] + [eos]
+                    split = "val" if i % every == every - 1 else "train"
+                    files[split].write(np.asarray(seq, dtype=dtype).tobytes())
+                    counts[split] += len(seq)
+                    samples.write(json.dumps({"prompt": prompts[i], "split": split, "response": g.text}) + "\n")
+                bar.update(len(idx))
+                bar.set_postfix(tok_s=f"{gens[0].stats.tokens_per_s:.0f}")
+    finally:
+        for f in files.values():
+            f.close()
+        samples.close()
+    for split in counts:
+        (out / f"{split}.bin.tmp").replace(out / f"{split}.bin")
+    meta = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "tokenizer": name, "tokens": counts,
+            "kind": "self-distillation", "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+            "val_fraction": val_fraction}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def merge(sources: Sequence[str | Path], out_dir: str | Path) -> dict:
+    """Concatenate prepared directories (same tokenizer) into one, split by split."""
+    metas = [TokenData(s).meta for s in sources]
+    if len({(m["dtype"], m["vocab_size"]) for m in metas}) != 1:
+        raise DataError("cannot merge data prepared with different tokenizers")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split in ("train", "val"):
+        with (out / f"{split}.bin.tmp").open("wb") as f:
+            for s in sources:
+                f.write((Path(s) / f"{split}.bin").read_bytes())
+        (out / f"{split}.bin.tmp").replace(out / f"{split}.bin")
+        counts[split] = sum(m["tokens"][split] for m in metas)
+    meta = {"dtype": metas[0]["dtype"], "vocab_size": metas[0]["vocab_size"], "tokenizer": metas[0]["tokenizer"],
+            "tokens": counts, "sources": [str(s) for s in sources]}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta

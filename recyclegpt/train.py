@@ -1,0 +1,244 @@
+"""One trainer for joint training from scratch and for attaching a module to a frozen base.
+
+* joint: the whole RecycleGPT trains on L = CE(main, x_{t+1}) + lambda * CE(recycle, x_{t+2});
+  lambda = 0 trains a plain GPT with the same code.
+* attach: the backbone is frozen; only the module trains, towards the base's own next-step
+  distribution (KL), optionally mixed with the text token (CE).
+
+A checkpoint (``checkpoint.pt``: trainable weights, optimiser, schedule, RNG, step) is written
+atomically every ``ckpt_every`` steps, with the module (and, for joint runs, the whole model) as
+safetensors beside it; ``resume=True`` continues exactly where it stopped. The data windows of a step
+depend only on (seed, step), so the resumed run sees the same data. Under ``torchrun`` the same code
+runs DistributedDataParallel (gloo on CPU, nccl on GPU): each rank takes its rows of the global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from recyclegpt.checkpoint import atomic_write, save_model, save_module
+from recyclegpt.config import TrainConfig
+from recyclegpt.data import TokenData
+from recyclegpt.loss import attach_loss, joint_loss
+from recyclegpt.recycle import RecycleGPT
+
+
+class TrainError(ValueError):
+    """A training run cannot start or resume as asked."""
+
+
+class Objective(nn.Module):
+    """The loss of one batch as a module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: RecycleGPT, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.cfg.mode == "joint":
+            main, rec = self.model(tokens)
+            return joint_loss(main, rec, tokens, self.model.recycle_config.recycle_weight)
+        backbone = self.model.backbone
+        with torch.no_grad():
+            teacher, hidden = backbone(tokens)
+            emb = backbone.embed(tokens[:, 1:])
+        rec = backbone.head(self.model.module(hidden[:, :-1], emb))
+        return attach_loss(rec, teacher, tokens, self.cfg.ce_weight)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min((step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1), 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def _trainable(model: RecycleGPT, cfg: TrainConfig) -> nn.Module:
+    return model.module if cfg.mode == "attach" else model
+
+
+def _dist_info() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    """Runs a ``TrainConfig`` on a model and a prepared data directory, writing into ``out_dir``.
+
+    Args:
+        model: the RecycleGPT to train (for attach, its backbone is frozen here).
+        data: prepared token data (``TokenData``).
+        cfg: the run's settings.
+        out_dir: where checkpoints, exported weights and ``log.jsonl`` go.
+        base: identity of the frozen base (attach), stored with the exported module.
+    """
+
+    def __init__(
+        self, model: RecycleGPT, data: TokenData, cfg: TrainConfig, out_dir: str | Path, base: dict | None = None
+    ) -> None:
+        if data.vocab_size > model.backbone.config.vocab_size:
+            raise TrainError(
+                f"data was tokenized with a vocabulary of {data.vocab_size}; the model has "
+                f"{model.backbone.config.vocab_size}: prepare the data with this model's tokenizer"
+            )
+        self.model, self.data, self.cfg, self.out, self.base = model, data, cfg, Path(out_dir), base or {}
+        self.rank, self.world = _dist_info()
+        if cfg.batch_size % self.world:
+            raise TrainError(f"batch_size {cfg.batch_size} must be divisible by the {self.world} processes")
+        if cfg.mode == "attach":
+            model.backbone.requires_grad_(False)
+            model.backbone.eval()
+        self.trainable = _trainable(model, cfg)
+        self.trainable.train()
+        params = [p for p in self.trainable.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(0.9, 0.95),
+        )
+        self.objective: nn.Module = Objective(model, cfg)
+        if self.world > 1:
+            self.objective = nn.parallel.DistributedDataParallel(self.objective)
+        self.step = 0
+        self.device = next(model.parameters()).device
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def _rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[self.rank :: self.world].to(self.device)
+
+    def _autocast(self):
+        kind = "cuda" if self.device.type == "cuda" else "cpu"
+        return torch.autocast(kind, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean metrics over ``eval_batches`` fixed validation batches."""
+        self.trainable.eval()
+        totals: dict[str, float] = {}
+        with torch.no_grad(), self._autocast():
+            for i in range(self.cfg.eval_batches):
+                tokens = self.data.batch("val", self.cfg.batch_size, self.cfg.seq_len, self.cfg.seed, 10**9 + i)
+                _, metrics = self.objective(self._rows(tokens))
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + v / self.cfg.eval_batches
+        self.trainable.train()
+        return {f"val_{k}": v for k, v in self._mean_over_ranks(totals).items()}
+
+    def save(self) -> None:
+        """Write the checkpoint and exported weights atomically (rank 0 only)."""
+        if self.rank != 0:
+            return
+        state = {
+            "step": self.step,
+            "train_config": self.cfg.to_dict(),
+            "model_config": self.model.backbone.config.to_dict(),
+            "recycle_config": self.model.recycle_config.to_dict(),
+            "trainable": self.trainable.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+        save_module(self.out / "module.safetensors", self.model.module, self.base)
+        if self.cfg.mode == "joint":
+            save_model(self.out / "model.safetensors", self.model)
+
+    def load(self) -> None:
+        """Restore everything from ``checkpoint.pt`` (refusing a checkpoint of a different run)."""
+        path = self.checkpoint_path
+        if not path.is_file():
+            raise TrainError(f"nothing to resume: {path} does not exist")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:  # torch raises many types for a damaged pickle/zip
+            raise TrainError(f"{path} is unreadable (truncated or corrupt?): {type(exc).__name__}: {exc}") from None
+        if not isinstance(state, dict) or "trainable" not in state:
+            raise TrainError(f"{path} is not a RecycleGPT training checkpoint")
+        for key, now in (("model_config", self.model.backbone.config.to_dict()),
+                         ("recycle_config", self.model.recycle_config.to_dict())):
+            if state[key] != now:
+                raise TrainError(f"{path} was written for a different {key.replace('_', ' ')}: {state[key]} vs {now}")
+        saved = {k: v for k, v in state["train_config"].items() if k != "steps"}
+        if saved != {k: v for k, v in self.cfg.to_dict().items() if k != "steps"}:
+            raise TrainError(f"{path} was written with other training settings ({saved}); only --steps may change")
+        self.trainable.load_state_dict(state["trainable"])
+        self.opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self.step = int(state["step"])
+
+    def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Average metrics over DDP ranks, so the log shows the global batch's numbers."""
+        if self.world == 1:
+            return metrics
+        keys = sorted(metrics)
+        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        return {k: v / self.world for k, v in zip(keys, t.tolist(), strict=True)}
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.rank == 0:
+            with (self.out / "log.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def run(self, resume: bool = False, progress: bool = True, until: int | None = None) -> list[dict[str, Any]]:
+        """Train to ``cfg.steps`` (or stop early at step ``until``); returns this call's per-step records."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.load()
+        elif self.rank == 0:
+            (self.out / "log.jsonl").unlink(missing_ok=True)
+            self.cfg.to_json(self.out / "train_config.json")
+        cfg = self.cfg
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        history = []
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress or self.rank != 0,
+                   desc=f"{cfg.mode} training", unit="step")
+        t_start, start_step = time.perf_counter(), self.step
+        last = cfg.steps if until is None else min(until, cfg.steps)
+        while self.step < last:
+            for group in self.opt.param_groups:
+                group["lr"] = lr_at(self.step, cfg)
+            self.opt.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                tokens = self.data.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed,
+                                         self.step * cfg.grad_accum + micro)
+                with self._autocast():
+                    loss, metrics = self.objective(self._rows(tokens))
+                (loss / cfg.grad_accum).backward()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+            sums = self._mean_over_ranks(sums)
+            if cfg.grad_clip > 0:
+                sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), cfg.grad_clip))
+            self.opt.step()
+            self.step += 1
+            elapsed = time.perf_counter() - t_start
+            record = {"step": self.step, "tokens": self.step * tokens_per_step, "lr": lr_at(self.step - 1, cfg),
+                      **sums, "tokens_per_s": (self.step - start_step) * tokens_per_step / max(elapsed, 1e-9)}
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                record |= self.evaluate()
+            history.append(record)
+            self._log(record)
+            bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update()
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                self.save()
+        bar.close()
+        return history

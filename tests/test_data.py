@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import pytest
+
+from recyclegpt.bases.tokenizer import ByteTokenizer
+from recyclegpt.data import DataError, TokenData, merge, prepare, read_prompts
+
+TEXT = "The recyclable module reads the last hidden state and the next token, and guesses the one after.\n\n"
+
+
+def test_prepare_splits_and_round_trips(tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text(TEXT * 4000)  # ~390 kB: several 64k-character chunks
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": f"document {i}. " + TEXT}) for i in range(50)))
+    meta = prepare([src, jsonl], ByteTokenizer(eos_token_id=0), tmp_path / "out", val_fraction=0.2)
+    data = TokenData(tmp_path / "out")
+    total = meta["tokens"]["train"] + meta["tokens"]["val"]
+    n_chunks = 50 + 6  # jsonl rows + text chunks
+    assert total == len(TEXT.encode()) * 4000 + sum(len(f"document {i}. {TEXT}") for i in range(50)) + n_chunks
+    assert meta["tokens"]["val"] > 0 and data.splits["train"].dtype == np.uint16
+    a = data.batch("train", 4, 32, seed=1, step=7)
+    assert a.shape == (4, 32) and (a == data.batch("train", 4, 32, seed=1, step=7)).all()
+    assert not (a == data.batch("train", 4, 32, seed=1, step=8)).all()
+    assert bytes(a[0].tolist()).decode() in (TEXT * 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.txt", b"", "input file is empty"),
+        ("blob.txt", b"\x00\x01\x02binary", "looks binary"),
+        ("table.csv", b"a,b\n", "unsupported input table.csv"),
+        ("bad.jsonl", b'{"txt": 1}\n', "expected a JSON object with a 'text' field"),
+    ],
+)
+def test_bad_inputs_are_clear_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        prepare([path], ByteTokenizer(), tmp_path / "out")
+    with pytest.raises(DataError, match="input file not found"):
+        prepare([tmp_path / "missing.txt"], ByteTokenizer(), tmp_path / "out")
+    with pytest.raises(DataError, match="not a prepared data directory"):
+        TokenData(tmp_path)
+
+
+def test_merge_and_prompts(tmp_path):
+    for name in ("x", "y"):
+        (tmp_path / f"{name}.txt").write_text(TEXT * 3000)
+        prepare([tmp_path / f"{name}.txt"], ByteTokenizer(), tmp_path / name, val_fraction=0.25)
+    meta = merge([tmp_path / "x", tmp_path / "y"], tmp_path / "xy")
+    assert meta["tokens"]["train"] == 2 * TokenData(tmp_path / "x").meta["tokens"]["train"]
+    lines = tmp_path / "p.txt"
+    lines.write_text("first prompt\n\nsecond prompt\n")
+    assert read_prompts(lines) == ["first prompt", "second prompt"]
+    js = tmp_path / "p.jsonl"
+    js.write_text('{"prompt": "hello"}\n{"nope": 1}\n')
+    with pytest.raises(DataError, match=r"p.jsonl:2: expected a JSON object with a 'prompt' field"):
+        read_prompts(js)
+    (tmp_path / "e.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="is empty"):
+        read_prompts(tmp_path / "e.txt")

@@ -1,0 +1,370 @@
+"""The OpenAI-compatible server: a real uvicorn server on loopback, called with the official ``openai`` client."""
+
+import contextlib
+import io
+import socket
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from recyclegpt import cli
+from recyclegpt.bases.tokenizer import ByteTokenizer
+from recyclegpt.config import PRESETS
+from recyclegpt.generate import Engine
+from recyclegpt.recycle import RecycleGPT
+from recyclegpt.server import create_app
+
+MODEL = "tiny-test"
+GREEDY = {"temperature": 0}
+USAGE_FIELDS = {"prompt_tokens", "completion_tokens", "total_tokens", "tokens_per_full_call", "full_calls",
+                "module_calls", "accepted_drafts", "rejected_drafts"}
+ERROR_FIELDS = {"message", "type", "param", "code"}
+
+
+class CheckedEngine(Engine):
+    """An engine that counts how many of its calls run at once, pauses after each streamed chunk if
+    asked to, and records how far every stream got."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pause, self.active, self.most_active, self.generate_calls = 0.0, 0, 0, 0
+        self.streams: list[dict] = []
+        self._lock = threading.Lock()
+
+    def _enter(self, delta: int) -> None:
+        with self._lock:
+            self.active += delta
+            self.most_active = max(self.most_active, self.active)
+
+    def generate(self, *args, **kwargs):
+        self._enter(1)
+        try:
+            self.generate_calls += 1
+            return super().generate(*args, **kwargs)
+        finally:
+            self._enter(-1)
+
+    def stream(self, *args, **kwargs):
+        record = {"chunks": 0, "finished": False, "closed": False}
+        self.streams.append(record)
+        self._enter(1)
+        try:
+            for chunk in super().stream(*args, **kwargs):
+                record["chunks"] += 1
+                time.sleep(self.pause)
+                yield chunk
+            record["finished"] = True
+        finally:
+            record["closed"] = True
+            self._enter(-1)
+
+
+def tiny_engine(cls: type[Engine] = CheckedEngine, module: bool = True) -> Engine:
+    """A tiny random model on bytes. Its default init repeats the last byte forever; wider random weights
+    make greedy outputs vary from token to token, so that comparisons between outputs mean something."""
+    torch.manual_seed(0)
+    model = RecycleGPT.from_config(PRESETS["tiny"].model, PRESETS["tiny"].recycle).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return cls(model.backbone, ByteTokenizer(), model.module if module else None)
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Run ``app`` with uvicorn on a free loopback port in a background thread; yields the base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def client_for(url: str, api_key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return tiny_engine()
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+    with serving(create_app(engine, MODEL)) as base:
+        yield base
+
+
+@pytest.fixture
+def client(url) -> openai.OpenAI:
+    return client_for(url)
+
+
+def chat_prompt(engine: Engine, text: str) -> str:
+    return engine.tokenizer.apply_chat([{"role": "user", "content": text}])
+
+
+def assert_healthy(url: str, client: openai.OpenAI) -> None:
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2, **GREEDY).choices[0].text
+
+
+def test_completion_matches_engine(client, engine):
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, **GREEDY)
+    assert r.object == "text_completion" and r.model == MODEL
+    assert r.choices[0].text == engine.generate(["Hello"], max_new_tokens=12)[0].text
+    assert r.choices[0].finish_reason == "length"
+    u = r.usage.model_dump()
+    assert USAGE_FIELDS <= set(u)
+    assert (u["prompt_tokens"], u["completion_tokens"], u["total_tokens"]) == (5, 12, 17)
+    assert (u["tokens_per_full_call"], u["full_calls"], u["module_calls"]) == (1.0, 12, 0)
+
+
+def test_completion_batch_and_stop(client, engine):
+    r = client.completions.create(model=MODEL, prompt=["Hello", "The cat sat"], max_tokens=6, **GREEDY)
+    assert [c.index for c in r.choices] == [0, 1]
+    expected = [g.text for g in engine.generate(["Hello", "The cat sat"], max_new_tokens=6)]
+    assert [c.text for c in r.choices] == expected
+    full = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, **GREEDY).choices[0].text
+    stop = full[4:6]
+    cut = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, stop=[stop], **GREEDY)
+    assert cut.choices[0].text == full[: full.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_chat_matches_engine(client, engine):
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi there"}], max_completion_tokens=10, **GREEDY
+    )
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == engine.generate([chat_prompt(engine, "Hi there")], max_new_tokens=10)[0].text
+    assert USAGE_FIELDS <= set(r.usage.model_dump()) and r.usage.completion_tokens == 10
+
+
+def test_streaming_equals_non_streamed(client):
+    plain = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=20, **GREEDY).choices[0].text
+    chunks = list(client.completions.create(model=MODEL, prompt="Once upon", max_tokens=20, stream=True, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks) == plain
+    assert len(chunks) > 2 and chunks[-1].choices[0].finish_reason == "length"
+
+    messages = [{"role": "user", "content": "Tell me"}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, **GREEDY)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=20, stream=True, stream_options={"include_usage": True}, **GREEDY
+    ))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == plain.usage.model_dump()
+
+
+def test_strategy_override_is_lossless(client):
+    standard = client.completions.create(model=MODEL, prompt="Recycle", max_tokens=16, **GREEDY)
+    verified = client.completions.create(
+        model=MODEL, prompt="Recycle", max_tokens=16, extra_body={"strategy": "verified", "draft_len": 2}, **GREEDY
+    )
+    assert verified.choices[0].text == standard.choices[0].text
+    u = verified.usage.model_dump()
+    assert u["module_calls"] > 0 and u["accepted_drafts"] + u["rejected_drafts"] > 0
+    assert u["tokens_per_full_call"] == pytest.approx(16 / u["full_calls"])
+
+
+def test_models_and_health(client, url):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    assert httpx.get(f"{url}/health").json() == {"status": "ok", "model": MODEL}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "param"),
+    [
+        ({"model": "gpt-9"}, 404, "model"),
+        ({"temperature": -0.5}, 400, "temperature"),
+        ({"top_p": 0}, 400, "top_p"),
+        ({"max_tokens": 10_000}, 400, None),
+        ({"n": 2}, 400, "n"),
+        ({"extra_body": {"strategy": "psychic"}}, 400, "strategy"),
+        ({"stop": [""]}, 400, "stop"),
+    ],
+)
+def test_bad_requests_get_openai_errors(client, url, kwargs, status, param):
+    request = {"model": MODEL, "prompt": "Hello", "max_tokens": 4} | kwargs
+    with pytest.raises(openai.APIStatusError) as info:
+        client.completions.create(**request)
+    assert info.value.status_code == status
+    assert set(info.value.body) == ERROR_FIELDS and info.value.param == param and info.value.message
+    assert_healthy(url, client)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"{not json", None),
+        (b'{"model": "tiny-test"}', "prompt"),
+        (b'{"model": "tiny-test", "prompt": "a", "max_tokens": "many"}', "max_tokens"),
+        (b'{"model": "tiny-test", "prompt": 7}', "prompt"),
+    ],
+)
+def test_malformed_and_mistyped_bodies_get_400(client, url, body, param):
+    r = httpx.post(f"{url}/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert set(r.json()) == {"error"} and set(r.json()["error"]) == ERROR_FIELDS
+    assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error"
+    assert_healthy(url, client)
+
+
+def test_other_bad_requests(client, url):
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "robot"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages.0")
+    r = httpx.get(f"{url}/v1/nowhere")
+    assert r.status_code == 404 and set(r.json()["error"]) == ERROR_FIELDS
+    assert_healthy(url, client)
+
+
+def test_seeded_sampling_repeats(client):
+    runs = [client.completions.create(model=MODEL, prompt="Dice", max_tokens=12, temperature=0.9, seed=7)
+            for _ in range(2)]
+    assert runs[0].choices[0].text == runs[1].choices[0].text
+
+
+def test_api_key_and_missing_module():
+    with serving(create_app(tiny_engine(module=False), MODEL, api_key="sesame")) as url:
+        with pytest.raises(openai.AuthenticationError) as info:
+            client_for(url).completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+        assert info.value.code == "invalid_api_key"
+        r = httpx.post(f"{url}/v1/completions", content=b"{bad")  # the key is checked before the body
+        assert r.status_code == 401 and set(r.json()["error"]) == ERROR_FIELDS
+        assert httpx.get(f"{url}/health").status_code == 200
+        client = client_for(url, api_key="sesame")
+        with pytest.raises(openai.BadRequestError, match="needs a recyclable module"):
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body={"strategy": "verified"})
+        assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_disconnecting_clients_stop_their_work():
+    engine = tiny_engine()
+    engine.pause = 0.01
+    with serving(create_app(engine, MODEL)) as url:
+        client = client_for(url)
+        # 1. A stream whose client leaves after the first chunk stops decoding.
+        stream = client.completions.create(model=MODEL, prompt="Hi", max_tokens=200, stream=True, **GREEDY)
+        next(iter(stream))
+        stream.close()
+        deadline = time.monotonic() + 5
+        while not engine.streams[0]["closed"]:
+            assert time.monotonic() < deadline, "generation went on after the client left"
+            time.sleep(0.01)
+        assert not engine.streams[0]["finished"] and engine.streams[0]["chunks"] < 100
+        # 2. A request whose client gives up while it waits in the queue is dropped, never run.
+        busy = threading.Thread(target=lambda: list(client.completions.create(
+            model=MODEL, prompt="Hi", max_tokens=100, stream=True, **GREEDY)))
+        busy.start()
+        while len(engine.streams) < 2:
+            time.sleep(0.01)
+        with pytest.raises(openai.APITimeoutError):
+            client.with_options(timeout=0.2).completions.create(model=MODEL, prompt="Hi", max_tokens=4)
+        busy.join()
+        time.sleep(0.5)
+        assert engine.generate_calls == 0 and engine.streams[1]["finished"]
+        # 3. The server goes on serving.
+        engine.pause = 0
+        text = "".join(c.choices[0].text for c in client.completions.create(
+            model=MODEL, prompt="Hi", max_tokens=20, stream=True, **GREEDY))
+        assert text == engine.generate(["Hi"], max_new_tokens=20)[0].text
+
+
+def test_load_concurrent_clients(url, engine):
+    """16 clients at once, streaming and not, standard and verified: every answer arrives and equals
+    the same request served alone (greedy)."""
+    clients, per_client, budget_s = 16, 3, 30.0
+    prompts = ["Hello", "The cat", "Once upon a time", "Speed", "Recycled states", "abc", "Why?", "Tell me more"]
+
+    def ask(c: openai.OpenAI, kind: str, prompt: str, stream: bool, strategy: str) -> str:
+        common = {"model": MODEL, "max_tokens": 16, "stream": stream, "extra_body": {"strategy": strategy}} | GREEDY
+        if kind == "chat":
+            r = c.chat.completions.create(messages=[{"role": "user", "content": prompt}], **common)
+            return "".join(x.choices[0].delta.content or "" for x in r) if stream else r.choices[0].message.content
+        r = c.completions.create(prompt=prompt, **common)
+        return "".join(x.choices[0].text for x in r) if stream else r.choices[0].text
+
+    plan = [[(("completion", "chat")[(i + j) % 2], prompts[(i + 3 * j) % len(prompts)], (i + j) % 3 == 0,
+              "verified" if i % 4 == 0 else "standard") for j in range(per_client)] for i in range(clients)]
+    alone = {(kind, p): ask(client_for(url), kind, p, False, "standard") for kind in ("completion", "chat")
+             for p in prompts}
+    deadline = time.monotonic() + budget_s
+
+    def run(requests: list[tuple]) -> list[tuple[tuple, str, float]]:
+        c, done = client_for(url), []
+        for req in requests:
+            if time.monotonic() > deadline:
+                break
+            t0 = time.perf_counter()
+            done.append((req, ask(c, *req), time.perf_counter() - t0))
+        return done
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(run, plan) for r in rs]
+    wall = time.perf_counter() - t0
+    assert len(results) == clients * per_client, "requests lost or not sent within the time budget"
+    assert engine.most_active == 1, "two engine calls overlapped"
+    for (kind, prompt, _, _), text, _ in results:
+        assert text == alone[(kind, prompt)]
+    latencies = [s for _, _, s in results]
+    p50, p95 = statistics.median(latencies), statistics.quantiles(latencies, n=20)[18]
+    print(f"\nload: {len(results)} requests from {clients} concurrent clients in {wall:.2f} s: "
+          f"{len(results) / wall:.1f} requests/s, latency p50 {1000 * p50:.0f} ms, p95 {1000 * p95:.0f} ms")
+
+
+def test_cli_chat_keeps_history(monkeypatch, capsys):
+    engine = tiny_engine()
+    prompts = []
+    real_stream = engine.stream
+
+    def recording_stream(prompt, **kwargs):
+        prompts.append(prompt)
+        return real_stream(prompt, **kwargs)
+
+    monkeypatch.setattr(engine, "stream", recording_stream)
+    monkeypatch.setattr(cli, "load_engine", lambda args: (engine, None))
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n\nHow are you\n/exit\nnever read\n"))
+    assert cli.main(["chat", "--max-new-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    first = engine.generate([chat_prompt(engine, "Hello")], max_new_tokens=6)[0].text
+    assert len(prompts) == 2 and first in out
+    assert prompts[1] == engine.tokenizer.apply_chat([
+        {"role": "user", "content": "Hello"}, {"role": "assistant", "content": first},
+        {"role": "user", "content": "How are you"},
+    ])
+    assert err.count("tok/s") == 2 and "tokens per full call" in err
+
+
+def test_cli_serve_builds_the_app(monkeypatch, capsys):
+    calls = []
+    base = type("Base", (), {"name": "tiny-base", "chat": False, "tokenizer": ByteTokenizer()})
+    monkeypatch.setattr(cli, "load_engine", lambda args: (tiny_engine(module=args.module is not None), base))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    assert cli.main(["serve", "--strategy", "verified", "--module", "m.safetensors", "--port", "8123"]) == 0
+    app, kw = calls[0]
+    assert kw == {"host": "127.0.0.1", "port": 8123} and app.title == "RecycleGPT"
+    assert cli.main(["serve", "--strategy", "verified"]) == 2 and len(calls) == 1
+    assert "needs a recyclable module" in capsys.readouterr().err
