@@ -278,7 +278,8 @@ def test_disconnecting_clients_stop_their_work():
         busy = threading.Thread(target=lambda: list(client.completions.create(
             model=MODEL, prompt="Hi", max_tokens=100, stream=True, **GREEDY)))
         busy.start()
-        while len(engine.streams) < 2:
+        while len(engine.streams) < 2:  # the busy stream holds the worker
+            assert busy.is_alive(), "the busy stream ended before it was seen"
             time.sleep(0.01)
         with pytest.raises(openai.APITimeoutError):
             client.with_options(timeout=0.2).completions.create(model=MODEL, prompt="Hi", max_tokens=4)
