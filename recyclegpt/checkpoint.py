@@ -185,7 +185,10 @@ def load_module_file(path: str | Path) -> tuple[RecyclableModule, dict[str, Any]
         raise CheckpointError(f"{path} holds a {meta.get('kind')!r}, not a recyclable module")
     cfg, rcfg = _configs(path, meta)
     module = RecyclableModule(cfg, rcfg)
+    draft_vocab = tensors.pop("draft_vocab", None)
     _load_state(path, module, tensors)
+    if draft_vocab is not None:
+        module.set_draft_vocab(draft_vocab)
     return module, json.loads(meta.get("base", "{}"))
 
 
@@ -204,7 +207,9 @@ def load_module(path: str | Path, backbone_config: ModelConfig) -> RecyclableMod
             )
     if mc.max_seq_len != backbone_config.max_seq_len:
         resized = RecyclableModule(mc.replace(max_seq_len=backbone_config.max_seq_len), module.recycle_config)
-        resized.load_state_dict(module.state_dict())
+        state = module.state_dict()
+        resized.set_draft_vocab(state.pop("draft_vocab", None))
+        resized.load_state_dict(state, strict=False)
         module = resized
     return module
 

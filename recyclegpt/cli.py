@@ -286,7 +286,20 @@ def _build_model(args: argparse.Namespace):
 
     base = load_base(args.base, backend=args.backend)
     rcfg = RecycleConfig(n_layers=args.module_layers or 1, grad_to_backbone=False)
-    return RecycleGPT(base.backbone, rcfg=rcfg), {"name": base.name, "backend": base.backend}
+    model = RecycleGPT(base.backbone, rcfg=rcfg)
+    info = {"name": base.name, "backend": base.backend}
+    if args.draft_vocab:
+        import numpy as np
+
+        from recyclegpt.data import TokenData
+        from recyclegpt.recycle import frequent_tokens
+
+        train = TokenData(args.data).splits["train"]
+        counts = torch.from_numpy(np.bincount(train, minlength=base.backbone.config.vocab_size))
+        ids = frequent_tokens(counts, args.draft_vocab)
+        model.module.set_draft_vocab(ids)
+        info["draft_vocab_coverage"] = float(counts[ids].sum() / counts.sum())
+    return model, info
 
 
 def _train_config(args: argparse.Namespace):
@@ -406,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "native", "hf"], help="backbone path")
     p.add_argument("--ce-weight", type=float, default=0.0,
                    help="weight of the text-token cross-entropy added to the KL (default 0)")
+    p.add_argument("--draft-vocab", type=int, default=8192,
+                   help="the module proposes only the N most frequent tokens of the training data, which "
+                   "makes each module step cheaper (the head is the largest matrix); 0 = the whole vocabulary "
+                   "(default 8192)")
     _add_train_args(p, 1e-3, "module depth (default 1)")
 
     p = sub.add_parser("chat", help="chat in the terminal, replies streamed with their speed",

@@ -124,7 +124,7 @@ def decode_ids(
     def module_step(hidden: torch.Tensor, nxt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g = module(hidden, backbone.embed(nxt), mcache)  # (B, T, d)
         stats.module_calls += 1
-        return backbone.head(g[:, -1]), g[:, -1:]  # logits of the next draft, state for chaining
+        return module.draft_logits(backbone, g[:, -1]), g[:, -1:]  # next draft's logits, state for chaining
 
     with torch.inference_mode():
         # 1. Prefill: one full call over the prompt; the module ingests every prompt pair.

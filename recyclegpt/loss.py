@@ -11,9 +11,11 @@ import torch.nn.functional as F
 
 
 def _ce_and_acc(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = logits.reshape(-1, logits.shape[-1]).float()
-    ce = F.cross_entropy(flat, targets.reshape(-1))
-    acc = (flat.argmax(-1) == targets.reshape(-1)).float().mean()
+    """Cross-entropy and top-1 accuracy; targets of -100 are ignored by both."""
+    flat, targets = logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
+    ce = F.cross_entropy(flat, targets, ignore_index=-100)
+    valid = targets != -100
+    acc = (flat.argmax(-1) == targets)[valid].float().mean()
     return ce, acc
 
 
@@ -64,10 +66,13 @@ def attach_loss(
     distribution at position t+1, i.e. ``teacher_logits[:, t+1]``; all T-1 positions have a
     teacher. The CE term (when ``ce_weight > 0``) scores the text token x_{t+2} for t = 0..T-3.
 
+    With a draft vocabulary both logits cover only its V_d rows (the teacher is thereby renormalised
+    over them) and ``tokens`` are draft indices with -100 for tokens outside it.
+
     Args:
         recycle_logits: (B, T-1, V) module logits.
         teacher_logits: (B, T, V) the frozen base's logits on the same tokens.
-        tokens: (B, T) token ids.
+        tokens: (B, T) token ids (or draft indices, -100 = ignore).
         ce_weight: weight of the text-token cross-entropy.
 
     Returns:

@@ -11,7 +11,8 @@ the recyclable module and the decoder:
 * ``forward(tokens, cache=None, logits_last=None) -> (logits, hidden)``: ``hidden`` is the final
   hidden state after the last norm, the vector the LM head reads;
 * ``embed(tokens)``: the input embeddings the first layer reads;
-* ``head(hidden)``: the LM head applied to final hidden states;
+* ``head(hidden)``: the LM head applied to final hidden states (``head_weight()`` is its matrix and
+  ``head_transform`` what follows the product, e.g. soft-capping);
 * ``new_cache(batch, max_len)``: a cache that takes several tokens per call and rolls back;
 * ``config``: a ``ModelConfig`` describing its widths.
 """
@@ -182,6 +183,14 @@ class Backbone(nn.Module):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (..., vocab) from final (already normed) hidden states (..., d)."""
         return self.lm_head(hidden)
+
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's (vocab, d) weight."""
+        return self.lm_head.weight
+
+    def head_transform(self, logits: torch.Tensor) -> torch.Tensor:
+        """What ``head`` does after the matrix product (nothing for Llama-style models)."""
+        return logits
 
     def forward(
         self, tokens: torch.Tensor, cache: KVCache | None = None, logits_last: int | None = None

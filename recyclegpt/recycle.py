@@ -9,6 +9,13 @@ embedding, W the shared LM head.
 
 Module position t is aligned with backbone position t: its cache slot t holds the pair
 (h_t, x_{t+1}), so one ``KVCache`` length describes both.
+
+Draft vocabulary: the shared head is the largest matrix of a small model (SmolLM2: 49152 x 576, read
+in full for every module step). A module may carry ``draft_vocab``, the ids of the tokens it is
+allowed to propose (the most frequent ones in the base's outputs); its logits are then computed for
+those rows only (``draft_logits``) and every other token gets -inf. Verified decoding stays exact
+(the draft distribution is what was sampled from); alternating can then only emit draft-vocabulary
+tokens from the module.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class RecyclableModule(nn.Module):
         self.fuse = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
         self.stack = Stack(cfg, rcfg.n_layers)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.register_buffer("draft_vocab", None)
         self.apply(_init_weights)
 
     def forward(self, hidden: torch.Tensor, emb: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -54,6 +62,49 @@ class RecyclableModule(nn.Module):
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """A preallocated cache for the module's blocks."""
         return self.stack.new_cache(batch, max_len)
+
+    def set_draft_vocab(self, ids: torch.Tensor | None) -> None:
+        """Restrict the module's proposals to these token ids (saved with the module); None = all."""
+        if ids is not None:
+            ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+            if ids.numel() == 0 or ids.min() < 0 or ids.max() >= self.config.vocab_size:
+                raise ValueError(f"draft vocabulary ids must be in [0, {self.config.vocab_size}) and not empty")
+            ids = ids.unique()  # sorted
+        self.draft_vocab = ids
+
+    def head_rows(self, backbone: nn.Module) -> torch.Tensor | None:
+        """The backbone head's weight rows of the draft vocabulary (V_d, d), cached; None without one."""
+        if self.draft_vocab is None:
+            return None
+        weight = backbone.head_weight()
+        key = (weight.data_ptr(), weight.dtype, self.draft_vocab.data_ptr())
+        if getattr(self, "_rows_key", None) != key:
+            self._rows = weight.detach()[self.draft_vocab].contiguous()  # (V_d, d), a copy: fast to read
+            self._rows_key = key
+        return self._rows
+
+    def draft_logits(self, backbone: nn.Module, g: torch.Tensor) -> torch.Tensor:
+        """Full-width logits (..., V) of module states g; -inf outside the draft vocabulary if it has one."""
+        rows = self.head_rows(backbone)
+        if rows is None:
+            return backbone.head(g)
+        sub = backbone.head_transform(g @ rows.T)  # (..., V_d)
+        out = sub.new_full((*g.shape[:-1], self.config.vocab_size), float("-inf"))
+        return out.index_copy_(-1, self.draft_vocab, sub)
+
+
+    def draft_targets(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids mapped to draft-vocabulary indices; tokens outside it become -100 (ignored)."""
+        remap = torch.full((self.config.vocab_size,), -100, dtype=torch.long, device=tokens.device)
+        remap[self.draft_vocab] = torch.arange(self.draft_vocab.numel(), device=tokens.device)
+        return remap[tokens]
+
+
+def frequent_tokens(counts: torch.Tensor, size: int) -> torch.Tensor:
+    """Ids of the ``size`` most frequent tokens given per-id counts (V,): a draft vocabulary."""
+    if size <= 0 or size > counts.numel():
+        raise ValueError(f"draft vocabulary size must be in [1, {counts.numel()}], got {size}")
+    return torch.topk(counts.double(), size).indices.sort().values
 
 
 class RecycleGPT(nn.Module):

@@ -48,12 +48,18 @@ class Objective(nn.Module):
         if self.cfg.mode == "joint":
             main, rec = self.model(tokens)
             return joint_loss(main, rec, tokens, self.model.recycle_config.recycle_weight)
-        backbone = self.model.backbone
+        backbone, module = self.model.backbone, self.model.module
+        rows = module.head_rows(backbone)  # the draft vocabulary's head rows, or None for all
         with torch.no_grad():
-            teacher, hidden = backbone(tokens)
+            teacher, hidden = backbone(tokens, logits_last=None if rows is None else 1)
             emb = backbone.embed(tokens[:, 1:])
-        rec = backbone.head(self.model.module(hidden[:, :-1], emb))
-        return attach_loss(rec, teacher, tokens, self.cfg.ce_weight)
+            if rows is not None:
+                teacher = backbone.head_transform(hidden @ rows.T)  # (B, T, V_d)
+        g = module(hidden[:, :-1], emb)
+        if rows is None:
+            return attach_loss(backbone.head(g), teacher, tokens, self.cfg.ce_weight)
+        rec = backbone.head_transform(g @ rows.T)
+        return attach_loss(rec, teacher, module.draft_targets(tokens), self.cfg.ce_weight)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -103,6 +103,9 @@ class OracleModule(torch.nn.Module):
     def new_cache(self, batch, max_len):
         return self.backbone.new_cache(batch, max_len)
 
+    def draft_logits(self, backbone, g):
+        return backbone.head(g)
+
     def forward(self, hidden, emb, cache):
         n_new = hidden.shape[1]
         cache.advance(n_new)
@@ -209,3 +212,97 @@ def test_strategy_needing_a_module_without_one(tiny):
 def test_bad_sampling_values(kwargs, message):
     with pytest.raises(SamplingError, match=message):
         SamplingConfig(**kwargs)
+
+
+def test_draft_vocabulary_keeps_verified_exact_and_round_trips(trained, tmp_path):
+    import copy
+
+    from recyclegpt.checkpoint import load_module, save_module
+
+    module = copy.deepcopy(trained.module)
+    module.set_draft_vocab(torch.arange(0, 256, 2))  # even byte values only
+    engine = Engine(trained.backbone, ByteTokenizer(), module)
+    g = torch.zeros(1, 64)
+    logits = module.draft_logits(trained.backbone, g)
+    assert torch.isinf(logits[0, 1::2]).all() and torch.isfinite(logits[0, ::2]).all()
+    alt = engine.generate(["hello"], "alternating", max_new_tokens=20)[0].token_ids
+    assert all(t % 2 == 0 for t in alt[1::2])  # module positions (1, 3, ...) come from the draft vocabulary
+    for p in _prompts(20, seed=5):
+        std = trained.generate([p], "standard", max_new_tokens=16)[0]
+        assert engine.generate([p], "verified", max_new_tokens=16, draft_len=2)[0].token_ids == std.token_ids
+    save_module(tmp_path / "m.safetensors", module)
+    loaded = load_module(tmp_path / "m.safetensors", trained.backbone.config)
+    assert torch.equal(loaded.draft_vocab, module.draft_vocab)
+
+
+class _StubBackbone(torch.nn.Module):
+    """Always predicts token 1 and records its cache length after every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = PRESETS["tiny"].model
+        self.p = torch.nn.Parameter(torch.zeros(1))
+        self.lengths = []
+
+    def new_cache(self, batch, max_len=None):
+        from recyclegpt.cache import KVCache
+
+        return KVCache(1, batch, 1, 2, max_len, torch.float32)
+
+    def forward(self, tokens, cache, logits_last=None):
+        cache.check_room(tokens.shape[1])
+        cache.advance(tokens.shape[1])
+        self.lengths.append(cache.length)
+        B, T = tokens.shape
+        logits = torch.zeros(B, logits_last or T, self.config.vocab_size)
+        logits[..., 1] = 1.0
+        return logits, torch.zeros(B, T, self.config.d_model)
+
+    def embed(self, tokens):
+        return torch.zeros(*tokens.shape, self.config.d_model)
+
+
+class _StubModule(torch.nn.Module):
+    """Always proposes token 2 and records its cache length after every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.lengths = []
+
+    def new_cache(self, batch, max_len=None):
+        return _StubBackbone().new_cache(batch, max_len)
+
+    def forward(self, hidden, emb, cache):
+        cache.advance(hidden.shape[1])
+        self.lengths.append(cache.length)
+        return hidden
+
+    def draft_logits(self, backbone, g):
+        logits = torch.zeros(*g.shape[:-1], backbone.config.vocab_size)
+        logits[..., 2] = 1.0
+        return logits
+
+
+def test_alternating_positions_and_cache_lengths_with_stubs():
+    backbone, module = _StubBackbone(), _StubModule()
+    out = Engine(backbone, ByteTokenizer(), module).generate([[7, 7, 7, 7, 7]], "alternating", max_new_tokens=7)[0]
+    # Prefill -> full model's token; then each cycle emits the module's draft and the full model's token.
+    assert out.token_ids == [1, 2, 1, 2, 1, 2, 1]
+    # Backbone: the 5-token prompt, then two tokens (pending + draft) per cycle.
+    assert backbone.lengths == [5, 7, 9, 11]
+    # Module: the 5 prompt pairs, then two real pairs per cycle (the last cycle ends the run: no ingest).
+    assert module.lengths == [5, 7, 9]
+    assert out.stats.full_calls == 4 and out.stats.module_calls == 3 and out.stats.accepted == 3
+
+
+def test_verified_rejection_rolls_caches_back_with_stubs():
+    backbone, module = _StubBackbone(), _StubModule()
+    out = Engine(backbone, ByteTokenizer(), module).generate([[7, 7, 7]], "verified", max_new_tokens=4,
+                                                             draft_len=2)[0]
+    # Every draft (token 2) is rejected: output is the full model's, one token per full call.
+    assert out.token_ids == [1, 1, 1, 1] and out.stats.accepted == 0 and out.stats.rejected == 6
+    # Each full call writes pending + 2 drafts (length +3) and is rolled back to +1 before the next.
+    assert backbone.lengths == [3, 6, 7, 8]
+    # Module: prompt pairs; per cycle one chained draft step (+1), then a rollback and one real pair (+1);
+    # the last cycle finishes the run, so no ingest follows it.
+    assert module.lengths == [3, 4, 4, 5, 5, 6]

@@ -85,7 +85,12 @@ class HFBackbone(nn.Module):
         return self.model.get_input_embeddings()(tokens)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.model.get_output_embeddings()(hidden)
+        return self.head_transform(self.model.get_output_embeddings()(hidden))
+
+    def head_weight(self) -> torch.Tensor:
+        return self.model.get_output_embeddings().weight
+
+    def head_transform(self, logits: torch.Tensor) -> torch.Tensor:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
