@@ -1,0 +1,33 @@
+"""RecycleGPT: faster decoding by recycling the hidden state a language model already computed.
+
+Public API::
+
+    engine = recyclegpt.load("smollm2-135m", module="default")
+    out = engine.generate([prompt], strategy="verified")[0]
+"""
+
+from __future__ import annotations
+
+from recyclegpt.config import PRESETS, ModelConfig, RecycleConfig, TrainConfig
+from recyclegpt.generate import DecodeStats, Engine, Generation
+from recyclegpt.recycle import RecyclableModule, RecycleGPT
+from recyclegpt.sampling import SamplingConfig
+
+__all__ = [
+    "PRESETS", "DecodeStats", "Engine", "Generation", "ModelConfig", "RecycleConfig", "RecycleGPT",
+    "RecyclableModule", "SamplingConfig", "TrainConfig", "load",
+]
+__version__ = "0.1.0"
+
+
+def load(model: str = "smollm2-135m", module: str | None = None, backend: str = "auto") -> Engine:
+    """Load a base (registry name, HF directory or GGUF file) and optionally a module, ready to generate.
+
+    Args:
+        model: the base; see ``recyclegpt bases``.
+        module: a module file, ``"default"`` for the one shipped for this base, or None.
+        backend: ``auto``, ``native`` or ``hf``.
+    """
+    from recyclegpt.bases import load_engine
+
+    return load_engine(model, module, backend)[0]

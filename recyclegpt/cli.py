@@ -71,26 +71,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_engine(args: argparse.Namespace):
-    """Base + optional module -> ``Engine`` (and the loaded ``Base``)."""
-    from recyclegpt.bases import load_base
-    from recyclegpt.checkpoint import load_module
-    from recyclegpt.generate import Engine
-    from recyclegpt.modules import resolve_module
+    """Base + optional module from the command line -> (``Engine``, ``Base``)."""
+    from recyclegpt.bases import load_engine as _load
 
-    base = load_base(args.model, backend=args.backend)
-    module = None
-    path = resolve_module(getattr(args, "module", None), base.name)
-    if path is not None:
-        module = load_module(path, base.backbone.config)
-        tok_vocab = base.tokenizer.vocab_size
-        if tok_vocab > module.config.vocab_size:
-            from recyclegpt.checkpoint import CheckpointError
-
-            raise CheckpointError(
-                f"module {path} has a vocabulary of {module.config.vocab_size}; the tokenizer of "
-                f"{base.name} has {tok_vocab} tokens"
-            )
-    return Engine(base.backbone, base.tokenizer, module), base
+    return _load(args.model, getattr(args, "module", None), args.backend)
 
 
 def sampling_from(args: argparse.Namespace):

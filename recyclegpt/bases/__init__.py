@@ -25,7 +25,7 @@ from recyclegpt.checkpoint import load_backbone, save_backbone
 
 __all__ = [
     "DEFAULT_BASE", "REGISTRY", "Base", "BaseError", "ByteTokenizer", "HFTokenizer", "UnsupportedArchitecture",
-    "load_base",
+    "load_base", "load_engine",
 ]
 
 BACKENDS = ("auto", "native", "hf")
@@ -133,3 +133,31 @@ def load_base(
     stop = spec.stop_tokens if spec is not None else ("<|im_end|>", "<end_of_turn>", "<|eot_id|>")
     use_chat = chat if chat is not None else (spec.chat if spec is not None else False)
     return Base(spec.name if spec else str(path), backbone, HFTokenizer(tok, stop), cached, use_chat)
+
+
+def load_engine(model: str = DEFAULT_BASE, module: str | None = None, backend: str = "auto"):
+    """A base plus (optionally) a module, as a ready ``Engine``; returns (engine, base).
+
+    Args:
+        model: registry name, HF directory or GGUF file.
+        module: module file, ``"default"`` for the one shipped for this base, or None.
+        backend: ``auto``, ``native`` or ``hf``.
+
+    Raises:
+        CheckpointError: the module does not fit the base (widths or vocabulary).
+    """
+    from recyclegpt.checkpoint import CheckpointError, load_module
+    from recyclegpt.generate import Engine
+    from recyclegpt.modules import resolve_module
+
+    base = load_base(model, backend=backend)
+    path = resolve_module(module, base.name)
+    mod = None
+    if path is not None:
+        mod = load_module(path, base.backbone.config)
+        if base.tokenizer.vocab_size > mod.config.vocab_size:
+            raise CheckpointError(
+                f"module {path} has a vocabulary of {mod.config.vocab_size}; the tokenizer of {base.name} "
+                f"has {base.tokenizer.vocab_size} tokens"
+            )
+    return Engine(base.backbone, base.tokenizer, mod), base
