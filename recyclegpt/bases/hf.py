@@ -56,7 +56,7 @@ def module_config_from_hf(hf_config, max_seq_len: int) -> ModelConfig:
         n_layers=text.num_hidden_layers,
         n_heads=n_heads,
         n_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads,
-        ffn_dim=text.intermediate_size,
+        ffn_dim=getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * text.hidden_size,
         rope_theta=float(theta),
         norm_eps=float(getattr(text, "rms_norm_eps", 1e-6)),
         tie_embeddings=bool(getattr(text, "tie_word_embeddings", True)),

