@@ -351,6 +351,85 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(threads=args.threads, max_new_tokens=args.max_new_tokens)
 
 
+def _emit_json(result: dict, path: str | None) -> None:
+    """Print ``result`` as one JSON line and, if ``path`` is given, write it there too."""
+    line = json.dumps(result)
+    if path:
+        from pathlib import Path
+
+        Path(path).write_text(line + "\n")
+    print(line)
+
+
+@command
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Perplexity of the base and under the alternating scheme, module agreement, and tau / acceptance of
+    verified decoding: one JSON object (see recyclegpt/evaluate.py for the exact definitions)."""
+    from recyclegpt.data import read_prompts
+    from recyclegpt.evaluate import EvalError, evaluate
+
+    _threads(args.threads)
+    if args.module is None:
+        raise EvalError("eval needs a recyclable module: pass --module PATH (or 'default')")
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    engine, base = load_engine(args)
+    result = evaluate(engine, args.data, prompts, args.max_tokens, args.seq_len, args.batch_size,
+                      args.max_new_tokens, base.chat, args.draft_len)
+    _emit_json({"model": base.name, "module": args.module, **result}, args.json)
+    return 0
+
+
+@command
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Decode speed of every strategy and of transformers' generate (greedy, prompt lookup) on the same
+    weights and prompts: a table, then one JSON line (see recyclegpt/bench.py for the timing rules)."""
+    from recyclegpt import bench
+    from recyclegpt.data import read_prompts
+
+    _threads(args.threads)
+    prompts = read_prompts(args.prompts)
+    engine, base = load_engine(args)
+    kinds = bench.plan_kinds(args.strategies, engine.module is not None)
+    tok = engine.tokenizer
+    ids = [tok.encode(tok.apply_chat([{"role": "user", "content": p}]) if base.chat else p) for p in prompts]
+    rows = bench.engine_rows(engine, kinds, args.max_new_tokens, args.draft_lens, args.thresholds)
+    if any(k in bench.HF_ROWS for k in kinds):
+        rows += bench.hf_rows(bench.hf_model_for(base), kinds, args.max_new_tokens, tok.eos_token_ids,
+                              tok.pad_token_id)
+    result = bench.run_bench(rows, ids, args.repeats, progress=lambda line: print(line, file=sys.stderr))
+    result = {"model": base.name, "module": args.module, "max_new_tokens": args.max_new_tokens, **result}
+    print(bench.format_table(result))
+    _emit_json(result, args.json)
+    if args.plot:
+        bench.plot(result, args.plot)
+    return 0
+
+
+@command
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    """Run lm-evaluation-harness tasks offline (by default the local ones in benchmarks/tasks), with
+    standard and/or alternating scoring (see recyclegpt/lm_eval_adapter.py)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local task files only; read when datasets is imported
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from recyclegpt.lm_eval_adapter import RecycleLM, run_tasks
+    except ImportError as exc:
+        raise ValueError(f"lm-eval is not installed ({exc}); install it with: pip install 'recyclegpt[eval]'") from None
+    _threads(args.threads)
+    engine, base = load_engine(args)
+    results = {}
+    for scoring in args.scoring or (["standard", "alternating"] if engine.module is not None else ["standard"]):
+        lm = RecycleLM(engine.backbone, engine.tokenizer, engine.module, scoring, args.batch_size)
+        results[scoring] = run_tasks(lm, args.tasks_dir, args.tasks, args.limit)
+    for scoring, tasks in results.items():
+        for task, metrics in tasks.items():
+            shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
+                              if isinstance(v, float) and "stderr" not in k)
+            print(f"{scoring:12s} {task:32s} {shown}", file=sys.stderr)
+    _emit_json({"model": base.name, "module": args.module, "limit": args.limit, "results": results}, args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recyclegpt",
@@ -431,6 +510,48 @@ def build_parser() -> argparse.ArgumentParser:
                        description=cmd_demo.__doc__)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--max-new-tokens", type=int, default=96, help="tokens per answer (default 96)")
+
+    p = sub.add_parser("eval", help="perplexity (base / alternating), module agreement, tau: one JSON object",
+                       description=cmd_eval.__doc__)
+    add_model_args(p)
+    p.add_argument("--data", required=True, help="text file for the perplexities and the agreement on natural "
+                   "text (.txt .md .rst .jsonl .parquet)")
+    p.add_argument("--prompts", default=None, help="prompt file (one per line, or JSONL with a 'prompt' field): "
+                   "agreement on the base's own greedy answers, tau and acceptance of verified decoding")
+    p.add_argument("--max-tokens", type=int, default=20000, help="tokens of --data to score (default 20000)")
+    p.add_argument("--seq-len", type=int, default=512, help="perplexity window in tokens (default 512)")
+    p.add_argument("--batch-size", type=int, default=2, help="windows per forward (default 2)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="answer length for --prompts (default 128)")
+    p.add_argument("--draft-len", type=int, default=1, help="drafts per full call of the verified run (default 1)")
+    p.add_argument("--json", default=None, help="also write the JSON object to this file")
+
+    p = sub.add_parser("bench", help="decode speed of every strategy against transformers on the same weights",
+                       description=cmd_bench.__doc__)
+    add_model_args(p)
+    p.add_argument("--prompts", required=True, help="prompt file (one per line, or JSONL with a 'prompt' field)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer (default 128)")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes after the warm-up pass (default 3)")
+    p.add_argument("--strategies", nargs="+", default=None, metavar="ROW",
+                   help="rows to run, among: standard alternating verified adaptive hf-generate hf-prompt-lookup "
+                   "(default: all; the module ones need --module); standard always runs")
+    p.add_argument("--draft-lens", nargs="+", type=int, default=[1], help="verified: draft lengths (default 1)")
+    p.add_argument("--thresholds", nargs="+", type=float, default=[0.5],
+                   help="adaptive: confidence thresholds in [0, 1] (default 0.5)")
+    p.add_argument("--json", default=None, help="also write the JSON result to this file")
+    p.add_argument("--plot", default=None, help="write a PNG of the speed ratios (needs matplotlib)")
+
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks, standard and alternating scoring (offline)",
+                       description=cmd_lm_eval.__doc__)
+    add_model_args(p)
+    p.add_argument("--tasks-dir", default="benchmarks/tasks",
+                   help="directory of task YAML configs and JSONL data (default benchmarks/tasks)")
+    p.add_argument("--tasks", nargs="+", default=None, help="task names (default: every config in --tasks-dir)")
+    p.add_argument("--scoring", nargs="+", choices=["standard", "alternating"], default=None,
+                   help="how continuations are scored (default: both with --module, else standard); "
+                   "alternating needs --module")
+    p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward (default 4)")
+    p.add_argument("--json", default=None, help="also write the JSON result to this file")
     return parser
 
 

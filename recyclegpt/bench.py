@@ -1,0 +1,326 @@
+"""Decode-speed benchmark: RecycleGPT's strategies against transformers' ``generate`` on the same weights.
+
+Rows: ``standard`` (the reference of every ratio), ``alternating``, ``verified`` (one row per draft
+length), ``adaptive`` (one row per threshold), and the baselines users would run instead: transformers'
+greedy ``generate`` and its prompt-lookup decoding (``prompt_lookup_num_tokens=10``), fed the same
+token ids.
+
+Timing rules: each row first runs once on the first prompt (priming: weights paged in, lazy allocations
+made), then one warm-up pass (every row on every prompt); neither is timed. Then, for each repetition,
+for each prompt, every row runs once, so drifts of the machine hit all rows alike. A run's time covers
+the whole ``generate`` call (prefill included) and its speed is new tokens / seconds. Reported are
+medians over runs, and the ratio to ``standard`` is the median of per-run ratios taken side by side
+(same prompt, same repetition). Memory is the process RSS, sampled by a psutil thread every
+millisecond during the warm-up pass (so sampling never touches the timed runs): the peak, and the
+largest rise above the RSS at the start of a run (what decoding itself allocates).
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+
+from recyclegpt.bases.hf import HFBackbone
+from recyclegpt.generate import DecodeStats, Engine
+from recyclegpt.strategies import make_strategy
+
+HF_ROWS = ("hf-generate", "hf-prompt-lookup")
+ROW_KINDS = ("standard", "alternating", "verified", "adaptive", *HF_ROWS)
+PROMPT_LOOKUP_TOKENS = 10
+
+
+class BenchError(ValueError):
+    """A benchmark request cannot be run as given."""
+
+
+@dataclass
+class Row:
+    """One benchmarked way of decoding.
+
+    Attributes:
+        name: label in the table (e.g. ``verified-k2``, ``adaptive-0.5``).
+        kind: one of ``ROW_KINDS``.
+        run: token-id prompt -> (new token ids, ``DecodeStats`` or None for transformers rows).
+        draft_len / threshold: the strategy's setting, where it has one.
+    """
+
+    name: str
+    kind: str
+    run: Callable[[list[int]], tuple[list[int], DecodeStats | None]] = field(repr=False)
+    draft_len: int | None = None
+    threshold: float | None = None
+
+
+def engine_rows(
+    engine: Engine, kinds: Sequence[str], max_new_tokens: int, draft_lens: Sequence[int] = (1,),
+    thresholds: Sequence[float] = (0.5,),
+) -> list[Row]:
+    """Rows decoded by RecycleGPT's engine; ``verified`` and ``adaptive`` give one row per setting.
+
+    Raises:
+        ValueError: a draft length < 1 or a threshold outside [0, 1].
+    """
+
+    def runner(name: str, draft_len: int = 1, threshold: float = 0.5):
+        strategy = make_strategy(name, draft_len, threshold)  # validates the setting now, not mid-run
+
+        def run(ids: list[int]) -> tuple[list[int], DecodeStats]:
+            g = engine.generate([ids], strategy, max_new_tokens)[0]
+            return g.token_ids, g.stats
+
+        return run
+
+    rows = []
+    for kind in kinds:
+        if kind == "verified":
+            rows += [Row(f"verified-k{k}", kind, runner(kind, draft_len=k), draft_len=k) for k in draft_lens]
+        elif kind == "adaptive":
+            rows += [Row(f"adaptive-{t:g}", kind, runner(kind, threshold=t), threshold=t) for t in thresholds]
+        elif kind in ("standard", "alternating"):
+            rows.append(Row(kind, kind, runner(kind)))
+    return rows
+
+
+def hf_rows(hf_model: torch.nn.Module, kinds: Sequence[str], max_new_tokens: int, eos_ids: set[int],
+            pad_id: int) -> list[Row]:
+    """transformers baselines on an ``AutoModelForCausalLM``: greedy ``generate`` and prompt lookup."""
+    from transformers import GenerationConfig
+
+    def runner(lookup: int | None):
+        cfg = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(eos_ids) or None,
+            pad_token_id=pad_id, prompt_lookup_num_tokens=lookup,
+        )
+
+        def run(ids: list[int]) -> tuple[list[int], None]:
+            x = torch.tensor([ids], device=hf_model.device)
+            out = hf_model.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg)
+            return out[0, len(ids) :].tolist(), None
+
+        return run
+
+    rows = []
+    if "hf-generate" in kinds:
+        rows.append(Row("hf-generate", "hf-generate", runner(None)))
+    if "hf-prompt-lookup" in kinds:
+        rows.append(Row("hf-prompt-lookup", "hf-prompt-lookup", runner(PROMPT_LOOKUP_TOKENS)))
+    return rows
+
+
+def plan_kinds(requested: Sequence[str] | None, has_module: bool) -> list[str]:
+    """The row kinds to run, ``standard`` first; None means every kind the model allows.
+
+    Raises:
+        BenchError: an unknown kind, or a module strategy without a module.
+    """
+    module_kinds = ("alternating", "verified", "adaptive")
+    if requested is None:
+        requested = ROW_KINDS if has_module else [k for k in ROW_KINDS if k not in module_kinds]
+    unknown = sorted(set(requested) - set(ROW_KINDS))
+    if unknown:
+        raise BenchError(f"unknown row kind(s) {unknown}; known: {', '.join(ROW_KINDS)}")
+    needing = [k for k in requested if k in module_kinds]
+    if needing and not has_module:
+        raise BenchError(f"{', '.join(needing)} need a recyclable module; pass --module PATH")
+    return ["standard"] + [k for k in ROW_KINDS if k in requested and k != "standard"]
+
+
+def hf_model_for(base) -> torch.nn.Module:
+    """The transformers model holding a loaded base's weights, for the baselines.
+
+    The generic backend already wraps one; for the native backend the source (GGUF file or checkpoint
+    directory) is read again with transformers (offline), so both decode the same weights.
+    """
+    if isinstance(base.backbone, HFBackbone):
+        return base.backbone.model
+    from recyclegpt.bases import _read_hf
+    from recyclegpt.bases.registry import resolve
+
+    model, _ = _read_hf(resolve(base.name)[1])
+    return model.eval()
+
+
+class PeakRSS:
+    """Context manager: the process RSS at entry and its peak until exit, sampled by a thread (bytes)."""
+
+    def __init__(self, interval_s: float = 0.001) -> None:
+        self.interval_s = interval_s
+        self.process = psutil.Process()
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = self.process.memory_info().rss
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+def run_bench(rows: Sequence[Row], prompts: Sequence[list[int]], repeats: int = 3,
+              progress: Callable[[str], None] | None = None) -> dict:
+    """Time every row on every prompt (see the module docstring for the rules).
+
+    Args:
+        rows: what to run; the first ``standard`` row is the reference (one is required).
+        prompts: token-id prompts (chat template already applied where wanted).
+        repeats: timed passes after the warm-up.
+        progress: called with a short line after each pass, if given.
+
+    Returns:
+        ``{"prompts", "repeats", "threads", "memory", "rows": [...]}``; per row: ``tokens_per_s``,
+        ``ms_per_token``, ``ratio_to_standard``, ``tau`` (RecycleGPT rows: tokens per full call) and
+        ``acceptance_rate`` (verified rows: drafts kept / drafted; null elsewhere), ``peak_rss_mb``,
+        ``rss_increase_mb``, ``new_tokens`` (mean per run) and ``identical_to_standard`` (every output's
+        token ids equal ``standard``'s, compared on the warm-up pass: greedy decoding is deterministic).
+    """
+    if not prompts:
+        raise BenchError("no prompts given")
+    if repeats < 1:
+        raise BenchError(f"repeats must be >= 1, got {repeats}")
+    names = [r.name for r in rows]
+    if "standard" not in names:
+        raise BenchError("the rows must include 'standard', the reference of every ratio")
+    if len(set(names)) != len(names):
+        raise BenchError(f"duplicate rows: {names}")
+    outputs: dict[str, list[list[int]]] = {r.name: [] for r in rows}
+    peak = dict.fromkeys(names, 0)
+    rise = dict.fromkeys(names, 0)
+    # 1. Priming: each row once on the first prompt (weights paged in, lazy allocations made), so
+    # that the first row does not carry every one-time cost in its RSS rise.
+    for row in rows:
+        row.run(list(prompts[0]))
+    # 2. Warm-up pass, excluded from timing; RSS sampled here only.
+    for ids in prompts:
+        for row in rows:
+            with PeakRSS() as mem:
+                toks, _ = row.run(list(ids))
+            outputs[row.name].append(toks)
+            peak[row.name] = max(peak[row.name], mem.peak)
+            rise[row.name] = max(rise[row.name], mem.peak - mem.start)
+    if progress:
+        progress("warm-up done")
+    # 3. Timed passes, interleaved: for each repetition, each prompt, each row.
+    speed: dict[str, list[float]] = {n: [] for n in names}
+    ratio: dict[str, list[float]] = {n: [] for n in names}
+    stats = {n: DecodeStats() for n in names}
+    for rep in range(repeats):
+        for ids in prompts:
+            here = {}
+            for row in rows:
+                t0 = time.perf_counter()
+                toks, st = row.run(list(ids))
+                seconds = time.perf_counter() - t0
+                here[row.name] = len(toks) / seconds
+                if st is not None:
+                    _add(stats[row.name], st)
+            for n in names:
+                speed[n].append(here[n])
+                ratio[n].append(here[n] / here["standard"])
+        if progress:
+            progress(f"pass {rep + 1}/{repeats} done")
+    reference = outputs["standard"]
+    table = []
+    for row in rows:
+        s = stats[row.name]
+        engine_row = row.kind not in HF_ROWS
+        table.append({
+            "name": row.name,
+            "kind": row.kind,
+            "draft_len": row.draft_len,
+            "threshold": row.threshold,
+            "tokens_per_s": statistics.median(speed[row.name]),
+            "ms_per_token": statistics.median(1000 / v for v in speed[row.name]),
+            "ratio_to_standard": statistics.median(ratio[row.name]),
+            "tau": s.new_tokens / s.full_calls if engine_row and s.full_calls else None,
+            "acceptance_rate": s.accepted / s.drafted if row.kind == "verified" and s.drafted else None,
+            "peak_rss_mb": peak[row.name] / 2**20,
+            "rss_increase_mb": rise[row.name] / 2**20,
+            "new_tokens": statistics.mean(len(t) for t in outputs[row.name]),
+            "identical_to_standard": outputs[row.name] == reference,
+        })
+    return {
+        "prompts": len(prompts),
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "memory": "process RSS (psutil, sampled every 1 ms during the warm-up pass)",
+        "rows": table,
+    }
+
+
+def _add(total: DecodeStats, st: DecodeStats) -> None:
+    """Add one single-prompt run's counters to a running total."""
+    total.new_tokens += st.new_tokens
+    total.full_calls += st.full_calls
+    total.drafted += st.drafted
+    total.accepted += st.accepted
+
+
+def format_table(result: dict) -> str:
+    """The rows as a fixed-width text table."""
+
+    def num(v, fmt: str) -> str:
+        return format(v, fmt) if v is not None else "-".rjust(int(fmt.split(".")[0]))
+
+    head = f"{'row':18s} {'tok/s':>8s} {'ms/tok':>8s} {'x std':>6s} {'tau':>5s} {'accept':>6s} " \
+           f"{'RSS MB':>8s} {'+MB':>6s} {'tokens':>6s}  identical"
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['name']:18s} {r['tokens_per_s']:8.1f} {r['ms_per_token']:8.2f} {r['ratio_to_standard']:6.2f} "
+            f"{num(r['tau'], '5.2f')} {num(r['acceptance_rate'], '6.2f')} {r['peak_rss_mb']:8.0f} "
+            f"{r['rss_increase_mb']:6.0f} {r['new_tokens']:6.1f}  {'yes' if r['identical_to_standard'] else 'no'}"
+        )
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str | Path) -> None:
+    """PNG: every row's speed ratio, and the ratio against the adaptive threshold and the draft length.
+
+    Raises:
+        BenchError: matplotlib is not installed.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise BenchError("--plot needs matplotlib: pip install 'recyclegpt[bench]'") from None
+    rows = result["rows"]
+    sweeps = [(kind, key, label) for kind, key, label in
+              (("adaptive", "threshold", "adaptive threshold"), ("verified", "draft_len", "verified draft length"))
+              if any(r["kind"] == kind for r in rows)]
+    fig = Figure(figsize=(5 * (1 + len(sweeps)), 4), layout="constrained")
+    axes = fig.subplots(1, 1 + len(sweeps), squeeze=False)[0]
+    axes[0].bar([r["name"] for r in rows], [r["ratio_to_standard"] for r in rows])
+    axes[0].axhline(1.0, color="gray", lw=0.8)
+    axes[0].set_ylabel("speed / standard (median of per-run ratios)")
+    axes[0].tick_params(axis="x", rotation=45)
+    for ax, (kind, key, label) in zip(axes[1:], sweeps, strict=True):
+        pts = sorted((r[key], r["ratio_to_standard"]) for r in rows if r["kind"] == kind)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kind)
+        for i, other in enumerate(rows):
+            if other["kind"] in ("alternating", *HF_ROWS):
+                ax.axhline(other["ratio_to_standard"], ls="--", lw=0.8, color=f"C{i}", label=other["name"])
+        ax.axhline(1.0, color="gray", lw=0.8, label="standard")
+        ax.set_xticks([p[0] for p in pts])
+        ax.set_xlabel(label)
+        ax.set_ylabel("speed / standard")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"prompts: {result['prompts']}, repeats: {result['repeats']}, threads: {result['threads']}")
+    fig.savefig(path, dpi=120)

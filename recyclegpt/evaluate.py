@@ -1,0 +1,293 @@
+"""Evaluation of a base and its recyclable module: perplexity, module agreement, tokens per full call.
+
+Notation (as in ``recycle.py``): in a window x_0 .. x_{T-1}, the base scores x_j (j >= 1) with
+p_base(x_j | x_<j), read from h_{j-1}; the module scores x_j (j >= 2) with p_mod(x_j | h_{j-2}, x_{j-1}),
+exactly the distribution alternating decoding draws the module's token from (``draft_logits``: with a
+draft vocabulary, tokens outside it have probability 0). Everything is teacher forced: one backbone
+forward per window, the module over the pairs (h_t, x_{t+1}) in the same pass.
+
+* **Perplexity of the base**: exp(mean_j -log p_base(x_j | x_<j)) over windows of ``seq_len`` tokens.
+* **Perplexity under the alternating scheme**: the same targets, but the odd positions j = 3, 5, 7 ...
+  of each window are scored by the module instead of the base (the first two targets, j = 1 and 2,
+  and every even j stay with the base). This is the likelihood alternating decoding assigns to the
+  text: base token, module token, base token... ``ppl_relative_increase`` = alternating / base - 1.
+  A module with a draft vocabulary cannot emit a target outside it (probability 0, infinite
+  perplexity); such positions are left to the base and their share is reported as
+  ``1 - draft_vocab_coverage``, so with coverage below 1 ``ppl_alternating`` is a lower bound.
+* **Agreement**: how often the module's top-1 for x_{t+2} equals the base's greedy choice for x_{t+2}
+  given the true x_{t+1} (argmax of recycle logits at t == argmax of base logits at t+1), on natural
+  text and on the base's own greedy answers to prompts, where it is the chance that alternating
+  decoding's module token is the one standard decoding would have produced.
+* **tau / acceptance rate** of verified greedy decoding on the prompts (``DecodeStats``): tokens per
+  full-model forward (prefill included) and the share of drafts kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from recyclegpt.data import _check_file, iter_text
+
+
+class EvalError(ValueError):
+    """An evaluation request cannot be run as given (no module, too little text, bad window size...)."""
+
+
+@dataclass
+class TokenScores:
+    """Teacher-forced scores of a batch of token windows (B, T).
+
+    Index i of the base tensors is target position j = i + 1; index i of the module tensors is
+    target position j = i + 2.
+
+    Attributes:
+        base_nll: (B, T-1) -log p_base(x_j | x_<j) for j = 1 .. T-1.
+        base_top: (B, T-1) the base's greedy choice for position j.
+        module_nll: (B, T-2) -log p_mod(x_j | h_{j-2}, x_{j-1}) for j = 2 .. T-1; None without a module.
+        module_top: (B, T-2) the module's top-1 for position j; None without a module.
+    """
+
+    base_nll: torch.Tensor
+    base_top: torch.Tensor
+    module_nll: torch.Tensor | None = None
+    module_top: torch.Tensor | None = None
+
+
+def score_tokens(backbone: torch.nn.Module, module: torch.nn.Module | None, tokens: torch.Tensor) -> TokenScores:
+    """Score every position of token windows (B, T), T >= 3, by the base and (if given) by the module.
+
+    The backbone reads x_0 .. x_{T-2} (the last token is only a target, so T may be the context + 1);
+    the module reads the pairs (h_t, x_{t+1}) of that forward, ``module(hidden, embed(tokens[:, 1:]))`` as
+    in training, and its logits are ``module.draft_logits``: what decoding samples from (``backbone.head``
+    of the module states when it has no draft vocabulary).
+    """
+    if tokens.shape[1] < 3:
+        raise EvalError(f"windows need at least 3 tokens (the module looks two ahead), got {tokens.shape[1]}")
+    with torch.inference_mode():
+        logits, hidden = backbone(tokens[:, :-1])  # (B, T-1, V), (B, T-1, d): position t predicts x_{t+1}
+        base_nll, base_top = _nll_top(logits, tokens[:, 1:])
+        if module is None:
+            return TokenScores(base_nll, base_top)
+        g = module(hidden, backbone.embed(tokens[:, 1:]))  # pairs (h_t, x_{t+1}), t = 0 .. T-2
+        # t = T-2 would predict x_T, past the window: dropped.
+        module_nll, module_top = _nll_top(module.draft_logits(backbone, g[:, :-1]), tokens[:, 2:])
+        return TokenScores(base_nll, base_top, module_nll, module_top)
+
+
+def _nll_top(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position cross-entropy (inf where the target has logit -inf) and argmax; logits (B, n, V)."""
+    B, n, V = logits.shape
+    nll = F.cross_entropy(logits.reshape(B * n, V).float(), targets.reshape(B * n), reduction="none")
+    return nll.view(B, n), logits.argmax(-1)
+
+
+def module_positions(T: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool (T-1,) over targets j = 1 .. T-1: True where the alternating scheme uses the module (odd j >= 3)."""
+    j = torch.arange(1, T, device=device)
+    return (j % 2 == 1) & (j >= 3)
+
+
+def mixed_scores(
+    scores: TokenScores, use_module: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-target NLL and top-1 when the targets marked in ``use_module`` are the module's.
+
+    Args:
+        scores: base and module scores of windows (B, T).
+        use_module: bool (B or 1, T-1) over targets j = 1 .. T-1; j = 1 cannot be the module's.
+
+    Returns:
+        (nll (B, T-1), top (B, T-1), from_module (B, T-1)): ``top`` is the module's top-1 at every marked
+        target; ``nll`` is the module's where it can emit the target and the base's elsewhere (a target
+        outside the module's draft vocabulary stays with the base); ``from_module`` marks the former.
+    """
+    if scores.module_nll is None:
+        raise EvalError("mixed scoring needs module scores; pass a module to score_tokens")
+
+    def realign(x: torch.Tensor) -> torch.Tensor:  # module index i is target i + 2 -> index i + 1
+        return torch.cat([x[:, :1], x], 1)
+
+    use = use_module.clone()
+    use[..., 0] = False
+    m_nll, m_top = realign(scores.module_nll), realign(scores.module_top)
+    from_module = use & m_nll.isfinite()
+    nll = torch.where(from_module, m_nll, scores.base_nll)
+    return nll, torch.where(use, m_top, scores.base_top), from_module
+
+
+def read_tokens(path: str | Path, tokenizer, max_tokens: int) -> list[int]:
+    """The first ``max_tokens`` tokens of a text file (.txt .md .rst .jsonl .parquet), read in chunks.
+
+    Raises:
+        DataError: a missing, empty, binary or unsupported file.
+    """
+    p = Path(path)
+    _check_file(p)
+    ids: list[int] = []
+    for text in iter_text(p):
+        ids.extend(tokenizer.encode(text))
+        if len(ids) >= max_tokens:
+            break
+    return ids[:max_tokens]
+
+
+def text_metrics(
+    backbone: torch.nn.Module, module: torch.nn.Module, token_ids: Sequence[int], seq_len: int = 512,
+    batch_size: int = 2,
+) -> dict[str, float]:
+    """Perplexities (base, alternating) and module agreement on text, in disjoint windows of ``seq_len``.
+
+    Each window is scored on its own (its first token has no context); a last window shorter than
+    3 tokens is dropped.
+
+    Returns:
+        ``tokens`` scored, ``windows``, ``ppl_base``, ``ppl_alternating``, ``ppl_relative_increase``,
+        ``module_positions`` (targets the alternating scheme gives the module), ``draft_vocab_coverage``
+        (share of those inside the module's draft vocabulary; 1 without one), ``ppl_base_at_module_positions``
+        and ``ppl_module_at_module_positions`` (the two models on the covered ones), ``agreement`` (module
+        top-1 == base greedy next-next token), ``module_top1_acc`` and ``base_top1_acc`` (against the text,
+        for the same targets x_{t+2}).
+    """
+    limit = backbone.config.max_seq_len + 1  # the last token of a window is only a target
+    if not 3 <= seq_len <= limit:
+        raise EvalError(f"seq_len must be in [3, {limit}] (the model's context + 1), got {seq_len}")
+    if batch_size < 1:
+        raise EvalError(f"batch_size must be >= 1, got {batch_size}")
+    windows = [list(token_ids[i : i + seq_len]) for i in range(0, len(token_ids), seq_len)]
+    windows = [w for w in windows if len(w) >= 3]
+    if not windows:
+        raise EvalError(f"too little text: {len(token_ids)} tokens, at least 3 are needed")
+    device = next(backbone.parameters()).device
+    keys = ("base", "alt", "n", "mod_base", "mod_mod", "n_mod", "n_covered", "agree", "mod_ok", "base_ok", "n_pair")
+    sums = dict.fromkeys(keys, 0.0)
+    for lo in range(0, len(windows), batch_size):
+        batch = windows[lo : lo + batch_size]
+        for length in sorted({len(w) for w in batch}):  # only the last window can be shorter
+            tokens = torch.tensor([w for w in batch if len(w) == length], device=device)
+            s = score_tokens(backbone, module, tokens)
+            use_module = module_positions(length, device)[None].expand(len(tokens), -1)
+            alt, _, covered = mixed_scores(s, use_module)
+            sums["base"] += float(s.base_nll.sum())
+            sums["alt"] += float(alt.sum())
+            sums["n"] += s.base_nll.numel()
+            sums["mod_base"] += float(s.base_nll[covered].sum())
+            sums["mod_mod"] += float(alt[covered].sum())
+            sums["n_mod"] += int(use_module.sum())
+            sums["n_covered"] += int(covered.sum())
+            sums["agree"] += float((s.module_top == s.base_top[:, 1:]).sum())
+            sums["mod_ok"] += float((s.module_top == tokens[:, 2:]).sum())
+            sums["base_ok"] += float((s.base_top[:, 1:] == tokens[:, 2:]).sum())
+            sums["n_pair"] += s.module_top.numel()
+    ppl_base, ppl_alt = math.exp(sums["base"] / sums["n"]), math.exp(sums["alt"] / sums["n"])
+    n_covered = max(sums["n_covered"], 1)
+    return {
+        "tokens": int(sums["n"]),
+        "windows": len(windows),
+        "ppl_base": ppl_base,
+        "ppl_alternating": ppl_alt,
+        "ppl_relative_increase": ppl_alt / ppl_base - 1,
+        "module_positions": int(sums["n_mod"]),
+        "draft_vocab_coverage": sums["n_covered"] / max(sums["n_mod"], 1),
+        "ppl_base_at_module_positions": math.exp(sums["mod_base"] / n_covered),
+        "ppl_module_at_module_positions": math.exp(sums["mod_mod"] / n_covered),
+        "agreement": sums["agree"] / sums["n_pair"],
+        "module_top1_acc": sums["mod_ok"] / sums["n_pair"],
+        "base_top1_acc": sums["base_ok"] / sums["n_pair"],
+    }
+
+
+def generation_metrics(
+    engine, prompts: Sequence[str], max_new_tokens: int = 128, chat: bool = False, draft_len: int = 1
+) -> dict[str, float]:
+    """Module agreement on the base's own greedy answers, and tau / acceptance of verified decoding.
+
+    For each prompt (chat template applied when ``chat``): decode greedily with ``standard``,
+    teacher-force prompt + answer and compare the module's top-1 with the base's greedy token at every
+    answer position the module would draft in alternating decoding (targets after the first answer
+    token); then decode again with ``verified`` (``draft_len`` drafts per full call) and add up its
+    ``DecodeStats``.
+
+    Args:
+        engine: ``Engine`` with a module.
+        prompts: user prompts.
+        max_new_tokens: answer length cap.
+        chat: apply the tokenizer's chat template.
+        draft_len: module steps per full call of the verified run.
+
+    Returns:
+        ``prompts``, ``generated_tokens``, ``agreement``, ``tau`` (tokens per full call), ``acceptance_rate``
+        (drafts kept / drafted), ``full_calls``, ``drafted``, ``accepted`` and ``verified_identical`` (share
+        of prompts whose verified output equals the standard output, 1.0 if lossless).
+    """
+    if engine.module is None:
+        raise EvalError("generation metrics need a recyclable module; pass --module PATH")
+    if not prompts:
+        raise EvalError("no prompts given")
+    device = next(engine.backbone.parameters()).device
+    tok = engine.tokenizer
+    agree = pairs = generated = new = calls = drafted = accepted = identical = 0
+    for prompt in prompts:
+        ids = tok.encode(tok.apply_chat([{"role": "user", "content": prompt}]) if chat else prompt)
+        std = engine.generate([ids], "standard", max_new_tokens=max_new_tokens)[0]
+        generated += len(std.token_ids)
+        seq = torch.tensor([ids + std.token_ids], device=device)
+        if seq.shape[1] >= 3 and len(std.token_ids) >= 2:
+            s = score_tokens(engine.backbone, engine.module, seq)
+            p = len(ids)  # module index p-1 predicts x_{p+1}, the second answer token
+            agree += int((s.module_top[:, p - 1 :] == s.base_top[:, p:]).sum())
+            pairs += s.module_top[:, p - 1 :].numel()
+        ver = engine.generate([ids], "verified", max_new_tokens=max_new_tokens, draft_len=draft_len)[0]
+        new += ver.stats.new_tokens
+        calls += ver.stats.full_calls
+        drafted += ver.stats.drafted
+        accepted += ver.stats.accepted
+        identical += ver.token_ids == std.token_ids
+    return {
+        "prompts": len(prompts),
+        "generated_tokens": generated,
+        "agreement": agree / max(pairs, 1),
+        "tau": new / max(calls, 1),
+        "acceptance_rate": accepted / max(drafted, 1),
+        "full_calls": calls,
+        "drafted": drafted,
+        "accepted": accepted,
+        "verified_identical": identical / len(prompts),
+    }
+
+
+def evaluate(
+    engine, data: str | Path, prompts: Sequence[str] | None = None, max_tokens: int = 20_000, seq_len: int = 512,
+    batch_size: int = 2, max_new_tokens: int = 128, chat: bool = False, draft_len: int = 1,
+) -> dict:
+    """Every metric of this module in one JSON-ready dict.
+
+    Args:
+        engine: ``Engine`` (backbone, tokenizer, module); the module is required.
+        data: text file for the perplexities and agreement on natural text.
+        prompts: prompts for agreement on generations, tau and acceptance; None skips them (null fields).
+        max_tokens: tokens of ``data`` to use (from its start).
+        seq_len: window length for the perplexities.
+        batch_size: windows per forward.
+        max_new_tokens: answer length for the generation metrics.
+        chat: apply the chat template to prompts.
+        draft_len: drafts per full call of the verified run.
+
+    Returns:
+        ``{"data", "max_tokens", "seq_len", "text": {...}, "generations": {...} or None, "max_new_tokens", "chat",
+        "draft_len"}``.
+    """
+    if engine.module is None:
+        raise EvalError("evaluation needs a recyclable module; pass --module PATH")
+    if max_tokens < 3:
+        raise EvalError(f"max_tokens must be >= 3, got {max_tokens}")
+    ids = read_tokens(data, engine.tokenizer, max_tokens)
+    text = text_metrics(engine.backbone, engine.module, ids, seq_len, batch_size)
+    gens = None if prompts is None else generation_metrics(engine, prompts, max_new_tokens, chat, draft_len)
+    return {"data": str(data), "max_tokens": max_tokens, "seq_len": seq_len, "text": text, "generations": gens,
+            "max_new_tokens": max_new_tokens, "chat": chat, "draft_len": draft_len}

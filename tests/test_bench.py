@@ -1,0 +1,118 @@
+"""The decode-speed benchmark end to end on a tiny Llama shared by transformers and the native backbone."""
+
+import json
+
+import pytest
+import torch
+
+from recyclegpt import bench
+from recyclegpt.bases.convert import backbone_from_hf
+from recyclegpt.bases.tokenizer import ByteTokenizer
+from recyclegpt.bench import BenchError, PeakRSS, engine_rows, hf_rows, plan_kinds, run_bench
+from recyclegpt.cli import main
+from recyclegpt.config import RecycleConfig
+from recyclegpt.generate import Engine
+from recyclegpt.recycle import RecyclableModule
+
+ROW_FIELDS = {
+    "name", "kind", "draft_len", "threshold", "tokens_per_s", "ms_per_token", "ratio_to_standard", "tau",
+    "acceptance_rate", "peak_rss_mb", "rss_increase_mb", "new_tokens", "identical_to_standard",
+}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A random tiny LlamaForCausalLM, the same weights as a native backbone, and a random module."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=None,
+        eos_token_id=None, pad_token_id=0,
+    )
+    hf = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.mul_(8)  # peaked logits: no float near-ties between the two implementations
+    backbone = backbone_from_hf(hf)
+    module = RecyclableModule(backbone.config, RecycleConfig(n_layers=1)).eval()
+    return hf, Engine(backbone, ByteTokenizer(), module)
+
+
+def test_bench_end_to_end_on_the_same_weights(setup, tmp_path):
+    hf, engine = setup
+    kinds = plan_kinds(None, has_module=True)
+    rows = engine_rows(engine, kinds, 12, draft_lens=[1, 2], thresholds=[0.0, 0.6])
+    rows += hf_rows(hf, kinds, 12, engine.tokenizer.eos_token_ids, engine.tokenizer.pad_token_id)
+    prompts = [list(b"The cat sat on the mat"), list(b"Once upon a time")]
+    result = run_bench(rows, prompts, repeats=2)
+    result = json.loads(json.dumps(result, allow_nan=False))
+    by_name = {r["name"]: r for r in result["rows"]}
+    assert list(by_name) == ["standard", "alternating", "verified-k1", "verified-k2", "adaptive-0", "adaptive-0.6",
+                             "hf-generate", "hf-prompt-lookup"]
+    for r in result["rows"]:
+        assert set(r) == ROW_FIELDS
+        assert r["tokens_per_s"] > 0 and r["ms_per_token"] > 0 and r["ratio_to_standard"] > 0
+        assert r["peak_rss_mb"] > 0 and r["rss_increase_mb"] >= 0 and r["new_tokens"] == 12
+    assert result["prompts"] == 2 and result["repeats"] == 2 and result["threads"] >= 1
+    std = by_name["standard"]
+    assert std["ratio_to_standard"] == 1.0 and std["tau"] == 1.0 and std["acceptance_rate"] is None
+    for name in ("verified-k1", "verified-k2"):  # lossless, with real drafting
+        assert by_name[name]["identical_to_standard"] is True
+        assert by_name[name]["tau"] >= 1.0 and 0.0 <= by_name[name]["acceptance_rate"] <= 1.0
+    assert by_name["hf-generate"]["identical_to_standard"] is True  # same weights, same greedy tokens
+    assert by_name["hf-prompt-lookup"]["identical_to_standard"] is True
+    assert by_name["hf-generate"]["tau"] is None
+    assert by_name["alternating"]["tau"] > 1.5  # two tokens per full call after the prefill
+    table = bench.format_table(result)
+    assert all(name in table for name in by_name)
+    pytest.importorskip("matplotlib")
+    bench.plot(result, tmp_path / "speed.png")
+    assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_kinds():
+    assert plan_kinds(None, has_module=False) == ["standard", *bench.HF_ROWS]
+    assert plan_kinds(None, has_module=True) == list(bench.ROW_KINDS)
+    assert plan_kinds(["hf-generate", "verified"], has_module=True) == ["standard", "verified", "hf-generate"]
+    with pytest.raises(BenchError, match="need a recyclable module"):
+        plan_kinds(["alternating"], has_module=False)
+    with pytest.raises(BenchError, match="unknown row kind"):
+        plan_kinds(["eagle"], has_module=True)
+
+
+def test_run_bench_refuses_bad_requests(setup):
+    _, engine = setup
+    rows = engine_rows(engine, ["alternating"], 4)
+    with pytest.raises(BenchError, match="must include 'standard'"):
+        run_bench(rows, [[1, 2, 3]])
+    rows = engine_rows(engine, ["standard"], 4)
+    with pytest.raises(BenchError, match="no prompts"):
+        run_bench(rows, [])
+    with pytest.raises(BenchError, match="repeats must be"):
+        run_bench(rows, [[1, 2]], repeats=0)
+    with pytest.raises(ValueError, match="draft_len must be >= 1"):
+        engine_rows(engine, ["verified"], 4, draft_lens=[0])
+    with pytest.raises(ValueError, match="threshold must be in"):
+        engine_rows(engine, ["adaptive"], 4, thresholds=[1.5])
+
+
+def test_peak_rss_sees_an_allocation():
+    with PeakRSS() as mem:
+        block = torch.ones(16 * 2**20 // 4)  # 16 MiB, touched
+        block += 1
+    assert mem.peak - mem.start >= 12 * 2**20
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "prompt file not found"),
+    ("\n  \n", "is empty"),
+    ('{"prompt": 3}\n', "'prompt' must be a non-empty string"),
+    ("{not json\n", "expected a JSON object with a 'prompt' field"),
+])
+def test_bench_cli_rejects_bad_prompt_files_before_loading_a_model(tmp_path, capsys, content, message):
+    prompts = tmp_path / "prompts.txt"
+    if content is not None:
+        prompts.write_text(content)
+    assert main(["bench", "--prompts", str(prompts), "--max-new-tokens", "4"]) == 2
+    assert message in capsys.readouterr().err

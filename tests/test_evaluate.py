@@ -1,0 +1,204 @@
+"""Evaluation (perplexities, agreement, tau) and the lm-eval adapter on tiny random models (no network)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from recyclegpt.bases.tokenizer import ByteTokenizer
+from recyclegpt.cli import main
+from recyclegpt.config import PRESETS
+from recyclegpt.evaluate import EvalError, evaluate, generation_metrics, score_tokens, text_metrics
+from recyclegpt.generate import Engine
+from recyclegpt.recycle import RecyclableModule, RecycleGPT
+
+TASKS = Path(__file__).resolve().parent.parent / "benchmarks" / "tasks"
+TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be " \
+       "in want of a wife. However little known the feelings or views of such a man may be on his first entering " \
+       "a neighbourhood, this truth is so well fixed in the minds of the surrounding families.\n"
+
+
+class ShiftOracle(RecyclableModule):
+    """Returns h_{t+1} for the pair (h_t, x_{t+1}): under teacher forcing the module then predicts x_{t+2}
+    exactly as the base does (the last position has no successor and repeats h_t)."""
+
+    def forward(self, hidden, emb, cache=None):
+        return torch.cat([hidden[:, 1:], hidden[:, -1:]], 1)
+
+
+def _log_softmax_at(row: torch.Tensor, target: int) -> float:
+    """log softmax(row)[target] with Python floats: the reference the tests compare against."""
+    values = [float(v) for v in row]
+    top = max(values)
+    return values[target] - top - math.log(sum(math.exp(v - top) for v in values))
+
+
+def test_perplexities_equal_exp_mean_cross_entropy_by_hand(tiny):
+    ids = torch.randint(0, 256, (11,)).tolist()  # windows of 5, 5 and 1 token (the last is dropped)
+    out = text_metrics(tiny.backbone, tiny.module, ids, seq_len=5, batch_size=1)
+    base, alt = [], []
+    for w in (ids[:5], ids[5:10]):
+        x = torch.tensor([w])
+        with torch.no_grad():
+            logits, hidden = tiny.backbone(x)
+            rec = tiny.backbone.head(tiny.module(hidden[:, :-1], tiny.backbone.embed(x[:, 1:])))
+        for j in range(1, 5):
+            b = _log_softmax_at(logits[0, j - 1], w[j])
+            base.append(b)
+            alt.append(_log_softmax_at(rec[0, j - 2], w[j]) if j % 2 == 1 and j >= 3 else b)
+    assert out["tokens"] == 8 and out["windows"] == 2 and out["module_positions"] == 2
+    assert out["ppl_base"] == pytest.approx(math.exp(-sum(base) / 8), rel=1e-5)
+    assert out["ppl_alternating"] == pytest.approx(math.exp(-sum(alt) / 8), rel=1e-5)
+    assert out["ppl_relative_increase"] == pytest.approx(out["ppl_alternating"] / out["ppl_base"] - 1)
+    assert out["draft_vocab_coverage"] == 1.0
+
+
+def test_oracle_module_matches_the_base_exactly(tiny):
+    oracle = ShiftOracle(tiny.backbone.config, PRESETS["tiny"].recycle)
+    ids = torch.randint(0, 256, (200,)).tolist()
+    out = text_metrics(tiny.backbone, oracle, ids, seq_len=64, batch_size=2)
+    assert out["agreement"] == 1.0
+    assert out["module_top1_acc"] == out["base_top1_acc"]
+    assert out["ppl_alternating"] == pytest.approx(out["ppl_base"], rel=1e-6)
+    assert out["ppl_module_at_module_positions"] == pytest.approx(out["ppl_base_at_module_positions"], rel=1e-6)
+
+
+def test_batching_does_not_change_the_numbers(tiny):
+    ids = torch.randint(0, 256, (300,)).tolist()
+    one = text_metrics(tiny.backbone, tiny.module, ids, seq_len=32, batch_size=1)
+    many = text_metrics(tiny.backbone, tiny.module, ids, seq_len=32, batch_size=4)
+    assert one.keys() == many.keys()
+    for k in one:
+        assert many[k] == pytest.approx(one[k], rel=1e-5, abs=1e-6), k
+
+
+def test_draft_vocabulary_positions_outside_it_stay_with_the_base(tiny):
+    tiny.module.set_draft_vocab(torch.arange(0, 256, 2))  # even ids only
+    ids = torch.randint(0, 256, (9,)).tolist()
+    out = text_metrics(tiny.backbone, tiny.module, ids, seq_len=9)
+    targets = [ids[j] for j in (3, 5, 7)]
+    assert out["draft_vocab_coverage"] == pytest.approx(sum(t % 2 == 0 for t in targets) / 3)
+    assert math.isfinite(out["ppl_alternating"])
+    s = score_tokens(tiny.backbone, tiny.module, torch.tensor([ids]))
+    assert bool((s.module_top % 2 == 0).all())  # the module's top-1 is always a draft token
+
+
+def test_generation_metrics_verified_is_lossless(tiny):
+    with torch.no_grad():
+        tiny.backbone.embed_tokens.weight.mul_(20)  # no near-ties in greedy decoding
+    engine = Engine(tiny.backbone, ByteTokenizer(), tiny.module)
+    out = generation_metrics(engine, ["Hello there", "The cat sat"], max_new_tokens=12, draft_len=2)
+    assert out["verified_identical"] == 1.0
+    assert out["prompts"] == 2 and out["generated_tokens"] == 24
+    assert 1.0 <= out["tau"] <= 3.0 and 0.0 <= out["acceptance_rate"] <= 1.0 and 0.0 <= out["agreement"] <= 1.0
+    assert out["drafted"] > 0 and out["tau"] == pytest.approx(24 / out["full_calls"])
+
+
+def test_evaluate_end_to_end_emits_every_field(tiny, tmp_path):
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT * 4)
+    engine = Engine(tiny.backbone, ByteTokenizer(), tiny.module)
+    out = evaluate(engine, data, ["Hello", "Once upon a time"], max_tokens=600, seq_len=128, max_new_tokens=8)
+    again = json.loads(json.dumps(out, allow_nan=False))
+    assert again["text"]["tokens"] == 600 - 5  # windows 128 x 4 + 88, one target fewer each
+    assert set(again["generations"]) >= {"agreement", "tau", "acceptance_rate", "verified_identical"}
+    assert all(v is not None for v in [*again["text"].values(), *again["generations"].values()])
+    assert evaluate(engine, data, None, max_tokens=50, seq_len=16)["generations"] is None
+
+
+def test_evaluation_errors_are_clear(tiny, tmp_path):
+    engine = Engine(tiny.backbone, ByteTokenizer(), None)
+    with pytest.raises(EvalError, match="needs a recyclable module"):
+        evaluate(engine, tmp_path / "x.txt")
+    with pytest.raises(EvalError, match="seq_len must be in"):
+        text_metrics(tiny.backbone, tiny.module, list(range(10)), seq_len=2)
+    with pytest.raises(EvalError, match="too little text"):
+        text_metrics(tiny.backbone, tiny.module, [1, 2], seq_len=8)
+    engine = Engine(tiny.backbone, ByteTokenizer(), tiny.module)
+    with pytest.raises(ValueError, match="input file not found"):
+        evaluate(engine, tmp_path / "missing.txt")
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "prompt file not found"),
+    ("", "is empty"),
+    ('{"prompt": "a"}\n{"text": "b"}\n', "expected a JSON object with a 'prompt' field"),
+])
+def test_eval_cli_rejects_bad_prompt_files_before_loading_a_model(tmp_path, capsys, content, message):
+    prompts = tmp_path / "prompts.jsonl"
+    if content is not None:
+        prompts.write_text(content)
+    rc = main(["eval", "--module", "m.safetensors", "--data", "d.txt", "--prompts", str(prompts)])
+    assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_eval_cli_needs_a_module(capsys):
+    assert main(["eval", "--data", "d.txt"]) == 2
+    assert "needs a recyclable module" in capsys.readouterr().err
+
+
+# ---- lm-evaluation-harness adapter ----
+
+@pytest.fixture
+def lm_eval_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return pytest.importorskip("recyclegpt.lm_eval_adapter", exc_type=ImportError)
+
+
+class _Req:
+    """The one attribute of an lm-eval ``Instance`` the model reads."""
+
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_adapter_alternating_scores_odd_continuation_tokens_with_the_module(tiny, lm_eval_env):
+    lm = lm_eval_env.RecycleLM(tiny.backbone, ByteTokenizer(), tiny.module, scoring="alternating", batch_size=2)
+    std = lm_eval_env.RecycleLM(tiny.backbone, ByteTokenizer(), tiny.module, scoring="standard")
+    context, continuation = "abc", " defg"
+    x = torch.tensor([list(b"abc defg")])
+    with torch.no_grad():
+        logits, hidden = tiny.backbone(x)
+        rec = tiny.backbone.head(tiny.module(hidden[:, :-1], tiny.backbone.embed(x[:, 1:])))
+    n, want_alt, want_std = 3, 0.0, 0.0
+    for i, j in enumerate(range(n, x.shape[1])):  # continuation token i at position j
+        b = _log_softmax_at(logits[0, j - 1], int(x[0, j]))
+        want_std += b
+        want_alt += _log_softmax_at(rec[0, j - 2], int(x[0, j])) if i % 2 == 1 else b
+    reqs = [_Req(context, continuation), _Req("a", "b"), _Req("", "xyz")]
+    got_alt, got_std = lm.loglikelihood(reqs), std.loglikelihood(reqs)
+    assert got_alt[0][0] == pytest.approx(want_alt, rel=1e-5)
+    assert got_std[0][0] == pytest.approx(want_std, rel=1e-5)
+    assert got_alt[1] == pytest.approx(got_std[1])  # a one-token continuation is the base's alone
+    oracle = ShiftOracle(tiny.backbone.config, PRESETS["tiny"].recycle)
+    lm_oracle = lm_eval_env.RecycleLM(tiny.backbone, ByteTokenizer(), oracle, scoring="alternating")
+    assert [r[0] for r in lm_oracle.loglikelihood(reqs)] == pytest.approx([r[0] for r in got_std], rel=1e-6)
+
+
+def test_adapter_rolling_and_generation(tiny, lm_eval_env):
+    lm = lm_eval_env.RecycleLM(tiny.backbone, ByteTokenizer(), tiny.module, scoring="alternating", max_length=64)
+    text = TEXT[:150]
+    (rolling,) = lm.loglikelihood_rolling([_Req(text)])
+    std = lm_eval_env.RecycleLM(tiny.backbone, ByteTokenizer(), tiny.module, max_length=64)
+    (rolling_std,) = std.loglikelihood_rolling([_Req(text)])
+    assert math.isfinite(rolling) and rolling < 0 and rolling != rolling_std
+    (out,) = lm.generate_until([_Req("Hello", {"until": ["\n"], "max_gen_toks": 8})])
+    assert isinstance(out, str) and "\n" not in out
+    with pytest.raises(EvalError, match="needs a recyclable module"):
+        lm_eval_env.RecycleLM(tiny.backbone, ByteTokenizer(), None, scoring="alternating")
+
+
+@pytest.mark.skipif(not (TASKS / "cloze_austen.yaml").is_file(), reason="benchmarks/tasks not generated")
+def test_local_tasks_run_offline_with_lm_eval(lm_eval_env):
+    preset = PRESETS["tiny"]
+    model = RecycleGPT.from_config(preset.model.replace(max_seq_len=1024), preset.recycle).eval()
+    lm = lm_eval_env.RecycleLM(model.backbone, ByteTokenizer(), model.module, scoring="alternating", batch_size=8)
+    results = lm_eval_env.run_tasks(lm, TASKS, limit=2)
+    assert set(results) == {"recycle_cloze_austen", "recycle_next_verse_kjv", "recycle_next_sentence_austen"}
+    assert 0.0 <= results["recycle_next_verse_kjv"]["acc,none"] <= 1.0
+    assert results["recycle_cloze_austen"]["perplexity,none"] > 1.0
+    with pytest.raises(EvalError, match="unknown task"):
+        lm_eval_env.load_task_configs(TASKS, ["nope"])
