@@ -45,6 +45,7 @@ class DecodeStats:
     rejected: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    finish_reasons: list[str] = field(default_factory=list)  # per row: "stop" (EOS / stop string) or "length"
 
     @property
     def tau(self) -> float:
@@ -106,6 +107,7 @@ def decode_ids(
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     stats.batch, stats.prompt_tokens = B, sum(len(p) for p in prompts)
+    stats.finish_reasons = ["length"] * B
 
     def emit(new: torch.Tensor) -> list[list[int]]:
         """Append (B, n) tokens to unfinished rows, applying stop criteria; returns what was added."""
@@ -116,7 +118,9 @@ def decode_ids(
                     break
                 out[row].append(tok)
                 added[row].append(tok)
-                if tok in eos_ids or len(out[row]) >= max_new_tokens or (stop_fn and stop_fn(row, out[row])):
+                if tok in eos_ids or (stop_fn and stop_fn(row, out[row])):
+                    done[row], stats.finish_reasons[row] = True, "stop"
+                elif len(out[row]) >= max_new_tokens:
                     done[row] = True
         stats.new_tokens += sum(len(a) for a in added)
         return added
@@ -216,25 +220,23 @@ class Engine:
         stop: Sequence[str],
         draft_len: int,
         threshold: float,
-    ) -> tuple[Iterator[list[list[int]]], list[bool], DecodeStats]:
+    ) -> tuple[Iterator[list[list[int]]], DecodeStats]:
         ids = self._prepare(prompts, max_new_tokens)
         strat = strategy if isinstance(strategy, Strategy) else make_strategy(strategy, draft_len, threshold)
         if strat.uses_module and self.module is None:
             raise GenerationError(f"strategy {strat.name!r} needs a recyclable module; pass --module PATH")
         stats = DecodeStats()
-        stopped = [False] * len(ids)
 
         def stop_fn(row: int, toks: list[int]) -> bool:
             # Stop strings are short: the last 32 tokens are enough to see one complete.
-            stopped[row] = stopped[row] or any(s in self.tokenizer.decode(toks[-32:]) for s in stop)
-            return stopped[row]
+            return any(s in self.tokenizer.decode(toks[-32:]) for s in stop)
 
         device = next(self.backbone.parameters()).device
         it = decode_ids(
             self.backbone, self.module, ids, strat, Sampler(sampling, device), max_new_tokens,
             set(self.tokenizer.eos_token_ids), stats, self.tokenizer.pad_token_id, stop_fn if stop else None,
         )
-        return it, stopped, stats
+        return it, stats
 
     def generate(
         self,
@@ -260,7 +262,7 @@ class Engine:
         Returns:
             One ``Generation`` per prompt; all share the batch's ``DecodeStats``.
         """
-        it, stopped, stats = self._run(
+        it, stats = self._run(
             prompts, strategy, max_new_tokens, sampling or SamplingConfig(), stop, draft_len, threshold
         )
         rows: list[list[int]] = [[] for _ in prompts]
@@ -268,12 +270,11 @@ class Engine:
             for row, toks in enumerate(added):
                 rows[row].extend(toks)
         eos = set(self.tokenizer.eos_token_ids)
-        results = []
-        for row, toks in enumerate(rows):
-            text = self.tokenizer.decode([t for t in toks if t not in eos])
-            finished = stopped[row] or (bool(toks) and toks[-1] in eos)
-            results.append(Generation(_cut(text, stop), toks, "stop" if finished else "length", stats))
-        return results
+        return [
+            Generation(_cut(self.tokenizer.decode([t for t in toks if t not in eos]), stop), toks,
+                       stats.finish_reasons[row], stats)
+            for row, toks in enumerate(rows)
+        ]
 
     def stream(
         self,
@@ -292,7 +293,7 @@ class Engine:
         string no longer ends with the replacement character. Stop strings are never released.
         ``stats_out``, if given, receives the ``DecodeStats`` when the stream ends.
         """
-        it, _, stats = self._run(
+        it, stats = self._run(
             [prompt], strategy, max_new_tokens, sampling or SamplingConfig(), stop, draft_len, threshold
         )
         eos = set(self.tokenizer.eos_token_ids)

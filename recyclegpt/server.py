@@ -308,13 +308,11 @@ async def _event_stream(
     opening: Sequence[dict[str, Any]],
     chunk: Callable[[int, str | None, str | None], dict[str, Any]],
     header: dict[str, Any],
-    max_tokens: int,
     include_usage: bool,
 ) -> AsyncIterator[str]:
     """Server-sent events: ``opening`` chunks, one per text chunk, one per finished row, then ``[DONE]``.
 
-    ``chunk(row, text, finish_reason)`` builds a chunk. A stream reports no finish reason, so a row
-    that produced ``max_tokens`` tokens is reported as ``length`` (also when its last token was EOS).
+    ``chunk(row, text, finish_reason)`` builds a chunk; the finish reason comes from the row's stats.
     """
     rows: list[DecodeStats] = []
     try:
@@ -323,7 +321,7 @@ async def _event_stream(
         async for row, value in items:
             if isinstance(value, DecodeStats):
                 rows.append(value)
-                yield _sse(chunk(row, None, "length" if value.new_tokens >= max_tokens else "stop"))
+                yield _sse(chunk(row, None, value.finish_reasons[0]))
             else:
                 yield _sse(chunk(row, value, None))
         if include_usage:
@@ -474,7 +472,7 @@ def create_app(
 
             items = await open_stream(request, prompts, opts)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse_response(_event_stream(items, (), chunk, header, max_tokens, include_usage))
+            return sse_response(_event_stream(items, (), chunk, header, include_usage))
         gens = await _unless_disconnected(request, worker.call(engine.generate, prompts, **opts))
         choices = [{"index": i, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason}
                    for i, g in enumerate(gens)]
@@ -503,7 +501,7 @@ def create_app(
                                                 "logprobs": None, "finish_reason": None}]}]
             items = await open_stream(request, [prompt], opts)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse_response(_event_stream(items, opening, chunk, header, max_tokens, include_usage))
+            return sse_response(_event_stream(items, opening, chunk, header, include_usage))
         g = (await _unless_disconnected(request, worker.call(engine.generate, [prompt], **opts)))[0]
         choice = {"index": 0, "message": {"role": "assistant", "content": g.text}, "logprobs": None,
                   "finish_reason": g.finish_reason}

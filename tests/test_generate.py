@@ -170,6 +170,9 @@ def test_stop_criteria(trained):
     e = eos_engine.generate(["abc"], max_new_tokens=7)[0]
     cut = g.token_ids.index(g.token_ids[1]) + 1
     assert e.token_ids == g.token_ids[:cut] and e.finish_reason == "stop"
+    stats = []
+    list(eos_engine.stream("abc", max_new_tokens=cut, stats_out=stats))  # EOS exactly on the last allowed token
+    assert stats[0].finish_reasons == ["stop"]
 
 
 def test_stream_never_splits_a_multibyte_character(trained):

@@ -81,7 +81,11 @@ def _convert(spec: BaseSpec | None, path: Path, backend: str, target: Path) -> N
             if backend == "native":
                 save_backbone(tmp / "backbone.safetensors", backbone_from_hf(model), {"source": str(path)})
             else:
-                model.hf_quantizer = None  # a GGUF-loaded model is already dequantized
+                # A GGUF-loaded model is already dequantized; without both resets save_pretrained refuses,
+                # or the saved config re-attaches the GGUF quantizer on reload.
+                model.hf_quantizer = None
+                if hasattr(model.config, "quantization_config"):
+                    del model.config.quantization_config
                 model.save_pretrained(tmp / "hf")
             bar.update()
             tok.save_pretrained(tmp / "tokenizer")

@@ -1,7 +1,9 @@
 """The generic path: any transformers ``AutoModelForCausalLM`` behind the backbone interface.
 
 Hidden states come from ``output_hidden_states=True`` (the last one is after the final norm, what the
-head reads); the cache is transformers' own ``DynamicCache``, rolled back with ``crop``. Batches
+head reads); the cache is transformers' own ``DynamicCache``, rolled back with ``crop``. It is built
+without the model's config, so sliding-window layers (Gemma 3) keep every key and can be cropped at any
+length; their attention masks still apply the window, so outputs equal ``generate``'s. Batches
 with left padding are not supported on this path (use the native path, or batch size 1).
 """
 
@@ -39,7 +41,8 @@ class HFCache:
     def rollback(self, length: int) -> None:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot roll back to {length}: cache length is {self.length}")
-        self.hf.crop(length)
+        if length < self.length:
+            self.hf.crop(length - self.length)  # transformers 5 crops by a negative count to remove
 
 
 def module_config_from_hf(hf_config, max_seq_len: int) -> ModelConfig:
