@@ -140,10 +140,10 @@ def hf_model_for(base) -> torch.nn.Module:
     """
     if isinstance(base.backbone, HFBackbone):
         return base.backbone.model
-    from recyclegpt.bases import _read_hf
+    from recyclegpt.bases import read_hf
     from recyclegpt.bases.registry import resolve
 
-    model, _ = _read_hf(resolve(base.name)[1])
+    model, _ = read_hf(resolve(base.name)[1])
     return model.eval()
 
 

@@ -27,6 +27,7 @@ from recyclegpt.model import Backbone
 from recyclegpt.recycle import RecyclableModule, RecycleGPT
 
 FORMAT_VERSION = "1"
+MODULE, MODEL, BACKBONE = "recyclegpt-module", "recyclegpt-model", "recyclegpt-backbone"
 
 
 class CheckpointError(ValueError):
@@ -56,6 +57,20 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: t.detach().contiguous().cpu() for k, t in module.state_dict().items() if k not in aliases}
 
 
+def _save(path: str | Path, module: torch.nn.Module, kind: str, cfg: ModelConfig, rcfg: RecycleConfig,
+          **extra: dict[str, Any]) -> None:
+    """Write ``module``'s weights with the configs (and ``extra`` JSON fields) as metadata, atomically."""
+    meta = {
+        "format": FORMAT_VERSION,
+        "kind": kind,
+        "model_config": json.dumps(cfg.to_dict()),
+        "recycle_config": json.dumps(rcfg.to_dict()),
+        **{k: json.dumps(v) for k, v in extra.items()},
+    }
+    state = _state(module)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
 def save_module(path: str | Path, module: RecyclableModule, base: dict[str, Any] | None = None) -> None:
     """Save a recyclable module alone.
 
@@ -65,51 +80,25 @@ def save_module(path: str | Path, module: RecyclableModule, base: dict[str, Any]
         base: identity of the base it belongs to, e.g. ``{"name": "smollm2-135m"}``; stored as is
             and reported when the module is loaded onto a different base.
     """
-    meta = {
-        "format": FORMAT_VERSION,
-        "kind": "recyclegpt-module",
-        "model_config": json.dumps(module.config.to_dict()),
-        "recycle_config": json.dumps(module.recycle_config.to_dict()),
-        "base": json.dumps(base or {}),
-    }
-    state = _state(module)
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    _save(path, module, MODULE, module.config, module.recycle_config, base=base or {})
 
 
 def save_model(path: str | Path, model: RecycleGPT, extra: dict[str, Any] | None = None) -> None:
     """Save a whole native RecycleGPT (backbone + module) with its configs."""
     if not isinstance(model.backbone, Backbone):
         raise CheckpointError("save_model saves native backbones only; save the module with save_module")
-    meta = {
-        "format": FORMAT_VERSION,
-        "kind": "recyclegpt-model",
-        "model_config": json.dumps(model.backbone.config.to_dict()),
-        "recycle_config": json.dumps(model.recycle_config.to_dict()),
-        "extra": json.dumps(extra or {}),
-    }
-    state = _state(model)
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    _save(path, model, MODEL, model.backbone.config, model.recycle_config, extra=extra or {})
 
 
 def save_backbone(path: str | Path, backbone: Backbone, extra: dict[str, Any] | None = None) -> None:
     """Save a native backbone alone (used for the converted-base cache, never committed)."""
-    meta = {
-        "format": FORMAT_VERSION,
-        "kind": "recyclegpt-backbone",
-        "model_config": json.dumps(backbone.config.to_dict()),
-        "recycle_config": json.dumps(RecycleConfig().to_dict()),
-        "extra": json.dumps(extra or {}),
-    }
-    state = _state(backbone)
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    _save(path, backbone, BACKBONE, backbone.config, RecycleConfig(), extra=extra or {})
 
 
 def load_backbone(path: str | Path, max_seq_len: int | None = None) -> Backbone:
     """Load a native backbone saved with ``save_backbone``; optionally with another context length."""
     path = Path(path)
-    tensors, meta = read_checkpoint(path)
-    if meta.get("kind") != "recyclegpt-backbone":
-        raise CheckpointError(f"{path} holds a {meta.get('kind')!r}, not a backbone")
+    tensors, meta = read_checkpoint(path, BACKBONE)
     cfg, _ = _configs(path, meta)
     if max_seq_len is not None:
         cfg = cfg.replace(max_seq_len=max_seq_len)
@@ -122,8 +111,8 @@ def load_backbone(path: str | Path, max_seq_len: int | None = None) -> Backbone:
     return backbone.eval()
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read tensors and metadata, turning every failure into a one-line ``CheckpointError``."""
+def read_checkpoint(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read tensors and metadata of a checkpoint of ``kind``; every failure is a one-line ``CheckpointError``."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -137,6 +126,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         ) from None
     if meta.get("format") != FORMAT_VERSION or "model_config" not in meta:
         raise CheckpointError(f"{path} is a safetensors file but not a RecycleGPT checkpoint (no config metadata)")
+    if meta.get("kind") != kind:
+        what = {MODULE: "a recyclable module", MODEL: "a whole RecycleGPT model", BACKBONE: "a backbone"}[kind]
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r}, not {what}")
     return tensors, meta
 
 
@@ -183,9 +175,7 @@ def _tied_aliases(module: torch.nn.Module) -> set[str]:
 def load_module_file(path: str | Path) -> tuple[RecyclableModule, dict[str, Any]]:
     """Load a module file on its own; returns the module and the base identity it records."""
     path = Path(path)
-    tensors, meta = read_checkpoint(path)
-    if meta.get("kind") != "recyclegpt-module":
-        raise CheckpointError(f"{path} holds a {meta.get('kind')!r}, not a recyclable module")
+    tensors, meta = read_checkpoint(path, MODULE)
     cfg, rcfg = _configs(path, meta)
     module = RecyclableModule(cfg, rcfg)
     draft_vocab = tensors.pop("draft_vocab", None)
@@ -220,9 +210,7 @@ def load_module(path: str | Path, backbone_config: ModelConfig) -> RecyclableMod
 def load_model(path: str | Path) -> RecycleGPT:
     """Load a whole native RecycleGPT saved with ``save_model``."""
     path = Path(path)
-    tensors, meta = read_checkpoint(path)
-    if meta.get("kind") != "recyclegpt-model":
-        raise CheckpointError(f"{path} holds a {meta.get('kind')!r}, not a whole RecycleGPT model")
+    tensors, meta = read_checkpoint(path, MODEL)
     cfg, rcfg = _configs(path, meta)
     model = RecycleGPT.from_config(cfg, rcfg)
     _load_state(path, model, tensors)

@@ -24,7 +24,8 @@ class DataError(ValueError):
     """An input file or prepared directory cannot be used."""
 
 
-def _check_file(path: Path) -> None:
+def check_file(path: Path) -> None:
+    """Refuse a missing, empty, binary or unsupported input file with a clear ``DataError``."""
     if not path.is_file():
         raise DataError(f"input file not found: {path}")
     if path.stat().st_size == 0:
@@ -75,6 +76,28 @@ def iter_text(path: Path) -> Iterator[str]:
                 yield buf
 
 
+class _SplitWriter:
+    """``train.bin`` / ``val.bin`` written through temporary files, renamed into place by ``commit``."""
+
+    def __init__(self, out: Path, vocab_size: int) -> None:
+        self.out = out
+        self.dtype = np.uint16 if vocab_size <= 65536 else np.uint32
+        self.counts = {"train": 0, "val": 0}
+        self.files = {s: (out / f"{s}.bin.tmp").open("wb") for s in self.counts}
+
+    def write(self, split: str, ids: Sequence[int]) -> None:
+        self.files[split].write(np.asarray(ids, dtype=self.dtype).tobytes())
+        self.counts[split] += len(ids)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def commit(self) -> None:
+        for split in self.counts:
+            (self.out / f"{split}.bin.tmp").replace(self.out / f"{split}.bin")
+
+
 def prepare(
     inputs: Sequence[str | Path], tokenizer, out_dir: str | Path, val_fraction: float = 0.01, name: str = ""
 ) -> dict:
@@ -96,14 +119,12 @@ def prepare(
     if not paths:
         raise DataError("no input files given")
     for p in paths:
-        _check_file(p)
+        check_file(p)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     eos = min(tokenizer.eos_token_ids) if tokenizer.eos_token_ids else None
     every = max(round(1 / val_fraction), 2)
-    counts = {"train": 0, "val": 0}
-    files = {split: (out / f"{split}.bin.tmp").open("wb") for split in counts}
+    splits = _SplitWriter(out, tokenizer.vocab_size)
     total = sum(p.stat().st_size for p in paths)
     chunk_index = 0
     try:
@@ -113,21 +134,18 @@ def prepare(
                     ids = tokenizer.encode(text)
                     if eos is not None:
                         ids.append(eos)
-                    split = "val" if chunk_index % every == every - 1 else "train"
-                    files[split].write(np.asarray(ids, dtype=dtype).tobytes())
-                    counts[split] += len(ids)
+                    splits.write("val" if chunk_index % every == every - 1 else "train", ids)
                     chunk_index += 1
                     bar.update(len(text.encode("utf-8", errors="replace")))
     finally:
-        for f in files.values():
-            f.close()
+        splits.close()
+    counts = splits.counts
     if counts["train"] == 0 or counts["val"] == 0:
         raise DataError(
             f"too little text for a train/validation split ({counts}); add text or raise val_fraction"
         )
-    for split in counts:
-        (out / f"{split}.bin.tmp").replace(out / f"{split}.bin")
-    meta = {"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size, "tokenizer": name,
+    splits.commit()
+    meta = {"dtype": np.dtype(splits.dtype).name, "vocab_size": tokenizer.vocab_size, "tokenizer": name,
             "inputs": [str(p) for p in paths], "tokens": counts, "val_fraction": val_fraction}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
@@ -221,10 +239,8 @@ def distill(
     every = max(round(1 / val_fraction), 2)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
     eos = min(tok.eos_token_ids)
-    counts = {"train": 0, "val": 0}
-    files = {s: (out / f"{s}.bin.tmp").open("wb") for s in counts}
+    splits = _SplitWriter(out, tok.vocab_size)
     samples = (out / "samples.jsonl").open("w")
     try:
         with tqdm(total=len(ids), desc="distilling", unit="prompt") as bar:
@@ -234,18 +250,16 @@ def distill(
                 for i, g in zip(idx, gens, strict=True):
                     seq = ids[i] + [t for t in g.token_ids if t not in tok.eos_token_ids] + [eos]
                     split = "val" if i % every == every - 1 else "train"
-                    files[split].write(np.asarray(seq, dtype=dtype).tobytes())
-                    counts[split] += len(seq)
+                    splits.write(split, seq)
                     samples.write(json.dumps({"prompt": prompts[i], "split": split, "response": g.text}) + "\n")
                 bar.update(len(idx))
                 bar.set_postfix(tok_s=f"{gens[0].stats.tokens_per_s:.0f}")
     finally:
-        for f in files.values():
-            f.close()
+        splits.close()
         samples.close()
-    for split in counts:
-        (out / f"{split}.bin.tmp").replace(out / f"{split}.bin")
-    meta = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "tokenizer": name, "tokens": counts,
+    splits.commit()
+    meta = {"dtype": np.dtype(splits.dtype).name, "vocab_size": tok.vocab_size, "tokenizer": name,
+            "tokens": splits.counts,
             "kind": "self-distillation", "prompts": len(prompts), "max_new_tokens": max_new_tokens,
             "val_fraction": val_fraction}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from recyclegpt.data import _check_file, iter_text
+from recyclegpt.data import check_file, iter_text
 
 
 class EvalError(ValueError):
@@ -128,7 +128,7 @@ def read_tokens(path: str | Path, tokenizer, max_tokens: int) -> list[int]:
         DataError: a missing, empty, binary or unsupported file.
     """
     p = Path(path)
-    _check_file(p)
+    check_file(p)
     ids: list[int] = []
     for text in iter_text(p):
         ids.extend(tokenizer.encode(text))

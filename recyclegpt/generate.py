@@ -223,8 +223,6 @@ class Engine:
     ) -> tuple[Iterator[list[list[int]]], DecodeStats]:
         ids = self._prepare(prompts, max_new_tokens)
         strat = strategy if isinstance(strategy, Strategy) else make_strategy(strategy, draft_len, threshold)
-        if strat.uses_module and self.module is None:
-            raise GenerationError(f"strategy {strat.name!r} needs a recyclable module; pass --module PATH")
         stats = DecodeStats()
 
         def stop_fn(row: int, toks: list[int]) -> bool:

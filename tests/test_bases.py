@@ -25,10 +25,10 @@ def smol():
 
 @pytest.fixture(scope="module")
 def hf_smol():
-    from recyclegpt.bases import _read_hf
+    from recyclegpt.bases import read_hf
     from recyclegpt.bases.registry import REGISTRY, gguf_path
 
-    model, _ = _read_hf(gguf_path(REGISTRY["smollm2-135m"]))
+    model, _ = read_hf(gguf_path(REGISTRY["smollm2-135m"]))
     return model.eval()
 
 

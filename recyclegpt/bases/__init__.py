@@ -50,7 +50,7 @@ def _cache_key(spec: BaseSpec | None, path: Path) -> str:
     return f"{path.stem}-{digest}"
 
 
-def _read_hf(path: Path):
+def read_hf(path: Path):
     """Load a transformers model + tokenizer from a GGUF file or checkpoint directory, offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,7 +73,7 @@ def _convert(spec: BaseSpec | None, path: Path, backend: str, target: Path) -> N
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         with tqdm(total=3, desc=f"converting {path.name} (first use only)", unit="step") as bar:
-            model, tok = _read_hf(path)
+            model, tok = read_hf(path)
             bar.update()
             arch = getattr(model.config, "model_type", "?")
             if backend == "auto":

@@ -34,6 +34,20 @@ def _rope_theta(hf_config: Any) -> float:
     return float(theta if theta is not None else 10000.0)
 
 
+def hf_widths(text: Any) -> dict[str, int]:
+    """The shape fields of a ``ModelConfig`` read from a transformers (text) config."""
+    n_heads = text.num_attention_heads
+    return {
+        "vocab_size": text.vocab_size,
+        "d_model": text.hidden_size,
+        "n_layers": text.num_hidden_layers,
+        "n_heads": n_heads,
+        "n_kv_heads": getattr(text, "num_key_value_heads", None) or n_heads,
+        "ffn_dim": getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * text.hidden_size,
+        "head_dim": getattr(text, "head_dim", None) or text.hidden_size // n_heads,
+    }
+
+
 def config_from_hf(hf_config: Any, max_seq_len: int | None = None) -> ModelConfig:
     """Translate a transformers ``PretrainedConfig`` of a Llama-family model into a ``ModelConfig``.
 
@@ -53,19 +67,12 @@ def config_from_hf(hf_config: Any, max_seq_len: int | None = None) -> ModelConfi
     ctx = max_seq_len or hf_config.max_position_embeddings
     if window is not None and getattr(hf_config, "use_sliding_window", True) and window < ctx:
         ctx = window  # sliding-window attention is exact up to the window length
-    n_heads = hf_config.num_attention_heads
     return ModelConfig(
-        vocab_size=hf_config.vocab_size,
-        d_model=hf_config.hidden_size,
-        n_layers=hf_config.num_hidden_layers,
-        n_heads=n_heads,
-        n_kv_heads=getattr(hf_config, "num_key_value_heads", None) or n_heads,
-        ffn_dim=hf_config.intermediate_size,
+        **hf_widths(hf_config),
         rope_theta=_rope_theta(hf_config),
         norm_eps=float(hf_config.rms_norm_eps),
         tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         max_seq_len=int(ctx),
-        head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads,
         qkv_bias=arch == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
     )
 

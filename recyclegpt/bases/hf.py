@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from recyclegpt.bases.convert import hf_widths
 from recyclegpt.config import ModelConfig
 
 
@@ -48,23 +49,16 @@ class HFCache:
 def module_config_from_hf(hf_config, max_seq_len: int) -> ModelConfig:
     """Widths for a recyclable module on a transformers model (Llama-style blocks at its width)."""
     text = getattr(hf_config, "text_config", None) or hf_config
-    n_heads = text.num_attention_heads
     params = getattr(text, "rope_parameters", None) or {}
     if "full_attention" in params:  # per-layer-type RoPE (Gemma 3): take the global layers'
         params = params["full_attention"]
     theta = params.get("rope_theta", getattr(text, "rope_theta", 10000.0))
     return ModelConfig(
-        vocab_size=text.vocab_size,
-        d_model=text.hidden_size,
-        n_layers=text.num_hidden_layers,
-        n_heads=n_heads,
-        n_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads,
-        ffn_dim=getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * text.hidden_size,
+        **hf_widths(text),
         rope_theta=float(theta),
         norm_eps=float(getattr(text, "rms_norm_eps", 1e-6)),
         tie_embeddings=bool(getattr(text, "tie_word_embeddings", True)),
         max_seq_len=max_seq_len,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // n_heads,
     )
 
 

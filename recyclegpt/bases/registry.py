@@ -6,6 +6,7 @@ local Hugging Face checkpoint directory or a GGUF file is accepted anywhere a mo
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -88,16 +89,9 @@ def gguf_path(spec: BaseSpec) -> Path:
         target = home() / "gguf" / "gemma-3-270m-Q4_K_M.gguf"
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
-            module = _import(spec.package)
-            module.assemble(str(target))
+            importlib.import_module(spec.package).assemble(str(target))
         return target
     raise BaseError(f"no GGUF location known for {spec.name!r}")
-
-
-def _import(name: str):
-    import importlib
-
-    return importlib.import_module(name)
 
 
 def resolve(model: str) -> tuple[BaseSpec | None, Path]:
