@@ -207,11 +207,20 @@ def load_module(path: str | Path, backbone_config: ModelConfig) -> RecyclableMod
     return module
 
 
-def load_model(path: str | Path) -> RecycleGPT:
-    """Load a whole native RecycleGPT saved with ``save_model``."""
+def load_model(path: str | Path, max_seq_len: int | None = None) -> tuple[RecycleGPT, dict[str, Any]]:
+    """Load a whole native RecycleGPT saved with ``save_model``, optionally with another context length.
+
+    Returns the model (in eval mode) and the identity stored with it (for a ``recyclegpt train`` run,
+    ``{"tokenizer": <the data's tokenizer>}``).
+    """
     path = Path(path)
     tensors, meta = read_checkpoint(path, MODEL)
     cfg, rcfg = _configs(path, meta)
+    if max_seq_len is not None:
+        cfg = cfg.replace(max_seq_len=max_seq_len)
     model = RecycleGPT.from_config(cfg, rcfg)
+    draft_vocab = tensors.pop("module.draft_vocab", None)
     _load_state(path, model, tensors)
-    return model
+    if draft_vocab is not None:
+        model.module.set_draft_vocab(draft_vocab)
+    return model.eval(), json.loads(meta.get("extra", "{}"))

@@ -173,6 +173,15 @@ class TokenData:
     def vocab_size(self) -> int:
         return int(self.meta["vocab_size"])
 
+    def draft_vocab(self, size: int) -> tuple[torch.Tensor, float]:
+        """The ``size`` most frequent token ids of the train split (a module's draft vocabulary) and the
+        share of the split's tokens they cover."""
+        from recyclegpt.recycle import frequent_tokens
+
+        counts = torch.from_numpy(np.bincount(self.splits["train"], minlength=self.vocab_size))
+        ids = frequent_tokens(counts, size)
+        return ids, float(counts[ids].sum() / counts.sum())
+
     def batch(self, split: str, batch_size: int, seq_len: int, seed: int, step: int) -> torch.Tensor:
         """(batch_size, seq_len) windows of token ids for one step."""
         data = self.splits[split]

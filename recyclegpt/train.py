@@ -163,7 +163,7 @@ class Trainer:
         atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
         save_module(self.out / "module.safetensors", self.model.module, self.base)
         if self.cfg.mode == "joint":
-            save_model(self.out / "model.safetensors", self.model)
+            save_model(self.out / "model.safetensors", self.model, self.base)
 
     def load(self) -> None:
         """Restore everything from ``checkpoint.pt`` (refusing a checkpoint of a different run)."""
@@ -197,10 +197,24 @@ class Trainer:
         dist.all_reduce(t)
         return {k: v / self.world for k, v in zip(keys, t.tolist(), strict=True)}
 
-    def _log(self, record: dict[str, Any]) -> None:
+    def _log(self, record: dict[str, Any], board) -> None:
         if self.rank == 0:
             with (self.out / "log.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            if board is not None:
+                for key, value in record.items():
+                    if key != "step":
+                        board.add_scalar(key, value, record["step"])
+
+    def _tensorboard(self):
+        """A TensorBoard writer on ``out/tensorboard`` (rank 0) when the tensorboard package is installed."""
+        if self.rank != 0:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # optional: pip install 'recyclegpt[train]'
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
 
     def run(self, resume: bool = False, progress: bool = True, until: int | None = None) -> list[dict[str, Any]]:
         """Train to ``cfg.steps`` (or stop early at step ``until``); returns this call's per-step records."""
@@ -215,6 +229,7 @@ class Trainer:
         history = []
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress or self.rank != 0,
                    desc=f"{cfg.mode} training", unit="step")
+        board = self._tensorboard()
         t_start, start_step = time.perf_counter(), self.step
         last = cfg.steps if until is None else min(until, cfg.steps)
         while self.step < last:
@@ -241,10 +256,12 @@ class Trainer:
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 record |= self.evaluate()
             history.append(record)
-            self._log(record)
+            self._log(record, board)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update()
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                 self.save()
         bar.close()
+        if board is not None:
+            board.close()
         return history

@@ -11,7 +11,7 @@ from recyclegpt.bases import BaseError, load_base
 from recyclegpt.bases.convert import UnsupportedArchitecture
 from recyclegpt.cli import main
 from recyclegpt.config import RecycleConfig
-from recyclegpt.recycle import RecyclableModule
+from recyclegpt.recycle import RecyclableModule, RecycleGPT
 
 pytestmark = pytest.mark.slow
 
@@ -122,6 +122,54 @@ def test_unknown_backend_and_module_file(capsys):
         load_base("smollm2-135m", backend="tf")
     assert "module file not found" in _cli_error(capsys, ["generate", "--module", "/nonexistent.safetensors",
                                                           "--prompt", "hi"])
+
+
+def _generate(capsys, args: list[str]) -> list[int]:
+    import json
+
+    assert main(["generate", "--raw", "--json", "--max-new-tokens", "12", "--prompt", "It is a truth", *args]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
+
+
+def test_a_model_trained_from_scratch_loads_by_its_run_directory(tmp_path, smol, capsys):
+    import json
+
+    from recyclegpt.checkpoint import load_module_file, save_model
+
+    text = tmp_path / "text.jsonl"
+    line = "It is a truth universally acknowledged, that a single man in possession of a good fortune, " \
+        "must be in want of a wife. "
+    text.write_text("".join(json.dumps({"text": line * 8}) + "\n" for _ in range(10)))
+    assert main(["data", "prepare", str(text), "--out", str(tmp_path / "data"), "--val-fraction", "0.2"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "small", "--module-layers", "1", "--data", str(tmp_path / "data"),
+                 "--out", str(run), "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-every", "2",
+                 "--eval-batches", "1", "--ckpt-every", "2", "--threads", "1"]) == 0
+    capsys.readouterr()
+    base = load_base(str(run))
+    assert base.backend == "native" and base.tokenizer.vocab_size == smol.tokenizer.vocab_size
+    assert base.backbone.config.d_model == 384 and not base.chat
+    # Verified decoding with the run's own module equals standard decoding, with and without a draft vocabulary.
+    standard = _generate(capsys, ["--model", str(run)])
+    assert len(standard) == 12
+    module = str(run / "module.safetensors")
+    assert _generate(capsys, ["--model", str(run / "model.safetensors"), "--module", module,
+                              "--strategy", "verified"]) == standard
+    drafted = str(tmp_path / "drafted.safetensors")
+    assert main(["draft-vocab", "--module", module, "--data", str(tmp_path / "data"), "--size", "16",
+                 "--out", drafted]) == 0
+    report = json.loads(capsys.readouterr().out)
+    loaded, identity = load_module_file(drafted)
+    assert report["size"] == 16 and loaded.draft_vocab.numel() == 16 and 0.5 < report["coverage"] < 1.0
+    assert identity["tokenizer"] == "smollm2-135m" and identity["draft_vocab_coverage"] == report["coverage"]
+    assert _generate(capsys, ["--model", str(run), "--module", drafted, "--strategy", "verified"]) == standard
+    # A model file that does not say which tokenizer its data used, and a draft vocabulary too large.
+    save_model(tmp_path / "anon" / "model.safetensors", RecycleGPT.from_config(base.backbone.config, RecycleConfig()))
+    assert "does not record the tokenizer" in _cli_error(capsys, ["generate", "--model", str(tmp_path / "anon"),
+                                                                  "--prompt", "hi"])
+    msg = _cli_error(capsys, ["draft-vocab", "--module", module, "--data", str(tmp_path / "data"),
+                              "--size", "100000", "--out", drafted])
+    assert "draft vocabulary size must be in [1, 49152]" in msg
 
 
 @pytest.fixture(scope="module")

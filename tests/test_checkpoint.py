@@ -7,8 +7,9 @@ from recyclegpt.config import PRESETS
 
 def test_model_round_trip(tiny, tmp_path):
     path = tmp_path / "m.safetensors"
-    save_model(path, tiny)
-    loaded = load_model(path).eval()
+    save_model(path, tiny, {"tokenizer": "byte"})
+    loaded, identity = load_model(path)
+    assert identity == {"tokenizer": "byte"}
     tokens = torch.randint(0, 256, (1, 10))
     with torch.no_grad():
         for a, b in zip(tiny(tokens), loaded(tokens), strict=True):

@@ -47,6 +47,15 @@ def test_joint_training_reduces_both_losses(data, tmp_path):
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "module.safetensors").is_file()
     lines = (tmp_path / "log.jsonl").read_text().splitlines()
     assert len(lines) == 60 and "tokens_per_s" in json.loads(lines[-1])
+    # The same metrics in TensorBoard (the dev install has it).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    main_loss = board.Scalars("main_loss")
+    assert [e.step for e in main_loss] == list(range(1, 61))
+    assert main_loss[-1].value == pytest.approx(last["main_loss"], rel=1e-6)
+    assert [e.step for e in board.Scalars("val_recycle_loss")] == [30, 60]
 
 
 def test_attach_training_reduces_kl_and_keeps_the_base(data, tmp_path):

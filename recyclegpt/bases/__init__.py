@@ -99,23 +99,8 @@ def _convert(spec: BaseSpec | None, path: Path, backend: str, target: Path) -> N
             shutil.rmtree(tmp)
 
 
-def load_base(
-    model: str = DEFAULT_BASE, backend: str = "auto", max_seq_len: int | None = None, chat: bool | None = None
-) -> Base:
-    """Load a base model by registry name, Hugging Face directory or GGUF file.
-
-    Args:
-        model: ``smollm2-135m``, ``gemma3-270m``, a checkpoint directory or a ``.gguf`` path.
-        backend: ``native`` (Llama/Mistral/Qwen2 converted into the project's model, the fast path),
-            ``hf`` (any transformers causal LM) or ``auto`` (native when the architecture allows).
-        max_seq_len: context to allocate for; defaults to the model's (native caches preallocate it).
-        chat: apply the chat template to prompts; default from the registry (False for paths).
-
-    Raises:
-        BaseError: unknown name, missing/corrupt file, or a backend that does not fit.
-    """
-    if backend not in BACKENDS:
-        raise BaseError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+def _cached(model: str, backend: str) -> tuple[BaseSpec | None, Path, Path, str]:
+    """Resolve ``model``, converting it into the cache on first use: (spec or None, source, cache dir, backend)."""
     spec, path = resolve(model)
     wanted = spec.backend if (spec is not None and backend == "auto") else backend
     target = home() / "bases" / _cache_key(spec, path)
@@ -124,9 +109,62 @@ def load_base(
         target.parent.mkdir(parents=True, exist_ok=True)
         _convert(spec, path, wanted, target)
         cached = (target / "backend").read_text().strip()
+    return spec, path, target, cached
+
+
+def _tokenizer(spec: BaseSpec | None, target: Path) -> HFTokenizer:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(target / "tokenizer")
+    stop = spec.stop_tokens if spec is not None else ("<|im_end|>", "<end_of_turn>", "<|eot_id|>")
+    return HFTokenizer(AutoTokenizer.from_pretrained(target / "tokenizer"), stop)
+
+
+def trained_model_file(model: str) -> Path | None:
+    """The weights of a RecycleGPT trained from scratch (``recyclegpt train``) when ``model`` names its
+    run directory or its ``model.safetensors``; None when ``model`` is something else."""
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "model.safetensors").is_file():
+        return path / "model.safetensors"
+    return path if path.suffix == ".safetensors" else None
+
+
+def _load_trained(file: Path, max_seq_len: int | None, chat: bool | None) -> Base:
+    from recyclegpt.checkpoint import load_model
+
+    model, identity = load_model(file, max_seq_len)
+    if not identity.get("tokenizer"):
+        raise BaseError(f"{file} does not record the tokenizer of its training data; retrain with `recyclegpt train`")
+    spec, _, target, _ = _cached(identity["tokenizer"], "auto")
+    name = str(file.parent if file.name == "model.safetensors" else file)
+    return Base(name, model.backbone, _tokenizer(spec, target), "native", bool(chat))
+
+
+def load_base(
+    model: str = DEFAULT_BASE, backend: str = "auto", max_seq_len: int | None = None, chat: bool | None = None
+) -> Base:
+    """Load a base model by registry name, Hugging Face directory, GGUF file or trained RecycleGPT.
+
+    Args:
+        model: ``smollm2-135m``, ``gemma3-270m``, a checkpoint directory, a ``.gguf`` path, or a
+            ``recyclegpt train`` run directory / its ``model.safetensors`` (native; the tokenizer is the
+            one its data was prepared with).
+        backend: ``native`` (Llama/Mistral/Qwen2 converted into the project's model, the fast path),
+            ``hf`` (any transformers causal LM) or ``auto`` (native when the architecture allows).
+        max_seq_len: context to allocate for; defaults to the model's (native caches preallocate it).
+        chat: apply the chat template to prompts; default from the registry (False for paths).
+
+    Raises:
+        BaseError: unknown name, missing/corrupt file, or a backend that does not fit.
+        CheckpointError: a trained model file that is missing or corrupt.
+    """
+    if backend not in BACKENDS:
+        raise BaseError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    trained = trained_model_file(model)
+    if trained is not None:
+        if backend == "hf":
+            raise BaseError(f"{model} is a RecycleGPT trained from scratch: it runs on the native backend only")
+        return _load_trained(trained, max_seq_len, chat)
+    spec, path, target, cached = _cached(model, backend)
     if cached == "native":
         backbone = load_backbone(target / "backbone.safetensors", max_seq_len=max_seq_len)
     else:
@@ -134,9 +172,8 @@ def load_base(
 
         hf_model = AutoModelForCausalLM.from_pretrained(target / "hf", dtype=torch.float32)
         backbone = HFBackbone(hf_model, max_seq_len)
-    stop = spec.stop_tokens if spec is not None else ("<|im_end|>", "<end_of_turn>", "<|eot_id|>")
     use_chat = chat if chat is not None else (spec.chat if spec is not None else False)
-    return Base(spec.name if spec else str(path), backbone, HFTokenizer(tok, stop), cached, use_chat)
+    return Base(spec.name if spec else str(path), backbone, _tokenizer(spec, target), cached, use_chat)
 
 
 def load_engine(model: str = DEFAULT_BASE, module: str | None = None, backend: str = "auto"):

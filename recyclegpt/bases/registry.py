@@ -114,5 +114,5 @@ def resolve(model: str) -> tuple[BaseSpec | None, Path]:
         return None, path
     raise BaseError(
         f"unknown model {model!r}: give a registry name ({', '.join(REGISTRY)}), "
-        "a local Hugging Face checkpoint directory, or a .gguf file"
+        "a local Hugging Face checkpoint directory, a .gguf file, or a `recyclegpt train` run directory"
     )
