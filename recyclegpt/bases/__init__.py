@@ -121,9 +121,10 @@ def _tokenizer(spec: BaseSpec | None, target: Path) -> HFTokenizer:
 
 def trained_model_file(model: str) -> Path | None:
     """The weights of a RecycleGPT trained from scratch (``recyclegpt train``) when ``model`` names its
-    run directory or its ``model.safetensors``; None when ``model`` is something else."""
+    run directory or its ``model.safetensors``; None when ``model`` is something else (a Hugging Face
+    directory also holds a ``model.safetensors``, but with its ``config.json``)."""
     path = Path(model).expanduser()
-    if path.is_dir() and (path / "model.safetensors").is_file():
+    if path.is_dir() and (path / "model.safetensors").is_file() and not (path / "config.json").is_file():
         return path / "model.safetensors"
     return path if path.suffix == ".safetensors" else None
 

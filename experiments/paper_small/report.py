@@ -1,0 +1,220 @@
+"""Collect the paper_small runs into one summary: results/summary.json, two plots and Markdown tables.
+
+    python experiments/paper_small/report.py --runs runs/paper_small --results experiments/paper_small/results
+
+Reads each run's ``log.jsonl`` and ``model.safetensors`` and the JSON written by ``run.sh eval``
+(``eval_*.json``, ``lm_eval_*.json``, ``bench_*.json``); prints the tables pasted into README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from safetensors import safe_open
+
+MAIN, ABLATION = ("plain", "recycle"), ("depth1", "depth2", "depth4")
+TASKS = (("recycle_cloze_austen", "acc"), ("recycle_next_sentence_austen", "acc_norm"),
+         ("recycle_next_verse_kjv", "acc_norm"))
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _params(run: Path) -> tuple[int, int]:
+    """(backbone, module) parameter counts; the module shares the embedding and head, so owns neither."""
+    counts = {"backbone": 0, "module": 0}
+    with safe_open(str(run / "model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            part = key.split(".")[0]
+            if part in counts and not key.endswith("draft_vocab"):
+                counts[part] += math.prod(f.get_slice(key).get_shape())
+    return counts["backbone"], counts["module"]
+
+
+def _bench(path: Path) -> dict[str, float]:
+    result = _json(path)
+    if result is None:
+        return {}
+    rows = {r["kind"]: r for r in result["rows"]}  # one row per kind here (verified: draft length 1)
+    out = {"standard_tok_s": rows["standard"]["tokens_per_s"]}
+    for name in ("alternating", "verified"):
+        out[f"{name}_ratio"] = rows[name]["ratio_to_standard"]
+        out[f"{name}_tau"] = rows[name]["tau"]
+    out["verified_acceptance"] = rows["verified"]["acceptance_rate"]
+    out["verified_identical"] = rows["verified"]["identical_to_standard"]
+    return out
+
+
+def summarize(runs: Path, results: Path) -> dict[str, dict]:
+    """One record per run: size, training, held-out evaluation, lm-eval tasks, decode speed."""
+    summary = {}
+    for name in MAIN + ABLATION:
+        run = runs / name
+        if not (run / "log.jsonl").is_file():
+            continue
+        log = _log(run)
+        last_val = [r for r in log if "val_main_loss" in r][-1]
+        backbone, module = _params(run)
+        config = json.loads((run / "train_config.json").read_text())
+        record = {
+            "backbone_params": backbone, "module_params": module, "module_share": module / backbone,
+            "module_layers": json.loads(safe_open(str(run / "model.safetensors"), "pt").metadata()
+                                        ["recycle_config"])["n_layers"],
+            "train_mtokens": log[-1]["tokens"] / 1e6, "train_hours": log[-1]["tokens"] / log[-1]["tokens_per_s"] / 3600,
+            "steps": config["steps"],
+            "val_main_ppl": math.exp(last_val["val_main_loss"]),
+            "val_recycle_acc": last_val.get("val_recycle_acc"),
+        }
+        ev = _json(results / f"eval_{name}.json")
+        if ev:
+            t = ev["text"]
+            record.update(heldout_ppl=t["ppl_base"], heldout_ppl_alternating=t["ppl_alternating"],
+                          module_top1_acc=t["module_top1_acc"], base_top1_acc=t["base_top1_acc"],
+                          agreement=t["agreement"])
+        lm = _json(results / f"lm_eval_{name}.json")
+        if lm:
+            for scoring, tasks in lm["results"].items():
+                for task, metric in TASKS:
+                    record[f"{task}_{scoring}"] = tasks[task][f"{metric},none"]
+        for module in ("module", "module_dv8192"):
+            for key, value in _bench(results / f"bench_{name}_{module}.json").items():
+                record[f"{key}_{module}"] = value
+        summary[name] = record
+    return summary
+
+
+def _fmt(x, spec=".3f", unit="") -> str:
+    return "n/a" if x is None else format(x, spec) + unit
+
+
+def _ratios_of(d: dict, module: str) -> str:
+    return " / ".join(_fmt(d.get(f"{kind}_ratio_{module}"), ".2f", "x") for kind in ("alternating", "verified"))
+
+
+def _ratios(d: dict, kind: str) -> str:
+    return " / ".join(_fmt(d.get(f"{kind}_ratio_{m}"), ".2f", "x") for m in ("module", "module_dv8192"))
+
+
+def tables(s: dict[str, dict]) -> str:
+    """The Markdown tables of README.md."""
+    lines = ["| | plain GPT (lambda 0) | RecycleGPT (lambda 1) |", "|---|---|---|"]
+    p, r = s.get("plain", {}), s.get("recycle", {})
+
+    def row(label, key, spec=".3f"):
+        lines.append(f"| {label} | {_fmt(p.get(key), spec)} | {_fmt(r.get(key), spec)} |")
+
+    lines.append(f"| parameters: backbone / module (share) | {p.get('backbone_params', 0) / 1e6:.2f} M / - | "
+                 f"{r.get('backbone_params', 0) / 1e6:.2f} M / {r.get('module_params', 0) / 1e6:.2f} M "
+                 f"({r.get('module_share', 0):.1%}) |")
+    row("training tokens (M)", "train_mtokens", ".2f")
+    row("training wall time (h, 2 CPU threads)", "train_hours", ".2f")
+    row("validation perplexity, main head", "val_main_ppl", ".2f")
+    row("held-out perplexity (Austen/KJV tails), standard", "heldout_ppl", ".2f")
+    row("held-out perplexity, alternating scoring", "heldout_ppl_alternating", ".2f")
+    row("held-out top-1 accuracy, main head (next token)", "base_top1_acc")
+    row("held-out top-1 accuracy, module (token after next)", "module_top1_acc")
+    for task, metric in TASKS:
+        lines.append(f"| {task} {metric}, standard / alternating | {_fmt(p.get(f'{task}_standard'))} / - | "
+                     f"{_fmt(r.get(f'{task}_standard'))} / {_fmt(r.get(f'{task}_alternating'))} |")
+    for module, label in (("module", "full vocabulary"), ("module_dv8192", "draft vocabulary 8192")):
+        lines.append(f"| decode speedup over standard, alternating / verified ({label}) | - | "
+                     f"{_ratios_of(r, module)} |")
+    row("verified: acceptance of the module's drafts", "verified_acceptance_module", ".2f")
+    lines += ["", "| module layers | module params | share | val recycle acc | held-out module top-1 | "
+              "alternating ppl | alternating (full / draft vocab) | verified (full / draft vocab) | "
+              "verified acceptance |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name in ABLATION:
+        d = s.get(name)
+        if d is None:
+            continue
+        lines.append(
+            f"| {d['module_layers']} | {d['module_params'] / 1e6:.2f} M | {d['module_share']:.1%} | "
+            f"{_fmt(d.get('val_recycle_acc'))} | {_fmt(d.get('module_top1_acc'))} | "
+            f"{_fmt(d.get('heldout_ppl_alternating'), '.2f')} | "
+            f"{_ratios(d, 'alternating')} | {_ratios(d, 'verified')} | "
+            f"{_fmt(d.get('verified_acceptance_module'), '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(runs: Path, s: dict[str, dict], results: Path) -> None:
+    """loss_curves.png (the paper's Figure 3) and depth_ablation.png."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2))
+    ax_train, ax_val = fig.subplots(1, 2)
+    for name, color in (("plain", "tab:blue"), ("recycle", "tab:orange")):
+        if name not in s:
+            continue
+        log = _log(runs / name)
+        tokens = [r["tokens"] / 1e6 for r in log]
+        window = 10  # running mean over 10 steps; single steps are noisy at 4k tokens each
+        smooth = [sum(r["main_loss"] for r in log[max(0, i - window + 1): i + 1]) / min(i + 1, window)
+                  for i in range(len(log))]
+        ax_train.plot(tokens, smooth, color=color, label=f"{name}: main head")
+        if name == "recycle":
+            rec = [sum(r["recycle_loss"] for r in log[max(0, i - window + 1): i + 1]) / min(i + 1, window)
+                   for i in range(len(log))]
+            ax_train.plot(tokens, rec, color=color, linestyle="--", label="recycle: module (token after next)")
+        val = [r for r in log if "val_main_loss" in r]
+        ax_val.plot([r["tokens"] / 1e6 for r in val], [r["val_main_loss"] for r in val], marker="o", color=color,
+                    label=f"{name}: main head")
+    ax_train.set(xlabel="training tokens (M)", ylabel="training loss (running mean of 10 steps)",
+                 title="Training loss", ylim=(2.5, 9))
+    ax_val.set(xlabel="training tokens (M)", ylabel="validation loss, main head", title="Validation loss",
+               ylim=(3, 8))
+    for ax in (ax_train, ax_val):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(results / "loss_curves.png", dpi=120)
+
+    depths = [s[n] for n in ABLATION if n in s]
+    if not depths:
+        return
+    fig = Figure(figsize=(11, 4.2))
+    ax_speed, ax_acc = fig.subplots(1, 2)
+    layers = [d["module_layers"] for d in depths]
+    for key, label, style in (("alternating_ratio_module", "alternating, full vocabulary", "o-"),
+                              ("alternating_ratio_module_dv8192", "alternating, draft vocabulary", "o--"),
+                              ("verified_ratio_module", "verified, full vocabulary", "s-"),
+                              ("verified_ratio_module_dv8192", "verified, draft vocabulary", "s--")):
+        if all(key in d for d in depths):
+            ax_speed.plot(layers, [d[key] for d in depths], style, label=label)
+    ax_speed.axhline(1.0, color="gray", linewidth=0.8)
+    ax_speed.set(xlabel="module layers", ylabel="decode speed / standard", title="Speedup (CPU, batch 1)",
+                 xticks=layers)
+    ax_acc.plot(layers, [d.get("module_top1_acc") for d in depths], "o-", label="module top-1 (held-out)")
+    ax_acc.plot(layers, [d.get("agreement") for d in depths], "s-", label="agreement with main head's greedy")
+    ax_acc.set(xlabel="module layers", ylabel="share", title="Module accuracy", xticks=layers)
+    for ax in (ax_speed, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(results / "depth_ablation.png", dpi=120)
+
+
+def main() -> None:
+    """Write summary.json and the plots, print the tables."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", default="runs/paper_small", help="directory of the runs (default runs/paper_small)")
+    ap.add_argument("--results", default="experiments/paper_small/results", help="where the JSON results are")
+    args = ap.parse_args()
+    runs, results = Path(args.runs), Path(args.results)
+    summary = summarize(runs, results)
+    (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(runs, summary, results)
+    print(tables(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Small-scale reproduction of the RecycleGPT paper's claims (see README.md beside this file).
+#   bash experiments/paper_small/run.sh data    # held-in text -> token memmaps (1 min)
+#   bash experiments/paper_small/run.sh train   # plain GPT vs RecycleGPT, then the module-depth ablation
+#   bash experiments/paper_small/run.sh eval    # perplexities, module accuracy, lm-eval tasks, decode speed
+# Runs go to $RUNS (default runs/paper_small); results to experiments/paper_small/results/.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RUNS=${RUNS:-runs/paper_small}
+RES=experiments/paper_small/results
+RG=${RG:-.venv/bin/recyclegpt}
+PY=${PY:-.venv/bin/python}
+THREADS=${THREADS:-2}
+# One schedule for the main pair: 400 steps x 8 x 512 tokens = 1.64M tokens, lr 1e-3, seed 0.
+MAIN="--preset small --data $RUNS/data --steps 400 --batch-size 8 --seq-len 512 --lr 1e-3 --warmup 40
+      --bf16 --eval-every 40 --eval-batches 8 --ckpt-every 50 --seed 0 --threads $THREADS"
+# The depth ablation: same settings, 160 steps (0.66M tokens) per depth.
+ABL="${MAIN/--steps 400/--steps 160}"
+
+stage_data() {
+  $PY scripts/fetch_corpora.py --out data/corpora
+  mkdir -p "$RUNS/heldin"
+  # The first 90% of Austen and the KJV; the last 10% is where benchmarks/tasks come from.
+  for f in austen kjv; do
+    n=$(wc -l < data/corpora/$f.txt); head -n $((n * 9 / 10)) data/corpora/$f.txt > "$RUNS/heldin/$f.txt"
+  done
+  $RG data prepare "$RUNS/heldin/austen.txt" "$RUNS/heldin/kjv.txt" data/corpora/pythondoc.txt \
+    data/corpora/linuxdoc.txt --out "$RUNS/data"
+}
+
+train_one() {  # name, extra args...; resumes an interrupted run
+  local name=$1; shift
+  local resume=(); [[ -f "$RUNS/$name/checkpoint.pt" ]] && resume=(--resume)
+  if [[ -f "$RUNS/$name/done" ]]; then return; fi
+  # shellcheck disable=SC2086
+  $RG train $MAIN "$@" --out "$RUNS/$name" "${resume[@]}" && touch "$RUNS/$name/done"
+}
+
+stage_train() {
+  train_one recycle --recycle-weight 1
+  train_one plain --recycle-weight 0
+  for d in 1 2 4; do
+    MAIN=$ABL train_one "depth$d" --recycle-weight 1 --module-layers $d
+  done
+}
+
+stage_eval() {
+  mkdir -p "$RES"
+  # Held-out text: the last 10% of Austen and the KJV, which no run trained on.
+  for f in austen kjv; do
+    n=$(wc -l < data/corpora/$f.txt); tail -n +$((n * 9 / 10 + 1)) data/corpora/$f.txt > "$RUNS/heldout_$f.txt"
+  done
+  cat "$RUNS/heldout_austen.txt" "$RUNS/heldout_kjv.txt" > "$RUNS/heldout.txt"
+  # Decode prompts: 24 words from 4 evenly spaced sentence starts of each held-out text.
+  $PY - "$RUNS/heldout_austen.txt" "$RUNS/heldout_kjv.txt" > "$RUNS/prompts.jsonl" <<'PY'
+import json, sys
+for path in sys.argv[1:]:
+    words = " ".join(ln for ln in open(path) if "====" not in ln).split()
+    starts = [i for i in range(1, len(words) - 24) if words[i - 1].endswith(".") and words[i][0].isupper()]
+    for k in range(4):
+        i = starts[(2 * k + 1) * len(starts) // 8]
+        print(json.dumps({"prompt": " ".join(words[i : i + 24])}))
+PY
+  for name in recycle plain depth1 depth2 depth4; do
+    local run="$RUNS/$name"
+    [[ -f "$RES/eval_$name.json" ]] || $RG eval --model "$run" --module "$run/module.safetensors" \
+      --data "$RUNS/heldout.txt" --max-tokens 40000 --seq-len 512 --batch-size 4 --threads "$THREADS" \
+      --json "$RES/eval_$name.json"
+    # The same module proposing only the 8192 most frequent training tokens (a cheaper module step).
+    $RG draft-vocab --module "$run/module.safetensors" --data "$RUNS/data" --size 8192 \
+      --out "$run/module_dv8192.safetensors"
+  done
+  [[ -f "$RES/lm_eval_recycle.json" ]] || $RG lm-eval --model "$RUNS/recycle" \
+    --module "$RUNS/recycle/module.safetensors" --threads "$THREADS" --json "$RES/lm_eval_recycle.json"
+  [[ -f "$RES/lm_eval_plain.json" ]] || $RG lm-eval --model "$RUNS/plain" --scoring standard \
+    --threads "$THREADS" --json "$RES/lm_eval_plain.json"
+  # Decode speed, greedy, batch 1, 128 new tokens; ratios are to standard in the same run.
+  for name in recycle depth1 depth2 depth4; do
+    for m in module module_dv8192; do
+      $RG bench --model "$RUNS/$name" --module "$RUNS/$name/$m.safetensors" --prompts "$RUNS/prompts.jsonl" \
+        --max-new-tokens 128 --repeats 3 --strategies standard alternating verified --threads "$THREADS" \
+        --json "$RES/bench_${name}_$m.json"
+    done
+  done
+  $PY experiments/paper_small/report.py --runs "$RUNS" --results "$RES"
+}
+
+case "${1:-}" in
+  data) stage_data ;;
+  train) stage_train ;;
+  eval) stage_eval ;;
+  *) echo "usage: $0 data|train|eval" >&2; exit 2 ;;
+esac
