@@ -143,8 +143,13 @@ def _configs(path: Path, meta: dict[str, str]) -> tuple[ModelConfig, RecycleConf
 
 
 def _load_state(path: Path, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load checked tensors; a recyclable module's draft vocabulary (a buffer that stays None until set,
+    so absent from a fresh state dict) goes through its ``set_draft_vocab``."""
+    drafts = {k: tensors.pop(k) for k in [k for k in tensors if k.rpartition(".")[2] == "draft_vocab"]}
     _check_state(path, module, tensors)
     module.load_state_dict(tensors, strict=False)
+    for key, ids in drafts.items():
+        module.get_submodule(key.rpartition(".")[0]).set_draft_vocab(ids)
 
 
 def _check_state(path: Path, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -178,10 +183,7 @@ def load_module_file(path: str | Path) -> tuple[RecyclableModule, dict[str, Any]
     tensors, meta = read_checkpoint(path, MODULE)
     cfg, rcfg = _configs(path, meta)
     module = RecyclableModule(cfg, rcfg)
-    draft_vocab = tensors.pop("draft_vocab", None)
     _load_state(path, module, tensors)
-    if draft_vocab is not None:
-        module.set_draft_vocab(draft_vocab)
     return module, json.loads(meta.get("base", "{}"))
 
 
@@ -219,8 +221,5 @@ def load_model(path: str | Path, max_seq_len: int | None = None) -> tuple[Recycl
     if max_seq_len is not None:
         cfg = cfg.replace(max_seq_len=max_seq_len)
     model = RecycleGPT.from_config(cfg, rcfg)
-    draft_vocab = tensors.pop("module.draft_vocab", None)
     _load_state(path, model, tensors)
-    if draft_vocab is not None:
-        model.module.set_draft_vocab(draft_vocab)
     return model.eval(), json.loads(meta.get("extra", "{}"))

@@ -15,6 +15,10 @@ def test_model_round_trip(tiny, tmp_path):
         for a, b in zip(tiny(tokens), loaded(tokens), strict=True):
             assert torch.equal(a, b)
     assert loaded.backbone.lm_head.weight is loaded.backbone.embed_tokens.weight  # still tied
+    # A module's draft vocabulary (a buffer absent from a fresh model) comes back with the model.
+    tiny.module.set_draft_vocab(torch.arange(0, 256, 3))
+    save_model(path, tiny)
+    assert torch.equal(load_model(path)[0].module.draft_vocab, torch.arange(0, 256, 3))
 
 
 def test_module_round_trip_and_shape_mismatch(tiny, tmp_path):
