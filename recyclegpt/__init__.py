@@ -20,14 +20,17 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def load(model: str = "smollm2-135m", module: str | None = None, backend: str = "auto") -> Engine:
+def load(
+    model: str = "smollm2-135m", module: str | None = None, backend: str = "auto", compile: bool = False
+) -> Engine:
     """Load a base (registry name, HF directory or GGUF file) and optionally a module, ready to generate.
 
     Args:
         model: the base; see ``recyclegpt bases``.
         module: a module file, ``"default"`` for the one shipped for this base, or None.
         backend: ``auto``, ``native`` or ``hf``.
+        compile: decode through ``torch.compile`` (native backbone; the first calls compile).
     """
     from recyclegpt.bases import load_engine
 
-    return load_engine(model, module, backend)[0]
+    return load_engine(model, module, backend, compile)[0]

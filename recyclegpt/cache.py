@@ -1,9 +1,11 @@
 """A preallocated key/value cache written by position.
 
-All layers share one pair of tensors ``k, v`` of shape (layers, batch, kv_heads, max_len, head_dim).
-A forward over T new tokens writes slots ``[length, length + T)``; rolling a rejected draft back is
-``rollback(new_length)``: index arithmetic, no reallocation. Slots beyond ``length`` hold stale
-values that the attention mask never reads.
+Each layer owns a key and a value tensor of shape (batch, kv_heads, max_len, head_dim), allocated
+once. A forward over T new tokens writes slots ``[length, length + T)`` with ``index_copy_``, which
+``torch.compile`` keeps in place (a slice assignment into one tensor shared by all layers made it copy
+the whole cache on every write); rolling a rejected draft back is ``rollback(new_length)``: index
+arithmetic, no reallocation. Slots beyond ``length`` hold stale values that the attention mask never
+reads.
 
 Left padding (batched prompts of different lengths) is recorded in ``valid``: a (batch, max_len)
 bool tensor, False for padding slots, which the attention mask excludes as keys.
@@ -41,9 +43,9 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
         self.has_padding = False
         self.length = 0
@@ -53,7 +55,7 @@ class KVCache:
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.valid.shape[0]
 
     def set_padding(self, pad_lengths: list[int]) -> None:
         """Mark the first ``pad_lengths[b]`` slots of row b as left padding (never attended to)."""
@@ -95,9 +97,10 @@ class KVCache:
         after every layer has written.
         """
         start, end = self.length, self.length + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        slots = torch.arange(start, end, device=k.device)
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, n_new: int) -> None:
         """Count ``n_new`` written slots as part of the sequence."""

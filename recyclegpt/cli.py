@@ -31,8 +31,8 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def add_model_args(p: argparse.ArgumentParser, module: bool = True) -> None:
-    """--model / --backend / --module / --threads, shared by every command that loads a model."""
+def add_model_args(p: argparse.ArgumentParser, module: bool = True, compile: bool = False) -> None:
+    """--model / --backend / --module / --threads (and --compile for the decoding commands)."""
     p.add_argument(
         "--model", default=DEFAULT_BASE,
         help=f"registry name ({', '.join(REGISTRY)}), Hugging Face checkpoint directory, .gguf file, or the "
@@ -46,6 +46,10 @@ def add_model_args(p: argparse.ArgumentParser, module: bool = True) -> None:
                        help="recyclable module file (.safetensors; a training run writes RUN/module.safetensors); "
                        "'default' = the module shipped for the default base; needed by every strategy but standard")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    if compile:
+        p.add_argument("--compile", action="store_true",
+                       help="decode through torch.compile (native backend; needs a C++ compiler): the first "
+                       "requests compile for tens of seconds, later steps run faster")
 
 
 def add_strategy_args(p: argparse.ArgumentParser) -> None:
@@ -74,7 +78,7 @@ def load_engine(args: argparse.Namespace):
     """Base + optional module from the command line -> (``Engine``, ``Base``)."""
     from recyclegpt.bases import load_engine as _load
 
-    return _load(args.model, getattr(args, "module", None), args.backend)
+    return _load(args.model, getattr(args, "module", None), args.backend, getattr(args, "compile", False))
 
 
 def sampling_from(args: argparse.Namespace):
@@ -240,6 +244,13 @@ def cmd_data(args: argparse.Namespace) -> int:
         base = load_base(args.model, backend=args.backend)
         if args.action == "prepare":
             meta = data.prepare(args.inputs, base.tokenizer, args.out, args.val_fraction, base.name)
+        elif args.action == "prompts":
+            from recyclegpt.generate import Engine
+
+            meta = data.self_prompts(Engine(base.backbone, base.tokenizer), args.n, args.out, args.batch_size,
+                                     seed=args.seed)
+            print(json.dumps(meta))
+            return 0
         else:
             from recyclegpt.generate import Engine
 
@@ -328,12 +339,14 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 def _run_training(args: argparse.Namespace) -> int:
     from recyclegpt.data import TokenData
-    from recyclegpt.train import Trainer
+    from recyclegpt.train import Trainer, hidden_cache
 
     _threads(args.threads)
     cfg = _train_config(args)
     data = TokenData(args.data)
     model, base = _build_model(args, data)
+    if getattr(args, "hidden_cache", None):
+        data = hidden_cache(model, data, args.hidden_cache, args.seq_len, base, args.bf16)
     history = Trainer(model, data, cfg, args.out, base).run(resume=args.resume)
     last = history[-1] if history else {}
     print(json.dumps({k: v for k, v in last.items() if isinstance(v, int | float)}))
@@ -414,7 +427,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows += bench.hf_rows(bench.hf_model_for(base), kinds, args.max_new_tokens, tok.eos_token_ids,
                               tok.pad_token_id)
     result = bench.run_bench(rows, ids, args.repeats, progress=lambda line: print(line, file=sys.stderr))
-    result = {"model": base.name, "module": args.module, "max_new_tokens": args.max_new_tokens, **result}
+    result = {"model": base.name, "module": args.module, "max_new_tokens": args.max_new_tokens,
+              "compile": args.compile, **result}
     print(bench.format_table(result))
     _emit_json(result, args.json)
     if args.plot:
@@ -463,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bases", help="list the known base models", description=cmd_bases.__doc__)
 
     p = sub.add_parser("generate", help="generate text from a prompt", description=cmd_generate.__doc__)
-    add_model_args(p)
+    add_model_args(p, compile=True)
     add_sampling_args(p)
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
@@ -472,19 +486,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object with text, token ids and stats")
 
     p = sub.add_parser("data", help="prepare training data", description=cmd_data.__doc__)
-    p.add_argument("action", choices=["prepare", "distill", "merge"],
-                   help="prepare: tokenize text files; distill: the base's own greedy answers to prompts; "
-                   "merge: concatenate prepared directories")
+    p.add_argument("action", choices=["prepare", "prompts", "distill", "merge"],
+                   help="prepare: tokenize text files; prompts: sample user prompts from a chat model itself "
+                   "(JSONL at --out); distill: the base's own greedy answers to prompts; merge: concatenate "
+                   "prepared directories")
     p.add_argument("inputs", nargs="*", help="prepare: text files (.txt .md .rst .jsonl .parquet); "
                    "merge: prepared directories")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (prompts: the JSONL file)")
     p.add_argument("--model", default=DEFAULT_BASE, help=f"whose tokenizer / generations (default {DEFAULT_BASE})")
     p.add_argument("--backend", default="auto", choices=["auto", "native", "hf"], help="backbone path")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share held out for validation (default 0.01)")
     p.add_argument("--prompts", help="distill: prompt file (one per line, or JSONL with a 'prompt' field)")
     p.add_argument("--limit", type=int, default=0, help="distill: use only the first N prompts (0 = all)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="distill: answer length cap (default 128)")
-    p.add_argument("--batch-size", type=int, default=16, help="distill: prompts decoded together (default 16)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="distill, prompts: sequences decoded together (default 16)")
+    p.add_argument("--n", type=int, default=1000, help="prompts: how many to keep (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="prompts: sampling seed (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
     p = sub.add_parser("train", help="train a RecycleGPT from scratch (joint loss)", description=cmd_train.__doc__)
@@ -503,6 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the module proposes only the N most frequent tokens of the training data, which "
                    "makes each module step cheaper (the head is the largest matrix); 0 = the whole vocabulary "
                    "(default 8192)")
+    p.add_argument("--hidden-cache", default=None, metavar="DIR",
+                   help="compute the frozen base's hidden states over the data's windows once, store them in "
+                   "DIR (about 1.2 kB per token for a 576-wide base) and train from them: each step then costs "
+                   "the module alone; reused when DIR holds a cache for the same base, data and --seq-len")
     _add_train_args(p, 1e-3, "module depth (default 1)")
 
     p = sub.add_parser("draft-vocab", help="restrict a trained module's proposals to the most frequent tokens",
@@ -514,12 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="chat in the terminal, replies streamed with their speed",
                        description=cmd_chat.__doc__)
-    add_model_args(p)
+    add_model_args(p, compile=True)
     add_sampling_args(p)
     p.add_argument("--system", default=None, help="a system message that opens the conversation")
 
     p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API", description=cmd_serve.__doc__)
-    add_model_args(p)
+    add_model_args(p, compile=True)
     add_strategy_args(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; 0.0.0.0 listens on every interface)")
@@ -551,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="decode speed of every strategy against transformers on the same weights",
                        description=cmd_bench.__doc__)
-    add_model_args(p)
+    add_model_args(p, compile=True)
     p.add_argument("--prompts", required=True, help="prompt file (one per line, or JSONL with a 'prompt' field)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes after the warm-up pass (default 3)")

@@ -192,6 +192,114 @@ class TokenData:
         return torch.from_numpy(np.stack([data[s : s + seq_len].astype(np.int64) for s in starts]))
 
 
+class HiddenData:
+    """Fixed token windows with the frozen base's final hidden states, cached on disk for attach training.
+
+    A module attached to a frozen base needs, per window, only the base's final hidden states h: they
+    are the module's input and, through the shared head, the teacher's logits. Computing them once
+    (``cache_hidden``) makes every later epoch cost the module alone instead of a full base forward.
+    Windows are the data's consecutive non-overlapping ``seq_len`` slices (the base sees each window on
+    its own, as in uncached training); a step draws its windows deterministically from (seed, step).
+
+    Files: ``meta.json``, ``{split}_tokens.bin`` (windows, seq_len) int32 and ``{split}_hidden.bin``
+    (windows, seq_len, d_model) bfloat16 stored as int16.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        d = Path(directory)
+        meta_path = d / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(f"{d} is not a hidden-state cache (no meta.json)")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("kind") != "hidden-states":
+            raise DataError(f"{d} is not a hidden-state cache (meta.json kind is {self.meta.get('kind')!r})")
+        self.dir, self.seq_len, width = d, int(self.meta["seq_len"]), int(self.meta["d_model"])
+        self.tokens, self.hidden = {}, {}
+        for split in ("train", "val"):
+            n = int(self.meta["windows"][split])
+            self.tokens[split] = np.memmap(d / f"{split}_tokens.bin", np.int32, "r", shape=(n, self.seq_len))
+            self.hidden[split] = np.memmap(d / f"{split}_hidden.bin", np.int16, "r", shape=(n, self.seq_len, width))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    def batch(self, split: str, batch_size: int, seq_len: int, seed: int, step: int) -> tuple[torch.Tensor, ...]:
+        """(tokens (B, T) int64, hidden (B, T, d) float32) of ``batch_size`` cached windows for one step."""
+        if seq_len != self.seq_len:
+            raise DataError(f"the hidden-state cache {self.dir} holds windows of {self.seq_len} tokens, not {seq_len}")
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        rows = torch.randint(0, len(self.tokens[split]), (batch_size,), generator=g).tolist()
+        tokens = torch.from_numpy(np.stack([self.tokens[split][r] for r in rows]).astype(np.int64))
+        hidden = torch.from_numpy(np.stack([self.hidden[split][r] for r in rows])).view(torch.bfloat16).float()
+        return tokens, hidden
+
+
+def cache_hidden(
+    backbone: torch.nn.Module, data: TokenData, out_dir: str | Path, seq_len: int, identity: dict,
+    batch_size: int = 8, bf16: bool = True,
+) -> HiddenData:
+    """The frozen base's final hidden states over every window of ``data``, cached in ``out_dir``.
+
+    An existing cache is reused when it was built for the same base, data and window length, and
+    refused otherwise (so a stale cache never trains a module silently). A new cache is written into a
+    temporary directory and renamed into place: an interrupted build leaves nothing half-written.
+
+    Args:
+        backbone: the frozen base (its forward returns ``(logits, hidden)``).
+        data: the prepared token data the windows come from.
+        out_dir: the cache directory.
+        seq_len: window length (the training ``--seq-len``).
+        identity: the base's identity (name, source) stored with the cache and checked on reuse.
+        batch_size: windows per forward.
+        bf16: run the base under bfloat16 autocast (as ``--bf16`` training does).
+
+    Raises:
+        DataError: an existing cache built for something else, or a split shorter than one window.
+    """
+    out = Path(out_dir)
+    want = {"kind": "hidden-states", "base": identity, "data": str(Path(data.dir).resolve()),
+            "data_tokens": data.meta.get("tokens"), "seq_len": seq_len, "d_model": backbone.config.d_model,
+            "vocab_size": data.vocab_size, "bf16": bf16}
+    if (out / "meta.json").is_file():
+        have = json.loads((out / "meta.json").read_text())
+        diff = sorted(k for k in want if have.get(k) != want[k])
+        if diff:
+            raise DataError(f"hidden-state cache {out} was built for other settings ({', '.join(diff)} differ); "
+                            "delete it or give another directory")
+        return HiddenData(out)
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out} exists and is not a hidden-state cache; give an empty or new directory")
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    device = next(backbone.parameters()).device
+    windows = {s: len(data.splits[s]) // seq_len for s in ("train", "val")}
+    for split, n in windows.items():
+        if n == 0:
+            raise DataError(f"the {split} split of {data.dir} is shorter than one window of {seq_len} tokens")
+    with tqdm(total=sum(windows.values()) * seq_len, desc="caching hidden states", unit="tok", unit_scale=True) as bar:
+        for split, n in windows.items():
+            tokens = np.memmap(tmp / f"{split}_tokens.bin", np.int32, "w+", shape=(n, seq_len))
+            tokens[:] = np.asarray(data.splits[split][: n * seq_len]).reshape(n, seq_len)
+            hidden = np.memmap(tmp / f"{split}_hidden.bin", np.int16, "w+", shape=(n, seq_len, want["d_model"]))
+            for lo in range(0, n, batch_size):
+                x = torch.from_numpy(tokens[lo : lo + batch_size].astype(np.int64)).to(device)
+                with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                    _, h = backbone(x, logits_last=1)
+                hidden[lo : lo + len(x)] = h.to(torch.bfloat16).view(torch.int16).cpu().numpy()
+                bar.update(x.numel())
+            tokens.flush()
+            hidden.flush()
+            del tokens, hidden
+    (tmp / "meta.json").write_text(json.dumps(want | {"windows": windows}, indent=2) + "\n")
+    tmp.replace(out)
+    return HiddenData(out)
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a file: one per line, or JSONL objects with a ``prompt`` field.
 
@@ -217,6 +325,58 @@ def read_prompts(path: str | Path) -> list[str]:
             prompts.append(prompt)
         return prompts
     return lines
+
+
+def self_prompts(
+    engine, n: int, out_path: str | Path, batch_size: int = 32, max_new_tokens: int = 64,
+    temperature: float = 1.0, top_p: float = 0.95, seed: int = 0, min_words: int = 3,
+) -> dict:
+    """User prompts sampled from a chat model's own idea of a user turn, written as JSONL.
+
+    The chat template is opened up to the user's message and the model writes that message itself
+    (the idea of Magpie, Xu et al. 2024, arXiv 2406.08464): prompts of the kind the model was tuned to
+    answer, with no dataset download. Turns that run past ``max_new_tokens``, have fewer than
+    ``min_words`` words, or repeat an earlier one are dropped; sampling goes on until ``n`` are kept.
+
+    Args:
+        engine: a ``recyclegpt.generate.Engine`` on a chat model (its tokenizer must have a template).
+        n: prompts to keep.
+        out_path: the JSONL file to write (``{"prompt": ...}`` per line).
+        batch_size: turns sampled together.
+        max_new_tokens: longest turn.
+        temperature / top_p: sampling settings (diversity).
+        seed: sampling seed of the first batch (batch i uses seed + i).
+        min_words: shortest turn kept.
+
+    Raises:
+        DataError: the tokenizer has no chat template, or ``n`` < 1.
+    """
+    from recyclegpt.sampling import SamplingConfig
+
+    tok = engine.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise DataError("self-prompting needs a chat model (a tokenizer with a chat template)")
+    if n < 1:
+        raise DataError(f"number of prompts must be >= 1, got {n}")
+    marker = "\u2063RECYCLEGPT\u2063"  # any text the template copies verbatim
+    opening = tok.apply_chat([{"role": "user", "content": marker}]).split(marker)[0]
+    prefix = tok.encode(opening)
+    kept: dict[str, None] = {}
+    tried = 0
+    with tqdm(total=n, desc="self-prompting", unit="prompt") as bar:
+        while len(kept) < n:
+            cfg = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed + tried // batch_size)
+            for g in engine.generate([prefix] * batch_size, max_new_tokens=max_new_tokens, sampling=cfg):
+                text = g.text.strip()
+                if g.finish_reason == "stop" and len(text.split()) >= min_words and text not in kept:
+                    kept[text] = None
+            tried += batch_size
+            bar.update(min(len(kept), n) - bar.n)
+            bar.set_postfix(kept=f"{len(kept) / tried:.0%}")
+    prompts = list(kept)[:n]
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_path).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
+    return {"prompts": len(prompts), "sampled": tried, "temperature": temperature, "top_p": top_p, "seed": seed}
 
 
 def distill(

@@ -69,6 +69,7 @@ class Generation:
     stats: DecodeStats = field(repr=False)
 
 
+@torch.inference_mode()  # also the prompt tensor: a compiled backbone then sees one kind of input
 def decode_ids(
     backbone: torch.nn.Module,
     module: torch.nn.Module | None,
@@ -130,50 +131,49 @@ def decode_ids(
         stats.module_calls += 1
         return module.draft_logits(backbone, g[:, -1]), g[:, -1:]  # next draft's logits, state for chaining
 
-    with torch.inference_mode():
-        # 1. Prefill: one full call over the prompt; the module ingests every prompt pair.
-        t0 = time.perf_counter()
-        logits, hidden = backbone(tokens, cache, logits_last=1)
-        stats.full_calls += 1
-        pending = sampler.choose(sampler.probs(logits[:, -1], seen))  # (B,)
-        if strategy.uses_module:
-            draft_logits, state = module_step(hidden, torch.cat([tokens[:, 1:], pending[:, None]], 1))
-        stats.prefill_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        yield emit(pending[:, None])
-        seen.scatter_(1, pending[:, None], True)
+    # 1. Prefill: one full call over the prompt; the module ingests every prompt pair.
+    t0 = time.perf_counter()
+    logits, hidden = backbone(tokens, cache, logits_last=1)
+    stats.full_calls += 1
+    pending = sampler.choose(sampler.probs(logits[:, -1], seen))  # (B,)
+    if strategy.uses_module:
+        draft_logits, state = module_step(hidden, torch.cat([tokens[:, 1:], pending[:, None]], 1))
+    stats.prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    yield emit(pending[:, None])
+    seen.scatter_(1, pending[:, None], True)
 
-        while not all(done):
-            # 2. Draft: k module steps; the first reuses the logits from the last ingest.
-            k = strategy.draft_len(draft_logits if strategy.uses_module else None)
-            start, mstart = cache.length, (mcache.length if mcache is not None else 0)
-            drafts, qs = [], []
-            for j in range(k):
-                if j > 0:
-                    draft_logits, state = module_step(state, drafts[-1][:, None])
-                q = sampler.probs(draft_logits, seen)
-                drafts.append(sampler.choose(q))
-                qs.append(q)
-            drafts_t = torch.stack(drafts, 1) if drafts else pending.new_zeros(B, 0)
-            # 3. Full call over [pending, drafts], then the strategy keeps n drafts and picks one token.
-            logits, hidden = backbone(torch.cat([pending[:, None], drafts_t], 1), cache, logits_last=k + 1)
-            stats.full_calls += 1
-            draft_probs = torch.stack(qs, 1) if qs else logits.new_zeros(B, 0, vocab)
-            n, nxt = strategy.accept(Verify(drafts_t, draft_probs, logits, seen), sampler)
-            stats.drafted += k * B
-            stats.accepted += n * B
-            stats.rejected += (k - n) * B
-            # 4. Roll back what was not kept; emit; the module ingests the n + 1 real pairs.
-            cache.rollback(start + n + 1)
-            new = torch.cat([drafts_t[:, :n], nxt[:, None]], 1)  # (B, n + 1)
-            seen.scatter_(1, new, True)
-            added = emit(new)
-            if strategy.uses_module and not all(done):
-                mcache.rollback(mstart)
-                draft_logits, state = module_step(hidden[:, : n + 1], new)
-            pending = nxt
-            yield added
-        stats.decode_s = time.perf_counter() - t0
+    while not all(done):
+        # 2. Draft: k module steps; the first reuses the logits from the last ingest.
+        k = strategy.draft_len(draft_logits if strategy.uses_module else None)
+        start, mstart = cache.length, (mcache.length if mcache is not None else 0)
+        drafts, qs = [], []
+        for j in range(k):
+            if j > 0:
+                draft_logits, state = module_step(state, drafts[-1][:, None])
+            q = sampler.probs(draft_logits, seen)
+            drafts.append(sampler.choose(q))
+            qs.append(q)
+        drafts_t = torch.stack(drafts, 1) if drafts else pending.new_zeros(B, 0)
+        # 3. Full call over [pending, drafts], then the strategy keeps n drafts and picks one token.
+        logits, hidden = backbone(torch.cat([pending[:, None], drafts_t], 1), cache, logits_last=k + 1)
+        stats.full_calls += 1
+        draft_probs = torch.stack(qs, 1) if qs else logits.new_zeros(B, 0, vocab)
+        n, nxt = strategy.accept(Verify(drafts_t, draft_probs, logits, seen), sampler)
+        stats.drafted += k * B
+        stats.accepted += n * B
+        stats.rejected += (k - n) * B
+        # 4. Roll back what was not kept; emit; the module ingests the n + 1 real pairs.
+        cache.rollback(start + n + 1)
+        new = torch.cat([drafts_t[:, :n], nxt[:, None]], 1)  # (B, n + 1)
+        seen.scatter_(1, new, True)
+        added = emit(new)
+        if strategy.uses_module and not all(done):
+            mcache.rollback(mstart)
+            draft_logits, state = module_step(hidden[:, : n + 1], new)
+        pending = nxt
+        yield added
+    stats.decode_s = time.perf_counter() - t0
 
 
 class Engine:
@@ -184,12 +184,30 @@ class Engine:
         tokenizer: object with ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``eos_token_ids``
             (a set) and ``pad_token_id``.
         module: a ``RecyclableModule`` trained for this backbone, or None (standard decoding only).
+        compile: decode through ``torch.compile``d copies of a native backbone and its module (shapes
+            dynamic, so one compilation serves every cache length). The first calls compile (tens of
+            seconds on a CPU; cached on disk by PyTorch); then each step saves the per-operation overhead
+            of eager mode.
     """
 
-    def __init__(self, backbone: torch.nn.Module, tokenizer, module: torch.nn.Module | None = None) -> None:
+    def __init__(
+        self, backbone: torch.nn.Module, tokenizer, module: torch.nn.Module | None = None, compile: bool = False
+    ) -> None:
         self.backbone, self.tokenizer, self.module = backbone.eval(), tokenizer, module
         if module is not None:
             module.eval()
+        self._decoder, self._module_decoder = self.backbone, module
+        if compile:
+            from recyclegpt.model import Backbone
+
+            if not isinstance(backbone, Backbone):
+                raise GenerationError(
+                    f"compile needs the native backbone, not {type(backbone).__name__}: use --backend native "
+                    "(Llama-family models) or leave compile off"
+                )
+            self._decoder = torch.compile(self.backbone, dynamic=True)
+            if module is not None:
+                self._module_decoder = torch.compile(module, dynamic=True)
 
     def _prepare(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         if not prompts:
@@ -231,7 +249,7 @@ class Engine:
 
         device = next(self.backbone.parameters()).device
         it = decode_ids(
-            self.backbone, self.module, ids, strat, Sampler(sampling, device), max_new_tokens,
+            self._decoder, self._module_decoder, ids, strat, Sampler(sampling, device), max_new_tokens,
             set(self.tokenizer.eos_token_ids), stats, self.tokenizer.pad_token_id, stop_fn if stop else None,
         )
         return it, stats

@@ -36,27 +36,29 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (max_len, head_dim), for the rotate-half RoPE convention.
+    """cos and signed sin tables, each (max_len, head_dim), for the rotate-half RoPE convention.
 
-    Always built on the CPU (also inside a ``torch.device("meta")`` context), then moved with the model.
+    The sin table is [-sin ; sin] over the two halves of a head, so that rotating is a roll by half a
+    head (see ``apply_rope``). Always built on the CPU (also inside a ``torch.device("meta")``
+    context), then moved with the model.
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device="cpu"), inv_freq)  # (S, D/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (S, D)
-    return angles.cos().float(), angles.sin().float()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1).float(), torch.cat([-sin, sin], dim=-1).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by the angles of its T positions (cos/sin: (T, D))."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    """Rotate x (B, H, T, D) by the angles of its T positions (tables from ``rope_tables``: (T, D)).
+
+    x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2 ; x1] equals roll(x, D/2) times the
+    signs already folded into the sin table.
+    """
+    return torch.addcmul(x * cos.to(x.dtype), x.roll(x.shape[-1] // 2, -1), sin.to(x.dtype))
 
 
 class Attention(nn.Module):

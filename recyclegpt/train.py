@@ -3,7 +3,8 @@
 * joint: the whole RecycleGPT trains on L = CE(main, x_{t+1}) + lambda * CE(recycle, x_{t+2});
   lambda = 0 trains a plain GPT with the same code.
 * attach: the backbone is frozen; only the module trains, towards the base's own next-step
-  distribution (KL), optionally mixed with the text token (CE).
+  distribution (KL), optionally mixed with the text token (CE). The frozen base's final hidden states
+  may come from a cache on disk (``hidden_cache``): a step then costs the module alone.
 
 A checkpoint (``checkpoint.pt``: trainable weights, optimiser, schedule, RNG, step) is written
 atomically every ``ckpt_every`` steps, with the module (and, for joint runs, the whole model) as
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from recyclegpt.checkpoint import atomic_write, save_model, save_module
 from recyclegpt.config import TrainConfig
-from recyclegpt.data import TokenData
+from recyclegpt.data import HiddenData, TokenData, cache_hidden
 from recyclegpt.loss import attach_loss, joint_loss
 from recyclegpt.recycle import RecycleGPT
 
@@ -44,17 +45,22 @@ class Objective(nn.Module):
         super().__init__()
         self.model, self.cfg = model, cfg
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self, tokens: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss and metrics of a batch of tokens (B, T); attach runs may pass the frozen base's cached
+        final hidden states (B, T, d) instead of recomputing them (``recyclegpt.data.HiddenData``)."""
         if self.cfg.mode == "joint":
             main, rec = self.model(tokens)
             return joint_loss(main, rec, tokens, self.model.recycle_config.recycle_weight)
         backbone, module = self.model.backbone, self.model.module
         rows = module.head_rows(backbone)  # the draft vocabulary's head rows, or None for all
         with torch.no_grad():
-            teacher, hidden = backbone(tokens, logits_last=None if rows is None else 1)
+            if hidden is None:
+                _, hidden = backbone(tokens, logits_last=1)
+            # the teacher's logits are the head on h: (B, T, V), or (B, T, V_d) over the draft vocabulary
+            teacher = backbone.head(hidden) if rows is None else backbone.head_transform(hidden @ rows.T)
             emb = backbone.embed(tokens[:, 1:])
-            if rows is not None:
-                teacher = backbone.head_transform(hidden @ rows.T)  # (B, T, V_d)
         g = module(hidden[:, :-1], emb)
         if rows is None:
             return attach_loss(backbone.head(g), teacher, tokens, self.cfg.ce_weight)
@@ -74,6 +80,22 @@ def _trainable(model: RecycleGPT, cfg: TrainConfig) -> nn.Module:
     return model.module if cfg.mode == "attach" else model
 
 
+def hidden_cache(model: RecycleGPT, data: TokenData, out_dir: str | Path, seq_len: int, identity: dict,
+                 bf16: bool) -> HiddenData:
+    """The hidden-state cache of ``data`` for an attach run (``recyclegpt.data.cache_hidden``).
+
+    Under ``torchrun`` rank 0 builds (or checks) it while the other ranks wait, then all open it.
+    """
+    rank, world = _dist_info()
+    if rank == 0:
+        cached = cache_hidden(model.backbone, data, out_dir, seq_len, identity, bf16=bf16)
+    if world > 1:
+        dist.barrier()
+        if rank != 0:
+            cached = HiddenData(out_dir)
+    return cached
+
+
 def _dist_info() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -87,7 +109,8 @@ class Trainer:
 
     Args:
         model: the RecycleGPT to train (for attach, its backbone is frozen here).
-        data: prepared token data (``TokenData``).
+        data: prepared token data (``TokenData``), or for attach runs a hidden-state cache
+            (``HiddenData``) built from it for this base.
         cfg: the run's settings.
         out_dir: where checkpoints, exported weights and ``log.jsonl`` go.
         base: identity of the frozen base (attach), stored with the exported module.
@@ -101,6 +124,8 @@ class Trainer:
                 f"data was tokenized with a vocabulary of {data.vocab_size}; the model has "
                 f"{model.backbone.config.vocab_size}: prepare the data with this model's tokenizer"
             )
+        if isinstance(data, HiddenData) and cfg.mode != "attach":
+            raise TrainError("a hidden-state cache serves attach training only (the base must be frozen)")
         self.model, self.data, self.cfg, self.out, self.base = model, data, cfg, Path(out_dir), base or {}
         self.rank, self.world = _dist_info()
         if cfg.batch_size % self.world:
@@ -127,8 +152,10 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.out / "checkpoint.pt"
 
-    def _rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens[self.rank :: self.world].to(self.device)
+    def _rows(self, batch: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """This rank's rows of a batch (tokens, or tokens and cached hidden states), on the device."""
+        parts = batch if isinstance(batch, tuple) else (batch,)
+        return tuple(t[self.rank :: self.world].to(self.device) for t in parts)
 
     def _autocast(self):
         kind = "cuda" if self.device.type == "cuda" else "cpu"
@@ -140,8 +167,8 @@ class Trainer:
         totals: dict[str, float] = {}
         with torch.no_grad(), self._autocast():
             for i in range(self.cfg.eval_batches):
-                tokens = self.data.batch("val", self.cfg.batch_size, self.cfg.seq_len, self.cfg.seed, 10**9 + i)
-                _, metrics = self.objective(self._rows(tokens))
+                batch = self.data.batch("val", self.cfg.batch_size, self.cfg.seq_len, self.cfg.seed, 10**9 + i)
+                _, metrics = self.objective(*self._rows(batch))
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + v / self.cfg.eval_batches
         self.trainable.train()
@@ -238,10 +265,10 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
-                tokens = self.data.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed,
-                                         self.step * cfg.grad_accum + micro)
+                batch = self.data.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed,
+                                        self.step * cfg.grad_accum + micro)
                 with self._autocast():
-                    loss, metrics = self.objective(self._rows(tokens))
+                    loss, metrics = self.objective(*self._rows(batch))
                 (loss / cfg.grad_accum).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum

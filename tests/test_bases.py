@@ -198,3 +198,20 @@ def test_generic_path_on_gemma3_matches_transformers_generate(gemma):
     # An untrained module's drafts are rejected and transformers' cache is cropped back: still exact.
     verified = engine.generate([ids[0].tolist()], "verified", max_new_tokens=24, draft_len=2)[0]
     assert verified.token_ids == ours and verified.stats.rejected > 0
+
+
+def test_self_prompts_sample_user_turns_from_the_chat_model(smol, tmp_path):
+    from recyclegpt.data import DataError, read_prompts, self_prompts
+    from recyclegpt.generate import Engine
+
+    meta = self_prompts(Engine(smol.backbone, smol.tokenizer), 6, tmp_path / "p.jsonl", batch_size=8, seed=3)
+    prompts = read_prompts(tmp_path / "p.jsonl")
+    assert meta["prompts"] == 6 == len(set(prompts)) and meta["sampled"] >= 8
+    for p in prompts:  # a user's message: words, no template tokens
+        assert len(p.split()) >= 3 and "<|im_start|>" not in p and "<|im_end|>" not in p
+    again = self_prompts(Engine(smol.backbone, smol.tokenizer), 6, tmp_path / "q.jsonl", batch_size=8, seed=3)
+    assert read_prompts(tmp_path / "q.jsonl") == prompts and again == meta  # same seed, same prompts
+    from recyclegpt.bases.tokenizer import ByteTokenizer
+
+    with pytest.raises(DataError, match="needs a chat model"):
+        self_prompts(Engine(smol.backbone, ByteTokenizer()), 2, tmp_path / "r.jsonl")

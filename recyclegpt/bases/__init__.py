@@ -177,13 +177,14 @@ def load_base(
     return Base(spec.name if spec else str(path), backbone, _tokenizer(spec, target), cached, use_chat)
 
 
-def load_engine(model: str = DEFAULT_BASE, module: str | None = None, backend: str = "auto"):
+def load_engine(model: str = DEFAULT_BASE, module: str | None = None, backend: str = "auto", compile: bool = False):
     """A base plus (optionally) a module, as a ready ``Engine``; returns (engine, base).
 
     Args:
         model: registry name, HF directory or GGUF file.
         module: module file, ``"default"`` for the one shipped for this base, or None.
         backend: ``auto``, ``native`` or ``hf``.
+        compile: decode through ``torch.compile`` (native backbone only; see ``Engine``).
 
     Raises:
         CheckpointError: the module does not fit the base (widths or vocabulary).
@@ -202,4 +203,4 @@ def load_engine(model: str = DEFAULT_BASE, module: str | None = None, backend: s
                 f"module {path} has a vocabulary of {mod.config.vocab_size}; the tokenizer of {base.name} "
                 f"has {base.tokenizer.vocab_size} tokens"
             )
-    return Engine(base.backbone, base.tokenizer, mod), base
+    return Engine(base.backbone, base.tokenizer, mod, compile=compile), base
