@@ -240,20 +240,17 @@ def cmd_data(args: argparse.Namespace) -> int:
         meta = data.merge(args.inputs, args.out)
     else:
         from recyclegpt.bases import load_base
+        from recyclegpt.generate import Engine
 
         base = load_base(args.model, backend=args.backend)
         if args.action == "prepare":
             meta = data.prepare(args.inputs, base.tokenizer, args.out, args.val_fraction, base.name)
         elif args.action == "prompts":
-            from recyclegpt.generate import Engine
-
             meta = data.self_prompts(Engine(base.backbone, base.tokenizer), args.n, args.out, args.batch_size,
                                      seed=args.seed)
             print(json.dumps(meta))
             return 0
         else:
-            from recyclegpt.generate import Engine
-
             prompts = data.read_prompts(args.prompts)[: args.limit or None]
             meta = data.distill(Engine(base.backbone, base.tokenizer), prompts, args.out, args.max_new_tokens,
                                 args.batch_size, args.val_fraction, base.chat, base.name)

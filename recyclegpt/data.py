@@ -9,6 +9,7 @@ validation split: deterministic, and held out from training.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -151,6 +152,12 @@ def prepare(
     return meta
 
 
+def _draws(seed: int, step: int, high: int, n: int) -> list[int]:
+    """n integers in [0, high) that depend only on (seed, step): the data a training step sees."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(0, high, (n,), generator=g).tolist()
+
+
 class TokenData:
     """Random training windows from a prepared directory, deterministic in (seed, step).
 
@@ -187,8 +194,7 @@ class TokenData:
         data = self.splits[split]
         if len(data) <= seq_len:
             raise DataError(f"the {split} split has {len(data)} tokens, fewer than seq_len {seq_len} + 1")
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        starts = torch.randint(0, len(data) - seq_len, (batch_size,), generator=g).tolist()
+        starts = _draws(seed, step, len(data) - seq_len, batch_size)
         return torch.from_numpy(np.stack([data[s : s + seq_len].astype(np.int64) for s in starts]))
 
 
@@ -228,8 +234,7 @@ class HiddenData:
         """(tokens (B, T) int64, hidden (B, T, d) float32) of ``batch_size`` cached windows for one step."""
         if seq_len != self.seq_len:
             raise DataError(f"the hidden-state cache {self.dir} holds windows of {self.seq_len} tokens, not {seq_len}")
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        rows = torch.randint(0, len(self.tokens[split]), (batch_size,), generator=g).tolist()
+        rows = _draws(seed, step, len(self.tokens[split]), batch_size)
         tokens = torch.from_numpy(np.stack([self.tokens[split][r] for r in rows]).astype(np.int64))
         hidden = torch.from_numpy(np.stack([self.hidden[split][r] for r in rows])).view(torch.bfloat16).float()
         return tokens, hidden
@@ -272,8 +277,6 @@ def cache_hidden(
         raise DataError(f"{out} exists and is not a hidden-state cache; give an empty or new directory")
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     device = next(backbone.parameters()).device
