@@ -348,7 +348,8 @@ def self_prompts(
         batch_size: turns sampled together.
         max_new_tokens: longest turn.
         temperature / top_p: sampling settings (diversity).
-        seed: sampling seed of the first batch (batch i uses seed + i).
+        seed: sampling seed; batch i samples with seed ``seed * 1_000_000 + i``, so runs with different
+            seeds never share a batch (with ``seed + i``, seed 1 repeated seed 0's batches shifted by one).
         min_words: shortest turn kept.
 
     Raises:
@@ -368,7 +369,8 @@ def self_prompts(
     tried = 0
     with tqdm(total=n, desc="self-prompting", unit="prompt") as bar:
         while len(kept) < n:
-            cfg = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed + tried // batch_size)
+            batch_seed = seed * 1_000_000 + tried // batch_size
+            cfg = SamplingConfig(temperature=temperature, top_p=top_p, seed=batch_seed)
             for g in engine.generate([prefix] * batch_size, max_new_tokens=max_new_tokens, sampling=cfg):
                 text = g.text.strip()
                 if g.finish_reason == "stop" and len(text.split()) >= min_words and text not in kept:

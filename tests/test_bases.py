@@ -213,6 +213,10 @@ def test_self_prompts_sample_user_turns_from_the_chat_model(smol, tmp_path):
         assert len(p.split()) >= 3 and "<|im_start|>" not in p and "<|im_end|>" not in p
     again = self_prompts(Engine(smol.backbone, smol.tokenizer), 6, tmp_path / "q.jsonl", batch_size=8, seed=3)
     assert read_prompts(tmp_path / "q.jsonl") == prompts and again == meta  # same seed, same prompts
+    # Another seed is another stream: with per-batch seeds seed + i, seed 2's second batch was seed 3's first.
+    self_prompts(Engine(smol.backbone, smol.tokenizer), 6, tmp_path / "s.jsonl", batch_size=2, seed=2)
+    self_prompts(Engine(smol.backbone, smol.tokenizer), 6, tmp_path / "t.jsonl", batch_size=2, seed=3)
+    assert not set(read_prompts(tmp_path / "s.jsonl")) & set(read_prompts(tmp_path / "t.jsonl"))
     from recyclegpt.bases.tokenizer import ByteTokenizer
 
     with pytest.raises(DataError, match="needs a chat model"):
