@@ -187,7 +187,8 @@ class TrainConfig(_JsonMixin):
 
     Attributes:
         mode: ``joint`` (whole model, L = CE + lambda * recycle CE) or ``attach`` (module only, KL to
-            the frozen base's next-step distribution plus ``ce_weight`` * recycle CE).
+            the frozen base's next-step distribution plus ``ce_weight`` * recycle CE plus
+            ``feature_weight`` * SmoothL1 of the module's state to the base's next hidden state).
         steps: optimiser steps; one step sees ``batch_size * grad_accum`` windows of ``seq_len`` tokens.
         lr / min_lr: peak and final learning rate (linear warm-up for ``warmup`` steps, then cosine).
         bf16: autocast matmuls to bfloat16 on CPU (faster batched here) or GPU.
@@ -205,6 +206,7 @@ class TrainConfig(_JsonMixin):
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     ce_weight: float = 0.0
+    feature_weight: float = 0.0
     bf16: bool = False
     eval_every: int = 100
     eval_batches: int = 8
@@ -221,5 +223,5 @@ class TrainConfig(_JsonMixin):
                  f"TrainConfig needs 0 < lr < 1 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         _require(isinstance(self.warmup, int) and self.warmup >= 0,
                  f"TrainConfig.warmup must be an integer >= 0, got {self.warmup}")
-        _require(self.grad_clip >= 0 and self.weight_decay >= 0 and self.ce_weight >= 0,
-                 "TrainConfig.grad_clip, weight_decay and ce_weight must be >= 0")
+        _require(min(self.grad_clip, self.weight_decay, self.ce_weight, self.feature_weight) >= 0,
+                 "TrainConfig.grad_clip, weight_decay, ce_weight and feature_weight must be >= 0")

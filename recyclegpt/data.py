@@ -381,7 +381,8 @@ def self_prompts(
     prompts = list(kept)[:n]
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
-    return {"prompts": len(prompts), "sampled": tried, "temperature": temperature, "top_p": top_p, "seed": seed}
+    return {"prompts": len(prompts), "sampled": tried, "temperature": temperature, "top_p": top_p, "seed": seed,
+            "base_dtype": _dtype_name(engine)}
 
 
 def distill(
@@ -435,9 +436,14 @@ def distill(
     meta = {"dtype": np.dtype(splits.dtype).name, "vocab_size": tok.vocab_size, "tokenizer": name,
             "tokens": splits.counts,
             "kind": "self-distillation", "prompts": len(prompts), "max_new_tokens": max_new_tokens,
-            "val_fraction": val_fraction}
+            "val_fraction": val_fraction, "base_dtype": _dtype_name(engine)}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _dtype_name(engine) -> str:
+    """The precision the engine's base generated in (``float32``, ``bfloat16``), for the metadata."""
+    return str(next(engine.backbone.parameters()).dtype).removeprefix("torch.")
 
 
 def merge(sources: Sequence[str | Path], out_dir: str | Path) -> dict:

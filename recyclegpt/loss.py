@@ -57,14 +57,20 @@ def attach_loss(
     teacher_logits: torch.Tensor,
     tokens: torch.Tensor,
     ce_weight: float = 0.0,
+    states: tuple[torch.Tensor, torch.Tensor] | None = None,
+    feature_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Distillation objective for a module attached to a frozen base.
 
         L = KL(p_base(. | x_<=t+1) || p_module(. | h_t, x_{t+1})) + ce_weight * CE(recycle_t, x_{t+2})
+            + feature_weight * SmoothL1(g_t, h_{t+1})
 
     ``recycle_logits[:, t]`` (from h_t and x_{t+1}) is matched to the base's own next-step
     distribution at position t+1, i.e. ``teacher_logits[:, t+1]``; all T-1 positions have a
-    teacher. The CE term (when ``ce_weight > 0``) scores the text token x_{t+2} for t = 0..T-3.
+    teacher. The CE term (when ``ce_weight > 0``) scores the text token x_{t+2} for t = 0..T-3. The
+    feature term (when ``feature_weight > 0``) regresses the module's state g_t onto the base's own
+    final hidden state h_{t+1}, the vector the head turns into the teacher's distribution: every one
+    of its d coordinates is a target, not only the logits' ranking.
 
     With a draft vocabulary both logits cover only its V_d rows (the teacher is thereby renormalised
     over them) and ``tokens`` are draft indices with -100 for tokens outside it.
@@ -74,10 +80,14 @@ def attach_loss(
         teacher_logits: (B, T, V) the frozen base's logits on the same tokens.
         tokens: (B, T) token ids (or draft indices, -100 = ignore).
         ce_weight: weight of the text-token cross-entropy.
+        states: (module states g (B, T-1, d), base hidden states h_1..h_{T-1} (B, T-1, d)), needed
+            when ``feature_weight > 0``.
+        feature_weight: weight of the feature regression.
 
     Returns:
         (loss, metrics) with ``loss``, ``kl``, ``agreement`` (module top-1 equals the base's top-1
-        at the same step) and, with CE, ``recycle_loss`` / ``recycle_acc``.
+        at the same step), with CE ``recycle_loss`` / ``recycle_acc``, with the feature term
+        ``feature_loss``.
     """
     student = F.log_softmax(recycle_logits.float(), dim=-1)
     teacher = F.log_softmax(teacher_logits[:, 1:].float(), dim=-1)
@@ -89,5 +99,11 @@ def attach_loss(
         ce, acc = _ce_and_acc(recycle_logits[:, :-1], tokens[:, 2:])
         loss = loss + ce_weight * ce
         metrics |= {"recycle_loss": ce.item(), "recycle_acc": acc.item()}
+    if feature_weight > 0:
+        if states is None:
+            raise ValueError("attach_loss: feature_weight > 0 needs states=(module states, base hidden states)")
+        feature = F.smooth_l1_loss(states[0].float(), states[1].float())
+        loss = loss + feature_weight * feature
+        metrics["feature_loss"] = feature.item()
     metrics["loss"] = loss.item()
     return loss, metrics

@@ -62,10 +62,11 @@ class Objective(nn.Module):
             teacher = backbone.head(hidden) if rows is None else backbone.head_transform(hidden @ rows.T)
             emb = backbone.embed(tokens[:, 1:])
         g = module(hidden[:, :-1], emb)
+        extra = {"states": (g, hidden[:, 1:]), "feature_weight": self.cfg.feature_weight}
         if rows is None:
-            return attach_loss(backbone.head(g), teacher, tokens, self.cfg.ce_weight)
+            return attach_loss(backbone.head(g), teacher, tokens, self.cfg.ce_weight, **extra)
         rec = backbone.head_transform(g @ rows.T)
-        return attach_loss(rec, teacher, module.draft_targets(tokens), self.cfg.ce_weight)
+        return attach_loss(rec, teacher, module.draft_targets(tokens), self.cfg.ce_weight, **extra)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

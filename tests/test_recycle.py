@@ -66,6 +66,18 @@ def test_attach_loss_matches_teacher_at_the_next_step():
     assert m["kl"] > 0.01
 
 
+def test_attach_feature_term_regresses_onto_the_next_hidden_state():
+    teacher, tokens = torch.randn(2, 4, 7), torch.zeros(2, 4, dtype=torch.long)
+    h = torch.randn(2, 4, 3)
+    loss, m = attach_loss(teacher[:, 1:].clone(), teacher, tokens, states=(h[:, 1:], h[:, 1:]), feature_weight=2.0)
+    assert m["feature_loss"] == 0.0 and loss.item() == pytest.approx(m["kl"], abs=1e-6)
+    g = h[:, 1:] + 0.5  # every coordinate off by 0.5: SmoothL1 (beta 1) = 0.5 * 0.5**2
+    loss, m = attach_loss(teacher[:, 1:].clone(), teacher, tokens, states=(g, h[:, 1:]), feature_weight=2.0)
+    assert m["feature_loss"] == pytest.approx(0.125) and loss.item() == pytest.approx(m["kl"] + 0.25, abs=1e-6)
+    with pytest.raises(ValueError, match="states"):
+        attach_loss(teacher[:, 1:], teacher, tokens, feature_weight=1.0)
+
+
 def test_frozen_backbone_step_changes_only_module_parameters(tiny):
     tiny.train()
     tiny.backbone.requires_grad_(False)
