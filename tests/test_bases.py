@@ -223,6 +223,55 @@ def test_self_prompts_sample_user_turns_from_the_chat_model(smol, tmp_path):
         self_prompts(Engine(smol.backbone, ByteTokenizer()), 2, tmp_path / "r.jsonl")
 
 
+def test_shipped_module_fits_and_agrees_with_the_base(smol):
+    from recyclegpt.checkpoint import load_module_file
+    from recyclegpt.generate import Engine
+    from recyclegpt.modules import shipped_module
+
+    path = shipped_module("smollm2-135m")
+    assert path.stat().st_size <= 32 * 2**20  # the size limit on committed weights
+    module, identity = load_module_file(path)
+    assert identity["name"] == "smollm2-135m" and module.draft_vocab.numel() == 8192
+    engine, tok = Engine(smol.backbone, smol.tokenizer, module), smol.tokenizer
+    prompts = ["Why is the sky blue? Explain it to a ten-year-old.", "Give me three tips for getting better sleep."]
+    drafted = accepted = 0
+    for p in prompts:
+        ids = tok.encode(tok.apply_chat([{"role": "user", "content": p}]))
+        standard = engine.generate([ids], max_new_tokens=64)[0]
+        verified = engine.generate([ids], "verified", max_new_tokens=64)[0]
+        assert verified.token_ids == standard.token_ids
+        drafted, accepted = drafted + verified.stats.drafted, accepted + verified.stats.accepted
+    # The model card measures acceptance 0.48 over the 20 benchmark prompts x 128 tokens (a random module:
+    # about 0); these two prompts x 64 tokens measured 0.46 with this module. Floor 0.35: a module that
+    # stopped matching its base fails here.
+    assert accepted / drafted > 0.35
+
+
+def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp_path):
+    from recyclegpt.data import TokenData
+    from recyclegpt.generate import Engine
+
+    prompts = ["Name a colour.", "What is two plus two?", "Say hello in French."]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    run = ["data", "distill", "--prompts", str(tmp_path / "p.txt"), "--max-new-tokens", "6", "--batch-size", "1",
+           "--val-fraction", "0.34"]
+    assert main([*run, "--out", str(tmp_path / "f")]) == 0
+    meta = json.loads((tmp_path / "f" / "meta.json").read_text())
+    assert meta["base_dtype"] == "float32" and meta["prompts"] == 3
+    tok = smol.tokenizer
+    ids = [tok.encode(tok.apply_chat([{"role": "user", "content": p}])) for p in prompts]
+    answers = [Engine(smol.backbone, tok).generate([i], max_new_tokens=6)[0].token_ids for i in ids]
+    eos = min(tok.eos_token_ids)
+    expected = [i + [t for t in a if t not in tok.eos_token_ids] + [eos] for i, a in zip(ids, answers, strict=True)]
+    data = TokenData(tmp_path / "f")
+    stored = data.splits["train"].tolist() + data.splits["val"].tolist()
+    assert sorted(stored) == sorted(t for seq in expected for t in seq)  # every prompt + its greedy answer, once
+    assert data.splits["val"].tolist() == expected[2]  # every 3rd prompt is held out
+    assert main([*run, "--out", str(tmp_path / "b"), "--bf16"]) == 0
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert meta["base_dtype"] == "bfloat16" and len(ids[2]) + 1 < meta["tokens"]["val"] <= len(ids[2]) + 7
+
+
 def test_attach_command_with_a_hidden_state_cache(smol, tmp_path, capsys):
     text = "It is a truth universally acknowledged that a module should reuse what the base computed.\n\n"
     files = [str(tmp_path / f"t{i}.txt") for i in (1, 2)]  # two chunks: one for each split
