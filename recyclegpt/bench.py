@@ -32,7 +32,8 @@ from recyclegpt.generate import DecodeStats, Engine
 from recyclegpt.strategies import make_strategy
 
 HF_ROWS = ("hf-generate", "hf-prompt-lookup")
-ROW_KINDS = ("standard", "alternating", "verified", "adaptive", *HF_ROWS)
+MODULE_KINDS = ("alternating", "verified", "adaptive")
+ROW_KINDS = ("standard", *MODULE_KINDS, *HF_ROWS)
 PROMPT_LOOKUP_TOKENS = 10
 
 
@@ -49,6 +50,7 @@ class Row:
         kind: one of ``ROW_KINDS``.
         run: token-id prompt -> (new token ids, ``DecodeStats`` or None for transformers rows).
         draft_len / threshold: the strategy's setting, where it has one.
+        module: label of a compared module (``--compare-module``); empty for the main one.
     """
 
     name: str
@@ -56,13 +58,16 @@ class Row:
     run: Callable[[list[int]], tuple[list[int], DecodeStats | None]] = field(repr=False)
     draft_len: int | None = None
     threshold: float | None = None
+    module: str = ""
 
 
 def engine_rows(
     engine: Engine, kinds: Sequence[str], max_new_tokens: int, draft_lens: Sequence[int] = (1,),
-    thresholds: Sequence[float] = (0.5,),
+    thresholds: Sequence[float] = (0.5,), module: str = "",
 ) -> list[Row]:
     """Rows decoded by RecycleGPT's engine; ``verified`` and ``adaptive`` give one row per setting.
+
+    A non-empty ``module`` labels the rows of a compared module: their names end in ``@module``.
 
     Raises:
         ValueError: a draft length < 1 or a threshold outside [0, 1].
@@ -77,14 +82,17 @@ def engine_rows(
 
         return run
 
+    at = f"@{module}" if module else ""
     rows = []
     for kind in kinds:
         if kind == "verified":
-            rows += [Row(f"verified-k{k}", kind, runner(kind, draft_len=k), draft_len=k) for k in draft_lens]
+            rows += [Row(f"verified-k{k}{at}", kind, runner(kind, draft_len=k), draft_len=k, module=module)
+                     for k in draft_lens]
         elif kind == "adaptive":
-            rows += [Row(f"adaptive-{t:g}", kind, runner(kind, threshold=t), threshold=t) for t in thresholds]
+            rows += [Row(f"adaptive-{t:g}{at}", kind, runner(kind, threshold=t), threshold=t, module=module)
+                     for t in thresholds]
         elif kind in ("standard", "alternating"):
-            rows.append(Row(kind, kind, runner(kind)))
+            rows.append(Row(f"{kind}{at}", kind, runner(kind), module=module))
     return rows
 
 
@@ -120,13 +128,12 @@ def plan_kinds(requested: Sequence[str] | None, has_module: bool) -> list[str]:
     Raises:
         BenchError: an unknown kind, or a module strategy without a module.
     """
-    module_kinds = ("alternating", "verified", "adaptive")
     if requested is None:
-        requested = ROW_KINDS if has_module else [k for k in ROW_KINDS if k not in module_kinds]
+        requested = ROW_KINDS if has_module else [k for k in ROW_KINDS if k not in MODULE_KINDS]
     unknown = sorted(set(requested) - set(ROW_KINDS))
     if unknown:
         raise BenchError(f"unknown row kind(s) {unknown}; known: {', '.join(ROW_KINDS)}")
-    needing = [k for k in requested if k in module_kinds]
+    needing = [k for k in requested if k in MODULE_KINDS]
     if needing and not has_module:
         raise BenchError(f"{', '.join(needing)} need a recyclable module; pass --module PATH")
     return ["standard"] + [k for k in ROW_KINDS if k in requested and k != "standard"]
@@ -246,6 +253,7 @@ def run_bench(rows: Sequence[Row], prompts: Sequence[list[int]], repeats: int = 
             "kind": row.kind,
             "draft_len": row.draft_len,
             "threshold": row.threshold,
+            "module": row.module,
             "tokens_per_s": statistics.median(speed[row.name]),
             "ms_per_token": statistics.median(1000 / v for v in speed[row.name]),
             "ratio_to_standard": statistics.median(ratio[row.name]),
@@ -279,12 +287,13 @@ def format_table(result: dict) -> str:
     def num(v, fmt: str) -> str:
         return format(v, fmt) if v is not None else "-".rjust(int(fmt.split(".")[0]))
 
-    head = f"{'row':18s} {'tok/s':>8s} {'ms/tok':>8s} {'x std':>6s} {'tau':>5s} {'accept':>6s} " \
+    w = max(18, *(len(r["name"]) for r in result["rows"]))
+    head = f"{'row':{w}s} {'tok/s':>8s} {'ms/tok':>8s} {'x std':>6s} {'tau':>5s} {'accept':>6s} " \
            f"{'RSS MB':>8s} {'+MB':>6s} {'tokens':>6s}  identical"
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
         lines.append(
-            f"{r['name']:18s} {r['tokens_per_s']:8.1f} {r['ms_per_token']:8.2f} {r['ratio_to_standard']:6.2f} "
+            f"{r['name']:{w}s} {r['tokens_per_s']:8.1f} {r['ms_per_token']:8.2f} {r['ratio_to_standard']:6.2f} "
             f"{num(r['tau'], '5.2f')} {num(r['acceptance_rate'], '6.2f')} {r['peak_rss_mb']:8.0f} "
             f"{r['rss_increase_mb']:6.0f} {r['new_tokens']:6.1f}  {'yes' if r['identical_to_standard'] else 'no'}"
         )
@@ -312,13 +321,15 @@ def plot(result: dict, path: str | Path) -> None:
     axes[0].set_ylabel("speed / standard (median of per-run ratios)")
     axes[0].tick_params(axis="x", rotation=45)
     for ax, (kind, key, label) in zip(axes[1:], sweeps, strict=True):
-        pts = sorted((r[key], r["ratio_to_standard"]) for r in rows if r["kind"] == kind)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kind)
+        for module in dict.fromkeys(r.get("module", "") for r in rows if r["kind"] == kind):
+            pts = sorted((r[key], r["ratio_to_standard"]) for r in rows
+                         if r["kind"] == kind and r.get("module", "") == module)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{kind}@{module}" if module else kind)
         for i, other in enumerate(rows):
             if other["kind"] in ("alternating", *HF_ROWS):
                 ax.axhline(other["ratio_to_standard"], ls="--", lw=0.8, color=f"C{i}", label=other["name"])
         ax.axhline(1.0, color="gray", lw=0.8, label="standard")
-        ax.set_xticks([p[0] for p in pts])
+        ax.set_xticks(sorted({r[key] for r in rows if r["kind"] == kind}))
         ax.set_xlabel(label)
         ax.set_ylabel("speed / standard")
         ax.legend(fontsize=8)

@@ -426,12 +426,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     tok = engine.tokenizer
     ids = [tok.encode(tok.apply_chat([{"role": "user", "content": p}]) if base.chat else p) for p in prompts]
     rows = bench.engine_rows(engine, kinds, args.max_new_tokens, args.draft_lens, args.thresholds)
+    labels: list[str] = []
+    for path in args.compare_modules or []:
+        if engine.module is None:
+            raise bench.BenchError("--compare-module needs --module too: it compares modules on one base")
+        from pathlib import Path
+
+        from recyclegpt.bases import module_for
+        from recyclegpt.generate import Engine
+
+        other = Engine(engine.backbone, tok, module_for(base, path), compile=args.compile)
+        file = Path(path)
+        labels.append(file.stem if file.stem not in labels else f"{file.parent.name}/{file.stem}")
+        rows += bench.engine_rows(other, [k for k in kinds if k in bench.MODULE_KINDS], args.max_new_tokens,
+                                  args.draft_lens, args.thresholds, module=labels[-1])
     if any(k in bench.HF_ROWS for k in kinds):
         rows += bench.hf_rows(bench.hf_model_for(base), kinds, args.max_new_tokens, tok.eos_token_ids,
                               tok.pad_token_id)
     result = bench.run_bench(rows, ids, args.repeats, progress=lambda line: print(line, file=sys.stderr))
-    result = {"model": base.name, "module": args.module, "max_new_tokens": args.max_new_tokens,
-              "compile": args.compile, **result}
+    result = {"model": base.name, "module": args.module, "compare_modules": args.compare_modules or [],
+              "max_new_tokens": args.max_new_tokens, "compile": args.compile, **result}
     print(bench.format_table(result))
     _emit_json(result, args.json)
     if args.plot:
@@ -587,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="prompt file (one per line, or JSONL with a 'prompt' field)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes after the warm-up pass (default 3)")
+    p.add_argument("--compare-module", dest="compare_modules", action="append", default=None, metavar="PATH",
+                   help="another module for the same base (repeatable): its module rows are timed in the same "
+                   "run, interleaved, named ROW@FILE_STEM, so two modules are compared side by side")
     p.add_argument("--strategies", nargs="+", default=None, metavar="ROW",
                    help="rows to run, among: standard alternating verified adaptive hf-generate hf-prompt-lookup "
                    "(default: all; the module ones need --module); standard always runs")

@@ -247,6 +247,25 @@ def test_shipped_module_fits_and_agrees_with_the_base(smol):
     assert accepted / drafted > 0.35
 
 
+def test_bench_compares_two_modules_on_one_base(smol, tmp_path, capsys):
+    from recyclegpt.checkpoint import save_module
+
+    random = RecyclableModule(smol.backbone.config, RecycleConfig(n_layers=1))
+    save_module(tmp_path / "random.safetensors", random, {"name": "smollm2-135m"})
+    (tmp_path / "p.txt").write_text("Why is the sky blue?\nGive me three tips for getting better sleep.\n")
+    run = ["bench", "--prompts", str(tmp_path / "p.txt"), "--max-new-tokens", "24", "--repeats", "1",
+           "--strategies", "standard", "verified", "--compare-module", str(tmp_path / "random.safetensors")]
+    assert main([*run, "--module", "default", "--json", str(tmp_path / "b.json")]) == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "b.json").read_text())["rows"]}
+    assert list(rows) == ["standard", "verified-k1", "verified-k1@random"]
+    assert rows["verified-k1@random"]["identical_to_standard"] and rows["verified-k1"]["identical_to_standard"]
+    # Measured: the shipped module's drafts kept 0.39 of the time on these answers, a random module's 0.0.
+    assert rows["verified-k1@random"]["acceptance_rate"] < 0.1 < 0.3 < rows["verified-k1"]["acceptance_rate"]
+    alone = ["bench", "--prompts", str(tmp_path / "p.txt"), "--strategies", "standard", "--compare-module",
+             str(tmp_path / "random.safetensors")]
+    assert "--compare-module needs --module too" in _cli_error(capsys, alone)
+
+
 def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp_path):
     from recyclegpt.data import TokenData
     from recyclegpt.generate import Engine

@@ -16,7 +16,7 @@ from recyclegpt.recycle import RecyclableModule
 
 ROW_FIELDS = {
     "name", "kind", "draft_len", "threshold", "tokens_per_s", "ms_per_token", "ratio_to_standard", "tau",
-    "acceptance_rate", "peak_rss_mb", "rss_increase_mb", "new_tokens", "identical_to_standard",
+    "acceptance_rate", "peak_rss_mb", "rss_increase_mb", "new_tokens", "identical_to_standard", "module",
 }
 
 
@@ -44,12 +44,17 @@ def test_bench_end_to_end_on_the_same_weights(setup, tmp_path):
     kinds = plan_kinds(None, has_module=True)
     rows = engine_rows(engine, kinds, 12, draft_lens=[1, 2], thresholds=[0.0, 0.6])
     rows += hf_rows(hf, kinds, 12, engine.tokenizer.eos_token_ids, engine.tokenizer.pad_token_id)
+    other = Engine(engine.backbone, engine.tokenizer, RecyclableModule(engine.backbone.config, RecycleConfig()).eval())
+    rows += engine_rows(other, ["verified", "adaptive"], 12, draft_lens=[1, 2], thresholds=[0.6], module="other")
     prompts = [list(b"The cat sat on the mat"), list(b"Once upon a time")]
     result = run_bench(rows, prompts, repeats=2)
     result = json.loads(json.dumps(result, allow_nan=False))
     by_name = {r["name"]: r for r in result["rows"]}
     assert list(by_name) == ["standard", "alternating", "verified-k1", "verified-k2", "adaptive-0", "adaptive-0.6",
-                             "hf-generate", "hf-prompt-lookup"]
+                             "hf-generate", "hf-prompt-lookup", "verified-k1@other", "verified-k2@other",
+                             "adaptive-0.6@other"]
+    assert {r["module"] for r in result["rows"]} == {"", "other"}
+    assert by_name["verified-k2@other"]["identical_to_standard"] is True  # a compared module is verified too
     for r in result["rows"]:
         assert set(r) == ROW_FIELDS
         assert r["tokens_per_s"] > 0 and r["ms_per_token"] > 0 and r["ratio_to_standard"] > 0

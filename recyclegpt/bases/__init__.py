@@ -189,18 +189,28 @@ def load_engine(model: str = DEFAULT_BASE, module: str | None = None, backend: s
     Raises:
         CheckpointError: the module does not fit the base (widths or vocabulary).
     """
-    from recyclegpt.checkpoint import CheckpointError, load_module
     from recyclegpt.generate import Engine
-    from recyclegpt.modules import resolve_module
 
     base = load_base(model, backend=backend)
+    return Engine(base.backbone, base.tokenizer, module_for(base, module), compile=compile), base
+
+
+def module_for(base: Base, module: str | None):
+    """The recyclable module ``module`` (a file, ``"default"`` or None) loaded for ``base``.
+
+    Raises:
+        CheckpointError: the module does not fit the base (widths or vocabulary).
+    """
+    from recyclegpt.checkpoint import CheckpointError, load_module
+    from recyclegpt.modules import resolve_module
+
     path = resolve_module(module, base.name)
-    mod = None
-    if path is not None:
-        mod = load_module(path, base.backbone.config)
-        if base.tokenizer.vocab_size > mod.config.vocab_size:
-            raise CheckpointError(
-                f"module {path} has a vocabulary of {mod.config.vocab_size}; the tokenizer of {base.name} "
-                f"has {base.tokenizer.vocab_size} tokens"
-            )
-    return Engine(base.backbone, base.tokenizer, mod, compile=compile), base
+    if path is None:
+        return None
+    mod = load_module(path, base.backbone.config)
+    if base.tokenizer.vocab_size > mod.config.vocab_size:
+        raise CheckpointError(
+            f"module {path} has a vocabulary of {mod.config.vocab_size}; the tokenizer of {base.name} "
+            f"has {base.tokenizer.vocab_size} tokens"
+        )
+    return mod
