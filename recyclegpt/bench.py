@@ -321,9 +321,8 @@ def plot(result: dict, path: str | Path) -> None:
     axes[0].set_ylabel("speed / standard (median of per-run ratios)")
     axes[0].tick_params(axis="x", rotation=45)
     for ax, (kind, key, label) in zip(axes[1:], sweeps, strict=True):
-        for module in dict.fromkeys(r.get("module", "") for r in rows if r["kind"] == kind):
-            pts = sorted((r[key], r["ratio_to_standard"]) for r in rows
-                         if r["kind"] == kind and r.get("module", "") == module)
+        for module in dict.fromkeys(r["module"] for r in rows if r["kind"] == kind):
+            pts = sorted((r[key], r["ratio_to_standard"]) for r in rows if r["kind"] == kind and r["module"] == module)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{kind}@{module}" if module else kind)
         for i, other in enumerate(rows):
             if other["kind"] in ("alternating", *HF_ROWS):

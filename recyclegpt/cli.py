@@ -426,20 +426,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     tok = engine.tokenizer
     ids = [tok.encode(tok.apply_chat([{"role": "user", "content": p}]) if base.chat else p) for p in prompts]
     rows = bench.engine_rows(engine, kinds, args.max_new_tokens, args.draft_lens, args.thresholds)
-    labels: list[str] = []
-    for path in args.compare_modules or []:
-        if engine.module is None:
-            raise bench.BenchError("--compare-module needs --module too: it compares modules on one base")
+    if args.compare_modules:
         from pathlib import Path
 
         from recyclegpt.bases import module_for
-        from recyclegpt.generate import Engine
 
-        other = Engine(engine.backbone, tok, module_for(base, path), compile=args.compile)
-        file = Path(path)
-        labels.append(file.stem if file.stem not in labels else f"{file.parent.name}/{file.stem}")
-        rows += bench.engine_rows(other, [k for k in kinds if k in bench.MODULE_KINDS], args.max_new_tokens,
-                                  args.draft_lens, args.thresholds, module=labels[-1])
+        if engine.module is None:
+            raise bench.BenchError("--compare-module needs --module too: it compares modules on one base")
+        labels: list[str] = []
+        for path in args.compare_modules:
+            file = Path(path)
+            labels.append(file.stem if file.stem not in labels else f"{file.parent.name}/{file.stem}")
+            rows += bench.engine_rows(engine.with_module(module_for(base, path)),
+                                      [k for k in kinds if k in bench.MODULE_KINDS], args.max_new_tokens,
+                                      args.draft_lens, args.thresholds, module=labels[-1])
     if any(k in bench.HF_ROWS for k in kinds):
         rows += bench.hf_rows(bench.hf_model_for(base), kinds, args.max_new_tokens, tok.eos_token_ids,
                               tok.pad_token_id)

@@ -13,6 +13,7 @@ the module's own state in place of h), then lets the module ingest the n + 1 rea
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -208,6 +209,14 @@ class Engine:
             self._decoder = torch.compile(self.backbone, dynamic=True)
             if module is not None:
                 self._module_decoder = torch.compile(module, dynamic=True)
+
+    def with_module(self, module: torch.nn.Module) -> Engine:
+        """An engine on the same backbone (compiled copy included, not compiled again) with another module."""
+        other = copy.copy(self)
+        other.module = other._module_decoder = module.eval()
+        if self._decoder is not self.backbone:  # this engine compiles: so does the new module
+            other._module_decoder = torch.compile(module, dynamic=True)
+        return other
 
     def _prepare(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         if not prompts:

@@ -44,7 +44,7 @@ def test_bench_end_to_end_on_the_same_weights(setup, tmp_path):
     kinds = plan_kinds(None, has_module=True)
     rows = engine_rows(engine, kinds, 12, draft_lens=[1, 2], thresholds=[0.0, 0.6])
     rows += hf_rows(hf, kinds, 12, engine.tokenizer.eos_token_ids, engine.tokenizer.pad_token_id)
-    other = Engine(engine.backbone, engine.tokenizer, RecyclableModule(engine.backbone.config, RecycleConfig()).eval())
+    other = engine.with_module(RecyclableModule(engine.backbone.config, RecycleConfig()))
     rows += engine_rows(other, ["verified", "adaptive"], 12, draft_lens=[1, 2], thresholds=[0.6], module="other")
     prompts = [list(b"The cat sat on the mat"), list(b"Once upon a time")]
     result = run_bench(rows, prompts, repeats=2)

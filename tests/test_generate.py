@@ -209,6 +209,11 @@ def test_compiled_decoding_equals_eager(trained):
             ref = trained.generate(batch, strategy, max_new_tokens=12, **kwargs)
             assert [g.token_ids for g in ours] == [g.token_ids for g in ref], strategy
             assert ours[0].stats.accepted == ref[0].stats.accepted
+    # Another module on the same compiled backbone: the backbone is not compiled again, the module is.
+    other = compiled.with_module(trained.module)
+    assert other._decoder is compiled._decoder and other._module_decoder is not trained.module
+    standard = trained.generate([prompts[0]], max_new_tokens=12)[0].token_ids
+    assert other.generate([prompts[0]], "verified", max_new_tokens=12)[0].token_ids == standard
 
 
 def test_compile_needs_the_native_backbone(tiny):
