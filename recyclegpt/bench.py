@@ -314,12 +314,11 @@ def plot(result: dict, path: str | Path) -> None:
     sweeps = [(kind, key, label) for kind, key, label in
               (("adaptive", "threshold", "adaptive threshold"), ("verified", "draft_len", "verified draft length"))
               if any(r["kind"] == kind for r in rows)]
-    fig = Figure(figsize=(5 * (1 + len(sweeps)), 4), layout="constrained")
+    fig = Figure(figsize=(5.5 * (1 + len(sweeps)), max(4.0, 1.5 + 0.35 * len(rows))), layout="constrained")
     axes = fig.subplots(1, 1 + len(sweeps), squeeze=False)[0]
-    axes[0].bar([r["name"] for r in rows], [r["ratio_to_standard"] for r in rows])
-    axes[0].axhline(1.0, color="gray", lw=0.8)
-    axes[0].set_ylabel("speed / standard (median of per-run ratios)")
-    axes[0].tick_params(axis="x", rotation=45)
+    axes[0].barh([r["name"] for r in rows][::-1], [r["ratio_to_standard"] for r in rows][::-1])
+    axes[0].axvline(1.0, color="gray", lw=0.8)
+    axes[0].set_xlabel("speed / standard (median of per-run ratios)")
     for ax, (kind, key, label) in zip(axes[1:], sweeps, strict=True):
         for module in dict.fromkeys(r["module"] for r in rows if r["kind"] == kind):
             pts = sorted((r[key], r["ratio_to_standard"]) for r in rows if r["kind"] == kind and r["module"] == module)

@@ -236,6 +236,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     from recyclegpt import data
 
     _threads(args.threads)
+    if args.bf16 and args.action in ("prepare", "merge"):
+        raise ValueError(f"--bf16 runs the base in bfloat16, so it applies to data distill and data prompts only; "
+                         f"data {args.action} runs no model")
     if args.action == "merge":
         meta = data.merge(args.inputs, args.out)
     else:
@@ -243,7 +246,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         from recyclegpt.generate import Engine
 
         base = load_base(args.model, backend=args.backend)
-        if args.bf16 and args.action != "prepare":
+        if args.bf16:
             import torch
 
             base.backbone.to(torch.bfloat16)

@@ -266,7 +266,7 @@ def test_bench_compares_two_modules_on_one_base(smol, tmp_path, capsys):
     assert "--compare-module needs --module too" in _cli_error(capsys, alone)
 
 
-def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp_path):
+def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp_path, capsys):
     from recyclegpt.data import TokenData
     from recyclegpt.generate import Engine
 
@@ -289,6 +289,10 @@ def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp
     assert main([*run, "--out", str(tmp_path / "b"), "--bf16"]) == 0
     meta = json.loads((tmp_path / "b" / "meta.json").read_text())
     assert meta["base_dtype"] == "bfloat16" and len(ids[2]) + 1 < meta["tokens"]["val"] <= len(ids[2]) + 7
+    capsys.readouterr()
+    assert main(["data", "prepare", str(tmp_path / "p.txt"), "--out", str(tmp_path / "t"), "--bf16"]) == 2
+    assert "applies to data distill and data prompts only" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
 
 
 def test_attach_command_with_a_hidden_state_cache(smol, tmp_path, capsys):
