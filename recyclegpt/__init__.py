@@ -21,7 +21,8 @@ __version__ = "0.1.0"
 
 
 def load(
-    model: str = "smollm2-135m", module: str | None = None, backend: str = "auto", compile: bool = False
+    model: str = "smollm2-135m", module: str | None = None, backend: str = "auto", compile: bool = False,
+    dtype: str = "float32",
 ) -> Engine:
     """Load a base (registry name, HF directory or GGUF file) and optionally a module, ready to generate.
 
@@ -30,7 +31,9 @@ def load(
         module: a module file, ``"default"`` for the one shipped for this base, or None.
         backend: ``auto``, ``native`` or ``hf``.
         compile: decode through ``torch.compile`` (native backbone; the first calls compile).
+        dtype: ``float32`` or ``bfloat16`` (faster on CPUs with native bfloat16 products; greedy
+            answers then follow the bfloat16 model).
     """
     from recyclegpt.bases import load_engine
 
-    return load_engine(model, module, backend, compile)[0]
+    return load_engine(model, module, backend, compile, dtype)[0]

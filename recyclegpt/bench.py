@@ -195,8 +195,9 @@ def run_bench(rows: Sequence[Row], prompts: Sequence[list[int]], repeats: int = 
         ``{"prompts", "repeats", "threads", "memory", "rows": [...]}``; per row: ``tokens_per_s``,
         ``ms_per_token``, ``ratio_to_standard``, ``tau`` (RecycleGPT rows: tokens per full call) and
         ``acceptance_rate`` (verified rows: drafts kept / drafted; null elsewhere), ``peak_rss_mb``,
-        ``rss_increase_mb``, ``new_tokens`` (mean per run) and ``identical_to_standard`` (every output's
-        token ids equal ``standard``'s, compared on the warm-up pass: greedy decoding is deterministic).
+        ``rss_increase_mb``, ``new_tokens`` (mean per run), ``identical_prompts`` (prompts whose output
+        token ids equal ``standard``'s, compared on the warm-up pass: greedy decoding is deterministic)
+        and ``identical_to_standard`` (all of them).
     """
     if not prompts:
         raise BenchError("no prompts given")
@@ -262,6 +263,7 @@ def run_bench(rows: Sequence[Row], prompts: Sequence[list[int]], repeats: int = 
             "peak_rss_mb": peak[row.name] / 2**20,
             "rss_increase_mb": rise[row.name] / 2**20,
             "new_tokens": statistics.mean(len(t) for t in outputs[row.name]),
+            "identical_prompts": sum(a == b for a, b in zip(outputs[row.name], reference, strict=True)),
             "identical_to_standard": outputs[row.name] == reference,
         })
     return {
@@ -288,6 +290,7 @@ def format_table(result: dict) -> str:
         return format(v, fmt) if v is not None else "-".rjust(int(fmt.split(".")[0]))
 
     w = max(18, *(len(r["name"]) for r in result["rows"]))
+    n = result["prompts"]
     head = f"{'row':{w}s} {'tok/s':>8s} {'ms/tok':>8s} {'x std':>6s} {'tau':>5s} {'accept':>6s} " \
            f"{'RSS MB':>8s} {'+MB':>6s} {'tokens':>6s}  identical"
     lines = [head, "-" * len(head)]
@@ -295,7 +298,8 @@ def format_table(result: dict) -> str:
         lines.append(
             f"{r['name']:{w}s} {r['tokens_per_s']:8.1f} {r['ms_per_token']:8.2f} {r['ratio_to_standard']:6.2f} "
             f"{num(r['tau'], '5.2f')} {num(r['acceptance_rate'], '6.2f')} {r['peak_rss_mb']:8.0f} "
-            f"{r['rss_increase_mb']:6.0f} {r['new_tokens']:6.1f}  {'yes' if r['identical_to_standard'] else 'no'}"
+            f"{r['rss_increase_mb']:6.0f} {r['new_tokens']:6.1f}  "
+            f"{'yes' if r['identical_to_standard'] else 'no, ' + str(r['identical_prompts']) + ' of ' + str(n)}"
         )
     return "\n".join(lines)
 
@@ -331,5 +335,9 @@ def plot(result: dict, path: str | Path) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("speed / standard")
         ax.legend(fontsize=8)
-    fig.suptitle(f"prompts: {result['prompts']}, repeats: {result['repeats']}, threads: {result['threads']}")
+    setting = ", ".join(f"{k}: {result[k]}" for k in ("model", "dtype") if k in result)
+    if result.get("compile"):
+        setting += ", compiled"
+    fig.suptitle(f"{setting + ', ' if setting else ''}prompts: {result['prompts']}, repeats: {result['repeats']}, "
+                 f"threads: {result['threads']}")
     fig.savefig(path, dpi=120)

@@ -16,7 +16,8 @@ from recyclegpt.recycle import RecyclableModule
 
 ROW_FIELDS = {
     "name", "kind", "draft_len", "threshold", "tokens_per_s", "ms_per_token", "ratio_to_standard", "tau",
-    "acceptance_rate", "peak_rss_mb", "rss_increase_mb", "new_tokens", "identical_to_standard", "module",
+    "acceptance_rate", "peak_rss_mb", "rss_increase_mb", "new_tokens", "identical_prompts",
+    "identical_to_standard", "module",
 }
 
 
@@ -63,7 +64,7 @@ def test_bench_end_to_end_on_the_same_weights(setup, tmp_path):
     std = by_name["standard"]
     assert std["ratio_to_standard"] == 1.0 and std["tau"] == 1.0 and std["acceptance_rate"] is None
     for name in ("verified-k1", "verified-k2"):  # lossless, with real drafting
-        assert by_name[name]["identical_to_standard"] is True
+        assert by_name[name]["identical_to_standard"] is True and by_name[name]["identical_prompts"] == 2
         assert by_name[name]["tau"] >= 1.0 and 0.0 <= by_name[name]["acceptance_rate"] <= 1.0
     assert by_name["hf-generate"]["identical_to_standard"] is True  # same weights, same greedy tokens
     assert by_name["hf-prompt-lookup"]["identical_to_standard"] is True

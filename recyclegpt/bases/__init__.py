@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from recyclegpt.bases.convert import NATIVE_ARCHITECTURES, UnsupportedArchitecture, backbone_from_hf
 from recyclegpt.bases.hf import HFBackbone
-from recyclegpt.bases.registry import DEFAULT_BASE, REGISTRY, BaseError, BaseSpec, home, resolve
+from recyclegpt.bases.registry import DEFAULT_BASE, DTYPES, REGISTRY, BaseError, BaseSpec, home, resolve
 from recyclegpt.bases.tokenizer import ByteTokenizer, HFTokenizer
 from recyclegpt.checkpoint import load_backbone, save_backbone
 
@@ -177,7 +177,10 @@ def load_base(
     return Base(spec.name if spec else str(path), backbone, _tokenizer(spec, target), cached, use_chat)
 
 
-def load_engine(model: str = DEFAULT_BASE, module: str | None = None, backend: str = "auto", compile: bool = False):
+def load_engine(
+    model: str = DEFAULT_BASE, module: str | None = None, backend: str = "auto", compile: bool = False,
+    dtype: str = "float32",
+):
     """A base plus (optionally) a module, as a ready ``Engine``; returns (engine, base).
 
     Args:
@@ -185,14 +188,22 @@ def load_engine(model: str = DEFAULT_BASE, module: str | None = None, backend: s
         module: module file, ``"default"`` for the one shipped for this base, or None.
         backend: ``auto``, ``native`` or ``hf``.
         compile: decode through ``torch.compile`` (native backbone only; see ``Engine``).
+        dtype: ``float32`` or ``bfloat16``: the precision base and module decode in (see ``DTYPES``).
 
     Raises:
+        BaseError: an unknown dtype.
         CheckpointError: the module does not fit the base (widths or vocabulary).
     """
     from recyclegpt.generate import Engine
 
+    if dtype not in DTYPES:
+        raise BaseError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     base = load_base(model, backend=backend)
-    return Engine(base.backbone, base.tokenizer, module_for(base, module), compile=compile), base
+    mod = module_for(base, module)
+    base.backbone.to(getattr(torch, dtype))
+    if mod is not None:
+        mod.to(getattr(torch, dtype))
+    return Engine(base.backbone, base.tokenizer, mod, compile=compile), base
 
 
 def module_for(base: Base, module: str | None):
