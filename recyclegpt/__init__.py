@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 def load(
     model: str = "smollm2-135m", module: str | None = None, backend: str = "auto", compile: bool = False,
-    dtype: str = "float32",
+    dtype: str = "float32", prepack: bool = False,
 ) -> Engine:
     """Load a base (registry name, HF directory or GGUF file) and optionally a module, ready to generate.
 
@@ -33,7 +33,9 @@ def load(
         compile: decode through ``torch.compile`` (native backbone; the first calls compile).
         dtype: ``float32`` or ``bfloat16`` (faster on CPUs with native bfloat16 products; greedy
             answers then follow the bfloat16 model).
+        prepack: multiply through oneDNN with weights packed once (native backbone, not with compile):
+            faster where the default float32 products are slow for a few rows (e.g. AMD EPYC).
     """
     from recyclegpt.bases import load_engine
 
-    return load_engine(model, module, backend, compile, dtype)[0]
+    return load_engine(model, module, backend, compile, dtype, prepack)[0]

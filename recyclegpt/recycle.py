@@ -25,7 +25,7 @@ from torch import nn
 
 from recyclegpt.cache import KVCache
 from recyclegpt.config import ModelConfig, RecycleConfig
-from recyclegpt.model import Backbone, RMSNorm, Stack, _init_weights, count_parameters
+from recyclegpt.model import Backbone, PackedLinear, RMSNorm, Stack, _init_weights, count_parameters
 
 
 class RecyclableModule(nn.Module):
@@ -80,6 +80,8 @@ class RecyclableModule(nn.Module):
         key = (weight.data_ptr(), weight.dtype, self.draft_vocab.data_ptr())
         if getattr(self, "_rows_key", None) != key:
             self._rows = weight.detach()[self.draft_vocab].contiguous()  # (V_d, d), a copy: fast to read
+            # A module prepacked for decoding (``model.prepack_linears``) packs its draft head too.
+            self._rows_packed = PackedLinear(self._rows) if isinstance(self.fuse, PackedLinear) else None
             self._rows_key = key
         return self._rows
 
@@ -88,10 +90,9 @@ class RecyclableModule(nn.Module):
         rows = self.head_rows(backbone)
         if rows is None:
             return backbone.head(g)
-        sub = backbone.head_transform(g @ rows.T)  # (..., V_d)
+        sub = backbone.head_transform(g @ rows.T if self._rows_packed is None else self._rows_packed(g))  # (..., V_d)
         out = sub.new_full((*g.shape[:-1], self.config.vocab_size), float("-inf"))
         return out.index_copy_(-1, self.draft_vocab, sub)
-
 
     def draft_targets(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids mapped to draft-vocabulary indices; tokens outside it become -100 (ignored)."""

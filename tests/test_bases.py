@@ -266,9 +266,10 @@ def test_bench_compares_two_modules_on_one_base(smol, tmp_path, capsys):
     assert "--compare-module needs --module too" in _cli_error(capsys, alone)
 
 
-def test_bfloat16_decoding_follows_the_float32_model_and_the_bench_runs_both_sides_in_it(smol, tmp_path, capsys):
+def test_bfloat16_and_prepacked_decoding_and_the_bench_in_bfloat16(smol, tmp_path, capsys):
     fp32 = _generate(capsys, ["--module", "default", "--strategy", "verified"])
     bf16 = _generate(capsys, ["--module", "default", "--strategy", "verified", "--dtype", "bfloat16"])
+    assert _generate(capsys, ["--module", "default", "--strategy", "verified", "--prepack"]) == fp32  # float32
     # Rounding parts the two greedy answers after some tokens (measured on an AVX512-BF16 CPU: the first
     # 10 of 12 agree); the floor of 6 leaves room for other CPUs' bfloat16 kernels.
     assert bf16[:6] == fp32[:6] and len(bf16) == 12
@@ -283,6 +284,8 @@ def test_bfloat16_decoding_follows_the_float32_model_and_the_bench_runs_both_sid
     assert rows["alternating"]["tau"] > 1.5 and rows["hf-generate"]["new_tokens"] == 16
     with pytest.raises(BaseError, match="unknown dtype 'float8'; choose one of float32, bfloat16"):
         load_engine("smollm2-135m", dtype="float8")
+    with pytest.raises(BaseError, match="prepack is for eager decoding"):
+        load_engine("smollm2-135m", compile=True, prepack=True)
 
 
 def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp_path, capsys):

@@ -266,6 +266,34 @@ def test_draft_vocabulary_keeps_verified_exact_and_round_trips(trained, tmp_path
     assert torch.equal(loaded.draft_vocab, module.draft_vocab)
 
 
+def test_prepacked_products_decode_the_same_tokens(trained):
+    import copy
+
+    from recyclegpt.model import PackedLinear, prepack_linears
+
+    backbone, module = copy.deepcopy(trained.backbone), copy.deepcopy(trained.module)
+    module.set_draft_vocab(torch.arange(0, 256, 2))
+    reference = Engine(trained.backbone, ByteTokenizer(), copy.deepcopy(module))
+    # 2 blocks x 7 matrices + the head; the module's fuse + 1 block x 7
+    assert prepack_linears(backbone) == 15 and prepack_linears(module) == 8
+    assert isinstance(backbone.lm_head, PackedLinear) and backbone.head_weight() is backbone.embed_tokens.weight
+    packed = Engine(backbone, ByteTokenizer(), module)
+    tokens = torch.tensor([_prompts(1, seed=3)[0]])
+    with torch.inference_mode():
+        (want, h_want), (got, h_got) = trained.backbone(tokens), backbone(tokens)
+        g = torch.randn(1, 3, 64)
+        draft_want, draft_got = reference.module.draft_logits(trained.backbone, g), module.draft_logits(backbone, g)
+    # oneDNN and the default BLAS sum in different orders: float32 rounding apart, no more
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4) and torch.allclose(h_got, h_want, atol=1e-4, rtol=1e-4)
+    assert module._rows_packed is not None and torch.allclose(draft_got, draft_want, atol=1e-4, rtol=1e-4)
+    for p in _prompts(12, seed=8):
+        std = reference.generate([p], "standard", max_new_tokens=16)[0].token_ids
+        assert packed.generate([p], "standard", max_new_tokens=16)[0].token_ids == std
+        assert packed.generate([p], "verified", max_new_tokens=16, draft_len=2)[0].token_ids == std
+        want_alt = reference.generate([p], "alternating", max_new_tokens=16)[0].token_ids
+        assert packed.generate([p], "alternating", max_new_tokens=16)[0].token_ids == want_alt
+
+
 class _StubBackbone(torch.nn.Module):
     """Always predicts token 1 and records its cache length after every call."""
 

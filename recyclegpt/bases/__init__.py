@@ -22,6 +22,7 @@ from recyclegpt.bases.hf import HFBackbone
 from recyclegpt.bases.registry import DEFAULT_BASE, DTYPES, REGISTRY, BaseError, BaseSpec, home, resolve
 from recyclegpt.bases.tokenizer import ByteTokenizer, HFTokenizer
 from recyclegpt.checkpoint import load_backbone, save_backbone
+from recyclegpt.model import Backbone, prepack_linears
 
 __all__ = [
     "DEFAULT_BASE", "REGISTRY", "Base", "BaseError", "ByteTokenizer", "HFTokenizer", "UnsupportedArchitecture",
@@ -179,7 +180,7 @@ def load_base(
 
 def load_engine(
     model: str = DEFAULT_BASE, module: str | None = None, backend: str = "auto", compile: bool = False,
-    dtype: str = "float32",
+    dtype: str = "float32", prepack: bool = False,
 ):
     """A base plus (optionally) a module, as a ready ``Engine``; returns (engine, base).
 
@@ -189,25 +190,38 @@ def load_engine(
         backend: ``auto``, ``native`` or ``hf``.
         compile: decode through ``torch.compile`` (native backbone only; see ``Engine``).
         dtype: ``float32`` or ``bfloat16``: the precision base and module decode in (see ``DTYPES``).
+        prepack: multiply through oneDNN with weights packed once (``model.PackedLinear``; native
+            backbone, eager decoding only).
 
     Raises:
-        BaseError: an unknown dtype.
+        BaseError: an unknown dtype, or prepack with compile or with a non-native backbone.
         CheckpointError: the module does not fit the base (widths or vocabulary).
     """
     from recyclegpt.generate import Engine
 
     if dtype not in DTYPES:
         raise BaseError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if prepack and compile:
+        raise BaseError("prepack is for eager decoding (torch.compile packs weights its own way); "
+                        "choose one of prepack and compile")
     base = load_base(model, backend=backend)
-    mod = module_for(base, module)
-    base.backbone.to(getattr(torch, dtype))
-    if mod is not None:
-        mod.to(getattr(torch, dtype))
+    if prepack and not isinstance(base.backbone, Backbone):
+        raise BaseError(f"prepack needs the native backend; {base.name} runs on the {base.backend} one")
+    _ready(base.backbone, dtype, prepack)
+    mod = module_for(base, module, dtype, prepack)
     return Engine(base.backbone, base.tokenizer, mod, compile=compile), base
 
 
-def module_for(base: Base, module: str | None):
-    """The recyclable module ``module`` (a file, ``"default"`` or None) loaded for ``base``.
+def _ready(part: torch.nn.Module, dtype: str, prepack: bool) -> None:
+    """Cast a backbone or module for decoding, then pack its products if asked (packing comes last)."""
+    part.to(getattr(torch, dtype))
+    if prepack:
+        prepack_linears(part)
+
+
+def module_for(base: Base, module: str | None, dtype: str = "float32", prepack: bool = False):
+    """The recyclable module ``module`` (a file, ``"default"`` or None) loaded for ``base``, ready to
+    decode in ``dtype`` (and packed, with ``prepack``) beside a backbone prepared the same way.
 
     Raises:
         CheckpointError: the module does not fit the base (widths or vocabulary).
@@ -224,4 +238,5 @@ def module_for(base: Base, module: str | None):
             f"module {path} has a vocabulary of {mod.config.vocab_size}; the tokenizer of {base.name} "
             f"has {base.tokenizer.vocab_size} tokens"
         )
+    _ready(mod, dtype, prepack)
     return mod
