@@ -335,9 +335,8 @@ def plot(result: dict, path: str | Path) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("speed / standard")
         ax.legend(fontsize=8)
-    setting = ", ".join(f"{k}: {result[k]}" for k in ("model", "dtype") if k in result)
-    if result.get("compile"):
-        setting += ", compiled"
-    fig.suptitle(f"{setting + ', ' if setting else ''}prompts: {result['prompts']}, repeats: {result['repeats']}, "
-                 f"threads: {result['threads']}")
+    setting = [f"{k}: {result[k]}" for k in ("model", "dtype") if k in result]
+    setting += [word for k, word in (("compile", "compiled"), ("prepack", "prepacked")) if result.get(k)]
+    setting += [f"{k}: {result[k]}" for k in ("prompts", "repeats", "threads")]
+    fig.suptitle(", ".join(setting))
     fig.savefig(path, dpi=120)
