@@ -46,10 +46,10 @@ class Row:
     """One benchmarked way of decoding.
 
     Attributes:
-        name: label in the table (e.g. ``verified-k2``, ``adaptive-0.5``).
+        name: label in the table (e.g. ``verified-k2``, ``verified-k2w4``, ``adaptive-0.5``).
         kind: one of ``ROW_KINDS``.
         run: token-id prompt -> (new token ids, ``DecodeStats`` or None for transformers rows).
-        draft_len / threshold: the strategy's setting, where it has one.
+        draft_len / draft_width / threshold: the strategy's setting, where it has one.
         module: label of a compared module (``--compare-module``); empty for the main one.
     """
 
@@ -59,22 +59,24 @@ class Row:
     draft_len: int | None = None
     threshold: float | None = None
     module: str = ""
+    draft_width: int | None = None
 
 
 def engine_rows(
     engine: Engine, kinds: Sequence[str], max_new_tokens: int, draft_lens: Sequence[int] = (1,),
-    thresholds: Sequence[float] = (0.5,), module: str = "",
+    thresholds: Sequence[float] = (0.5,), module: str = "", draft_widths: Sequence[int] = (1,),
 ) -> list[Row]:
-    """Rows decoded by RecycleGPT's engine; ``verified`` and ``adaptive`` give one row per setting.
+    """Rows decoded by RecycleGPT's engine; ``verified`` gives one row per (draft length, draft width),
+    ``adaptive`` one per threshold.
 
     A non-empty ``module`` labels the rows of a compared module: their names end in ``@module``.
 
     Raises:
-        ValueError: a draft length < 1 or a threshold outside [0, 1].
+        ValueError: a draft length or width < 1 or a threshold outside [0, 1].
     """
 
-    def runner(name: str, draft_len: int = 1, threshold: float = 0.5):
-        strategy = make_strategy(name, draft_len, threshold)  # validates the setting now, not mid-run
+    def runner(name: str, draft_len: int = 1, threshold: float = 0.5, width: int = 1):
+        strategy = make_strategy(name, draft_len, threshold, width)  # validates the setting now, not mid-run
 
         def run(ids: list[int]) -> tuple[list[int], DecodeStats]:
             g = engine.generate([ids], strategy, max_new_tokens)[0]
@@ -86,8 +88,9 @@ def engine_rows(
     rows = []
     for kind in kinds:
         if kind == "verified":
-            rows += [Row(f"verified-k{k}{at}", kind, runner(kind, draft_len=k), draft_len=k, module=module)
-                     for k in draft_lens]
+            rows += [Row(f"verified-k{k}{f'w{w}' if w > 1 else ''}{at}", kind, runner(kind, draft_len=k, width=w),
+                         draft_len=k, module=module, draft_width=w)
+                     for w in draft_widths for k in draft_lens]
         elif kind == "adaptive":
             rows += [Row(f"adaptive-{t:g}{at}", kind, runner(kind, threshold=t), threshold=t, module=module)
                      for t in thresholds]
@@ -253,6 +256,7 @@ def run_bench(rows: Sequence[Row], prompts: Sequence[list[int]], repeats: int = 
             "name": row.name,
             "kind": row.kind,
             "draft_len": row.draft_len,
+            "draft_width": row.draft_width,
             "threshold": row.threshold,
             "module": row.module,
             "tokens_per_s": statistics.median(speed[row.name]),
@@ -324,9 +328,11 @@ def plot(result: dict, path: str | Path) -> None:
     axes[0].axvline(1.0, color="gray", lw=0.8)
     axes[0].set_xlabel("speed / standard (median of per-run ratios)")
     for ax, (kind, key, label) in zip(axes[1:], sweeps, strict=True):
-        for module in dict.fromkeys(r["module"] for r in rows if r["kind"] == kind):
-            pts = sorted((r[key], r["ratio_to_standard"]) for r in rows if r["kind"] == kind and r["module"] == module)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{kind}@{module}" if module else kind)
+        for module, width in dict.fromkeys((r["module"], r.get("draft_width")) for r in rows if r["kind"] == kind):
+            pts = sorted((r[key], r["ratio_to_standard"]) for r in rows if r["kind"] == kind and r["module"] == module
+                         and r.get("draft_width") == width)
+            series = kind + (f" width {width}" if width and width > 1 else "") + (f"@{module}" if module else "")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=series)
         for i, other in enumerate(rows):
             if other["kind"] in ("alternating", *HF_ROWS):
                 ax.axhline(other["ratio_to_standard"], ls="--", lw=0.8, color=f"C{i}", label=other["name"])

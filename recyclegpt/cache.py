@@ -9,11 +9,45 @@ reads.
 
 Left padding (batched prompts of different lengths) is recorded in ``valid``: a (batch, max_len)
 bool tensor, False for padding slots, which the attention mask excludes as keys.
+
+A call's new tokens may also form a tree (``Tree``): several candidates for the same position, each
+seeing the cache and its own ancestors only. After verification ``keep`` moves the slots of the kept
+branch next to the cached prefix, so the cache is again one sequence.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class Tree:
+    """The layout of one call's new tokens as a tree (draft candidates verified side by side).
+
+    Attributes:
+        depth: (T,) position of each new token counted from the cache's length (the root is 0).
+        mask: (T, T) bool, ``mask[i, j]``: new token i may attend to new token j (its ancestors and itself).
+    """
+
+    depth: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def from_parents(cls, parents: Sequence[int], device: torch.device | str = "cpu") -> Tree:
+        """A tree from each new token's parent index (-1 for the root, which must come first; a
+        parent comes before its children)."""
+        if not parents or parents[0] != -1 or any(not 0 <= q < i for i, q in enumerate(parents) if i):
+            raise ValueError(f"parents must start with -1 and name earlier tokens, got {list(parents)}")
+        T = len(parents)
+        mask = torch.eye(T, dtype=torch.bool)
+        depth = [0] * T
+        for i in range(1, T):
+            mask[i] |= mask[parents[i]]
+            depth[i] = depth[parents[i]] + 1
+        return cls(torch.tensor(depth, device=device), mask.to(device))
 
 
 class CacheFullError(ValueError):
@@ -73,9 +107,10 @@ class KVCache:
                 f"cache holds {self.max_len} tokens; {self.length} used, cannot add {n_new} more"
             )
 
-    def attn_mask(self, n_new: int) -> torch.Tensor | None:
+    def attn_mask(self, n_new: int, tree: torch.Tensor | None = None) -> torch.Tensor | None:
         """Boolean mask (batch or 1, 1, n_new, length + n_new) for queries at the next n_new slots.
 
+        ``tree`` (n_new, n_new), from ``Tree.mask``, replaces the causal order among the new tokens.
         Returns None when every visible key may be attended (one new token, no padding), which lets
         ``scaled_dot_product_attention`` take its fastest path.
         """
@@ -83,6 +118,8 @@ class KVCache:
         if n_new == 1 and not self.has_padding:
             return None
         mask = self._causal[start:end, :end]  # (T, end), a view
+        if tree is not None:
+            mask = torch.cat([mask[:, :start], tree], 1)  # every new token sees the whole prefix
         if self.has_padding:
             mask = mask & self.valid[:, None, None, :end]  # (B, 1, T, end)
             # A padding query must attend somewhere (else softmax is NaN): let it see itself.
@@ -105,6 +142,16 @@ class KVCache:
     def advance(self, n_new: int) -> None:
         """Count ``n_new`` written slots as part of the sequence."""
         self.length += n_new
+
+    def keep(self, start: int, path: torch.Tensor) -> None:
+        """Move the kept branch of a tree call next to its root: for each row b, the slots
+        ``start + path[b]`` (path (B, n) offsets from the root at ``start``) go to slots
+        ``start + 1 .. start + n``. Call ``rollback(start + n + 1)`` afterwards."""
+        B, n = path.shape
+        for cache in (self.k, self.v):
+            for t in cache:
+                idx = (start + path)[:, None, :, None].expand(B, t.shape[1], n, t.shape[3])
+                t[:, :, start + 1 : start + 1 + n] = t.gather(2, idx)  # gather copies first: no overlap issue
 
     def rollback(self, length: int) -> None:
         """Forget every slot from ``length`` on (e.g. a rejected draft token)."""

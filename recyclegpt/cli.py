@@ -62,12 +62,16 @@ def add_model_args(p: argparse.ArgumentParser, module: bool = True, compile: boo
 
 
 def add_strategy_args(p: argparse.ArgumentParser) -> None:
-    """--strategy / --draft-len / --threshold, shared by every command that decodes."""
+    """--strategy / --draft-len / --draft-width / --threshold, shared by every command that decodes."""
     p.add_argument("--strategy", default="standard", choices=list(STRATEGIES),
                    help="standard: plain decoding; alternating: the paper's full/module alternation (lossy); "
                    "verified: module drafts checked by the full model (lossless); adaptive: use the "
                    "module's token only when it is confident")
     p.add_argument("--draft-len", type=int, default=1, help="module steps per full call for verified (default 1)")
+    p.add_argument("--draft-width", type=int, default=1,
+                   help="verified: the module's most likely tokens for the first draft's slot that one full call "
+                   "checks side by side (default 1; native backend). Where a full call over a few tokens costs "
+                   "what one does (e.g. with --prepack), 4 keeps far more drafts; see the README")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="adaptive: module probability needed to use its token, in [0, 1] (default 0.5)")
 
@@ -136,7 +140,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if base.chat and not args.raw:
         prompt = base.tokenizer.apply_chat([{"role": "user", "content": prompt}])
     kw = dict(strategy=args.strategy, max_new_tokens=args.max_new_tokens, sampling=sampling_from(args),
-              stop=args.stop or (), draft_len=args.draft_len, threshold=args.threshold)
+              stop=args.stop or (), draft_len=args.draft_len, threshold=args.threshold, draft_width=args.draft_width)
     if args.stream and not args.json:
         stats = []
         for chunk in engine.stream(prompt, stats_out=stats, **kw):
@@ -180,10 +184,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     engine, _ = load_engine(args)
-    if make_strategy(args.strategy, args.draft_len, args.threshold).uses_module and engine.module is None:
+    if make_strategy(args.strategy, args.draft_len, args.threshold, args.draft_width).uses_module \
+            and engine.module is None:
         raise ValueError(f"strategy {args.strategy!r} needs a recyclable module; pass --module PATH")
     kw = dict(strategy=args.strategy, max_new_tokens=args.max_new_tokens, sampling=sampling_from(args),
-              draft_len=args.draft_len, threshold=args.threshold)
+              draft_len=args.draft_len, threshold=args.threshold, draft_width=args.draft_width)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
     print("type a message; /exit or Ctrl-D quits", file=sys.stderr)
@@ -227,6 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(
         engine, args.served_model_name or base.name, default_strategy=args.strategy, api_key=args.api_key,
         chat=base.chat or bool(base.tokenizer.chat_template), draft_len=args.draft_len, threshold=args.threshold,
+        draft_width=args.draft_width,
     )
     uvicorn.run(app, host=args.host, port=args.port)
     return 0
@@ -420,7 +426,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts) if args.prompts else None
     engine, base = load_engine(args)
     result = evaluate(engine, args.data, prompts, args.max_tokens, args.seq_len, args.batch_size,
-                      args.max_new_tokens, base.chat, args.draft_len)
+                      args.max_new_tokens, base.chat, args.draft_len, args.draft_width)
     _emit_json({"model": base.name, "module": args.module, **result}, args.json)
     return 0
 
@@ -438,7 +444,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     kinds = bench.plan_kinds(args.strategies, engine.module is not None)
     tok = engine.tokenizer
     ids = [tok.encode(tok.apply_chat([{"role": "user", "content": p}]) if base.chat else p) for p in prompts]
-    rows = bench.engine_rows(engine, kinds, args.max_new_tokens, args.draft_lens, args.thresholds)
+    rows = bench.engine_rows(engine, kinds, args.max_new_tokens, args.draft_lens, args.thresholds,
+                             draft_widths=args.draft_widths)
     if args.compare_modules:
         from pathlib import Path
 
@@ -452,7 +459,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             labels.append(file.stem if file.stem not in labels else f"{file.parent.name}/{file.stem}")
             rows += bench.engine_rows(engine.with_module(module_for(base, path, args.dtype, args.prepack)),
                                       [k for k in kinds if k in bench.MODULE_KINDS], args.max_new_tokens,
-                                      args.draft_lens, args.thresholds, module=labels[-1])
+                                      args.draft_lens, args.thresholds, module=labels[-1],
+                                      draft_widths=args.draft_widths)
     if any(k in bench.HF_ROWS for k in kinds):
         hf_model = bench.hf_model_for(base).to(next(engine.backbone.parameters()).dtype)  # same precision
         rows += bench.hf_rows(hf_model, kinds, args.max_new_tokens, tok.eos_token_ids, tok.pad_token_id)
@@ -607,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2, help="windows per forward (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length for --prompts (default 128)")
     p.add_argument("--draft-len", type=int, default=1, help="drafts per full call of the verified run (default 1)")
+    p.add_argument("--draft-width", type=int, default=1,
+                   help="candidates for the first draft's slot in the verified run (default 1)")
     p.add_argument("--json", default=None, help="also write the JSON object to this file")
 
     p = sub.add_parser("bench", help="decode speed of every strategy against transformers on the same weights",
@@ -622,6 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows to run, among: standard alternating verified adaptive hf-generate hf-prompt-lookup "
                    "(default: all; the module ones need --module); standard always runs")
     p.add_argument("--draft-lens", nargs="+", type=int, default=[1], help="verified: draft lengths (default 1)")
+    p.add_argument("--draft-widths", nargs="+", type=int, default=[1],
+                   help="verified: draft widths, one row per length and width (default 1; see --draft-width "
+                   "of generate)")
     p.add_argument("--thresholds", nargs="+", type=float, default=[0.5],
                    help="adaptive: confidence thresholds in [0, 1] (default 0.5)")
     p.add_argument("--json", default=None, help="also write the JSON result to this file")

@@ -203,14 +203,16 @@ def text_metrics(
 
 
 def generation_metrics(
-    engine, prompts: Sequence[str], max_new_tokens: int = 128, chat: bool = False, draft_len: int = 1
+    engine, prompts: Sequence[str], max_new_tokens: int = 128, chat: bool = False, draft_len: int = 1,
+    draft_width: int = 1,
 ) -> dict[str, float]:
     """Module agreement on the base's own greedy answers, and tau / acceptance of verified decoding.
 
     For each prompt (chat template applied when ``chat``): decode greedily with ``standard``,
     teacher-force prompt + answer and compare the module's top-1 with the base's greedy token at every
     answer position the module would draft in alternating decoding (targets after the first answer
-    token); then decode again with ``verified`` (``draft_len`` drafts per full call) and add up its
+    token); then decode again with ``verified`` (``draft_len`` drafts per full call, ``draft_width``
+    candidates for the first) and add up its
     ``DecodeStats``.
 
     Args:
@@ -219,6 +221,7 @@ def generation_metrics(
         max_new_tokens: answer length cap.
         chat: apply the tokenizer's chat template.
         draft_len: module steps per full call of the verified run.
+        draft_width: candidates for the first draft's slot in the verified run.
 
     Returns:
         ``prompts``, ``generated_tokens``, ``agreement``, ``tau`` (tokens per full call), ``acceptance_rate``
@@ -242,7 +245,8 @@ def generation_metrics(
             p = len(ids)  # module index p-1 predicts x_{p+1}, the second answer token
             agree += int((s.module_top[:, p - 1 :] == s.base_top[:, p:]).sum())
             pairs += s.module_top[:, p - 1 :].numel()
-        ver = engine.generate([ids], "verified", max_new_tokens=max_new_tokens, draft_len=draft_len)[0]
+        ver = engine.generate([ids], "verified", max_new_tokens=max_new_tokens, draft_len=draft_len,
+                              draft_width=draft_width)[0]
         new += ver.stats.new_tokens
         calls += ver.stats.full_calls
         drafted += ver.stats.drafted
@@ -263,7 +267,7 @@ def generation_metrics(
 
 def evaluate(
     engine, data: str | Path, prompts: Sequence[str] | None = None, max_tokens: int = 20_000, seq_len: int = 512,
-    batch_size: int = 2, max_new_tokens: int = 128, chat: bool = False, draft_len: int = 1,
+    batch_size: int = 2, max_new_tokens: int = 128, chat: bool = False, draft_len: int = 1, draft_width: int = 1,
 ) -> dict:
     """Every metric of this module in one JSON-ready dict.
 
@@ -277,10 +281,11 @@ def evaluate(
         max_new_tokens: answer length for the generation metrics.
         chat: apply the chat template to prompts.
         draft_len: drafts per full call of the verified run.
+        draft_width: candidates for the first draft's slot in the verified run.
 
     Returns:
         ``{"data", "max_tokens", "seq_len", "text": {...}, "generations": {...} or None, "max_new_tokens", "chat",
-        "draft_len"}``.
+        "draft_len", "draft_width"}``.
     """
     if engine.module is None:
         raise EvalError("evaluation needs a recyclable module; pass --module PATH")
@@ -288,6 +293,8 @@ def evaluate(
         raise EvalError(f"max_tokens must be >= 3, got {max_tokens}")
     ids = read_tokens(data, engine.tokenizer, max_tokens)
     text = text_metrics(engine.backbone, engine.module, ids, seq_len, batch_size)
-    gens = None if prompts is None else generation_metrics(engine, prompts, max_new_tokens, chat, draft_len)
+    gens = None if prompts is None else generation_metrics(
+        engine, prompts, max_new_tokens, chat, draft_len, draft_width
+    )
     return {"data": str(data), "max_tokens": max_tokens, "seq_len": seq_len, "text": text, "generations": gens,
-            "max_new_tokens": max_new_tokens, "chat": chat, "draft_len": draft_len}
+            "max_new_tokens": max_new_tokens, "chat": chat, "draft_len": draft_len, "draft_width": draft_width}

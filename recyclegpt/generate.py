@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from recyclegpt.cache import Tree
 from recyclegpt.sampling import Sampler, SamplingConfig
 from recyclegpt.strategies import Strategy, Verify, make_strategy
 
@@ -93,7 +94,15 @@ def decode_ids(
     B = len(prompts)
     P = max(len(p) for p in prompts)
     device = next(backbone.parameters()).device
-    room = P + max_new_tokens + getattr(strategy, "k", 1) + 1
+    room = P + max_new_tokens + getattr(strategy, "k", 1) + getattr(strategy, "width", 1)
+    tree = strategy.tree
+    if tree is not None:
+        if not getattr(backbone, "supports_tree", False):
+            raise GenerationError(
+                f"a draft width above 1 needs the native backbone, not {type(backbone).__name__}: "
+                "use --backend native (Llama-family models) or a draft width of 1"
+            )
+        tree = Tree(tree.depth.to(device), tree.mask.to(device))
     pads = [P - len(p) for p in prompts]
     tokens = torch.tensor([[pad_id] * n + list(p) for n, p in zip(pads, prompts, strict=True)], device=device)
     cache = backbone.new_cache(B, room)
@@ -145,33 +154,45 @@ def decode_ids(
     seen.scatter_(1, pending[:, None], True)
 
     while not all(done):
-        # 2. Draft: k module steps; the first reuses the logits from the last ingest.
+        # 2. Draft: k module steps; the first reuses the logits from the last ingest. Side drafts
+        # (other candidates for the first slot) go along when the strategy lays the call out as a tree.
         k = strategy.draft_len(draft_logits if strategy.uses_module else None)
         start, mstart = cache.length, (mcache.length if mcache is not None else 0)
-        drafts, qs = [], []
+        drafts, qs, side = [], [], None
         for j in range(k):
             if j > 0:
                 draft_logits, state = module_step(state, drafts[-1][:, None])
             q = sampler.probs(draft_logits, seen)
             drafts.append(sampler.choose(q))
             qs.append(q)
+            if j == 0 and tree is not None:
+                side = strategy.side_drafts(draft_logits, drafts[0])
         drafts_t = torch.stack(drafts, 1) if drafts else pending.new_zeros(B, 0)
-        # 3. Full call over [pending, drafts], then the strategy keeps n drafts and picks one token.
-        logits, hidden = backbone(torch.cat([pending[:, None], drafts_t], 1), cache, logits_last=k + 1)
+        # 3. Full call over [pending, drafts, side drafts], then the strategy keeps n drafts and picks one token.
+        fed = torch.cat([pending[:, None], drafts_t, *([] if side is None else [side])], 1)
+        logits, hidden = backbone(fed, cache, logits_last=fed.shape[1], **({} if side is None else {"tree": tree}))
         stats.full_calls += 1
         draft_probs = torch.stack(qs, 1) if qs else logits.new_zeros(B, 0, vocab)
-        n, nxt = strategy.accept(Verify(drafts_t, draft_probs, logits, seen), sampler)
+        n, nxt, path = strategy.accept(Verify(drafts_t, draft_probs, logits, seen, side), sampler)
         stats.drafted += k * B
         stats.accepted += n * B
         stats.rejected += (k - n) * B
-        # 4. Roll back what was not kept; emit; the module ingests the n + 1 real pairs.
+        # 4. Roll back what was not kept (a side branch moves next to its root first); emit; the module
+        # ingests the n + 1 real pairs.
+        if path is None:
+            kept, hid = drafts_t[:, :n], hidden[:, : n + 1]
+        else:
+            cache.keep(start, path)
+            kept = fed.gather(1, path)
+            rows = torch.cat([torch.zeros_like(path[:, :1]), path], 1)  # (B, n + 1)
+            hid = hidden.gather(1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
         cache.rollback(start + n + 1)
-        new = torch.cat([drafts_t[:, :n], nxt[:, None]], 1)  # (B, n + 1)
+        new = torch.cat([kept, nxt[:, None]], 1)  # (B, n + 1)
         seen.scatter_(1, new, True)
         added = emit(new)
         if strategy.uses_module and not all(done):
             mcache.rollback(mstart)
-            draft_logits, state = module_step(hidden[:, : n + 1], new)
+            draft_logits, state = module_step(hid, new)
         pending = nxt
         yield added
     stats.decode_s = time.perf_counter() - t0
@@ -247,9 +268,11 @@ class Engine:
         stop: Sequence[str],
         draft_len: int,
         threshold: float,
+        draft_width: int,
     ) -> tuple[Iterator[list[list[int]]], DecodeStats]:
         ids = self._prepare(prompts, max_new_tokens)
-        strat = strategy if isinstance(strategy, Strategy) else make_strategy(strategy, draft_len, threshold)
+        strat = (strategy if isinstance(strategy, Strategy)
+                 else make_strategy(strategy, draft_len, threshold, draft_width))
         stats = DecodeStats()
 
         def stop_fn(row: int, toks: list[int]) -> bool:
@@ -272,6 +295,7 @@ class Engine:
         stop: Sequence[str] = (),
         draft_len: int = 1,
         threshold: float = 0.5,
+        draft_width: int = 1,
     ) -> list[Generation]:
         """Generate continuations for a batch of prompts (text or token ids, left-padded together).
 
@@ -283,12 +307,13 @@ class Engine:
             stop: strings that end a row (the text is cut before them).
             draft_len: module steps per cycle for ``verified``.
             threshold: module confidence needed by ``adaptive``.
+            draft_width: candidates ``verified`` checks for the first draft's slot (native backbone).
 
         Returns:
             One ``Generation`` per prompt; all share the batch's ``DecodeStats``.
         """
         it, stats = self._run(
-            prompts, strategy, max_new_tokens, sampling or SamplingConfig(), stop, draft_len, threshold
+            prompts, strategy, max_new_tokens, sampling or SamplingConfig(), stop, draft_len, threshold, draft_width
         )
         rows: list[list[int]] = [[] for _ in prompts]
         for added in it:
@@ -311,6 +336,7 @@ class Engine:
         draft_len: int = 1,
         threshold: float = 0.5,
         stats_out: list[DecodeStats] | None = None,
+        draft_width: int = 1,
     ) -> Iterator[str]:
         """Yield the text of one prompt's continuation in chunks as it is decoded.
 
@@ -319,7 +345,7 @@ class Engine:
         ``stats_out``, if given, receives the ``DecodeStats`` when the stream ends.
         """
         it, stats = self._run(
-            [prompt], strategy, max_new_tokens, sampling or SamplingConfig(), stop, draft_len, threshold
+            [prompt], strategy, max_new_tokens, sampling or SamplingConfig(), stop, draft_len, threshold, draft_width
         )
         eos = set(self.tokenizer.eos_token_ids)
         toks: list[int] = []

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recyclegpt.cache import KVCache
+from recyclegpt.cache import KVCache, Tree
 from recyclegpt.config import ModelConfig
 
 
@@ -133,16 +133,23 @@ class Stack(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """Run x (B, T, d) through every block; with a cache, the T tokens follow its current length."""
+    def forward(self, x: torch.Tensor, cache: KVCache | None, tree: Tree | None = None) -> torch.Tensor:
+        """Run x (B, T, d) through every block; with a cache, the T tokens follow its current length
+        (in order, or laid out as ``tree``, which needs a cache)."""
         T = x.shape[1]
         start = 0 if cache is None else cache.length
         if cache is not None:
             cache.check_room(T)
         elif T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
-        mask = None if cache is None else cache.attn_mask(T)
+        if tree is None:
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+            mask = None if cache is None else cache.attn_mask(T)
+        else:
+            if cache is None or tree.depth.shape[0] != T:
+                raise ValueError(f"a tree of {tree.depth.shape[0]} tokens needs a cache and {T} new tokens")
+            pos = start + tree.depth
+            cos, sin, mask = self.rope_cos[pos], self.rope_sin[pos], cache.attn_mask(T, tree.mask)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
@@ -194,8 +201,11 @@ class Backbone(nn.Module):
         """What ``head`` does after the matrix product (nothing for Llama-style models)."""
         return logits
 
+    supports_tree = True  # forward takes ``tree`` (wrapped transformers backbones do not)
+
     def forward(
-        self, tokens: torch.Tensor, cache: KVCache | None = None, logits_last: int | None = None
+        self, tokens: torch.Tensor, cache: KVCache | None = None, logits_last: int | None = None,
+        tree: Tree | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the model over tokens (B, T).
 
@@ -204,11 +214,13 @@ class Backbone(nn.Module):
             cache: optional ``KVCache`` from ``new_cache``; advanced by T.
             logits_last: compute logits only for the last this-many positions (decode reads 1 or 2;
                 the head is the largest matrix of a small model). None: every position.
+            tree: lay the T new tokens out as a tree of draft candidates (positions and mask from
+                ``cache.Tree``) instead of one sequence; needs a cache.
 
         Returns:
             (logits (B, T or logits_last, vocab), hidden (B, T, d) after the final norm).
         """
-        hidden = self.norm(self.stack(self.embed(tokens), cache))
+        hidden = self.norm(self.stack(self.embed(tokens), cache, tree))
         tail = hidden if logits_last is None else hidden[:, -logits_last:]
         return self.head(tail), hidden
 

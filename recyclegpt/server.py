@@ -2,7 +2,7 @@
 
 Clients written for the OpenAI API work unchanged (point their base URL at ``http://HOST:PORT/v1``).
 Beyond the standard fields a request may carry ``strategy`` (standard / alternating / verified /
-adaptive), ``draft_len``, ``threshold``, ``top_k`` and ``repetition_penalty``; ``usage`` adds the
+adaptive), ``draft_len``, ``draft_width``, ``threshold``, ``top_k`` and ``repetition_penalty``; ``usage`` adds the
 recycling counters (``tokens_per_full_call``, ``full_calls``, ``module_calls``, ``accepted_drafts``,
 ``rejected_drafts``).
 
@@ -70,6 +70,7 @@ class _GenerationRequest(BaseModel):
     n: int | None = None
     strategy: str | None = None
     draft_len: int | None = Field(None, ge=1)
+    draft_width: int | None = Field(None, ge=1)
     threshold: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)
@@ -346,6 +347,7 @@ def create_app(
     chat: bool = True,
     draft_len: int = 1,
     threshold: float = 0.5,
+    draft_width: int = 1,
 ) -> FastAPI:
     """Build the OpenAI-compatible app serving ``engine`` under the model name ``model_name``.
 
@@ -358,12 +360,13 @@ def create_app(
             False for base models without chat tuning, which then answer 400 there.
         draft_len: default drafts per full call for ``verified``.
         threshold: default module confidence for ``adaptive``.
+        draft_width: default candidates for the first draft's slot for ``verified``.
 
     Raises:
         ValueError: the default strategy is unknown, its options are out of range, or it needs a
             module the engine lacks.
     """
-    if make_strategy(default_strategy, draft_len, threshold).uses_module and engine.module is None:
+    if make_strategy(default_strategy, draft_len, threshold, draft_width).uses_module and engine.module is None:
         raise ValueError(f"strategy {default_strategy!r} needs a recyclable module; pass --module PATH")
     worker = EngineWorker()
     created = int(time.time())
@@ -412,7 +415,8 @@ def create_app(
         name = req.strategy or default_strategy
         try:
             strategy = make_strategy(
-                name, req.draft_len or draft_len, threshold if req.threshold is None else req.threshold
+                name, req.draft_len or draft_len, threshold if req.threshold is None else req.threshold,
+                req.draft_width or draft_width,
             )
         except ValueError as exc:
             raise APIError(400, str(exc), param="strategy") from None

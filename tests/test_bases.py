@@ -234,17 +234,22 @@ def test_shipped_module_fits_and_agrees_with_the_base(smol):
     assert identity["name"] == "smollm2-135m" and module.draft_vocab.numel() == 8192
     engine, tok = Engine(smol.backbone, smol.tokenizer, module), smol.tokenizer
     prompts = ["Why is the sky blue? Explain it to a ten-year-old.", "Give me three tips for getting better sleep."]
-    drafted = accepted = 0
+    drafted = accepted = wide_drafted = wide_accepted = 0
     for p in prompts:
         ids = tok.encode(tok.apply_chat([{"role": "user", "content": p}]))
         standard = engine.generate([ids], max_new_tokens=64)[0]
         verified = engine.generate([ids], "verified", max_new_tokens=64)[0]
         assert verified.token_ids == standard.token_ids
         drafted, accepted = drafted + verified.stats.drafted, accepted + verified.stats.accepted
+        four = engine.generate([ids], "verified", max_new_tokens=64, draft_width=4)[0]  # 3 side candidates
+        assert four.token_ids == standard.token_ids
+        wide_drafted, wide_accepted = wide_drafted + four.stats.drafted, wide_accepted + four.stats.accepted
     # The model card measures acceptance 0.48 over the 20 benchmark prompts x 128 tokens (a random module:
     # about 0); these two prompts x 64 tokens measured 0.46 with this module. Floor 0.35: a module that
     # stopped matching its base fails here.
     assert accepted / drafted > 0.35
+    # Three side candidates for the draft's slot: measured 0.71 of the cycles keep a draft (width 1: 0.46).
+    assert wide_accepted / wide_drafted > 0.6
 
 
 def test_bench_compares_two_modules_on_one_base(smol, tmp_path, capsys):
@@ -270,6 +275,8 @@ def test_bfloat16_and_prepacked_decoding_and_the_bench_in_bfloat16(smol, tmp_pat
     fp32 = _generate(capsys, ["--module", "default", "--strategy", "verified"])
     bf16 = _generate(capsys, ["--module", "default", "--strategy", "verified", "--dtype", "bfloat16"])
     assert _generate(capsys, ["--module", "default", "--strategy", "verified", "--prepack"]) == fp32  # float32
+    assert _generate(capsys, ["--module", "default", "--strategy", "verified", "--prepack", "--draft-len", "2",
+                              "--draft-width", "4"]) == fp32
     # Rounding parts the two greedy answers after some tokens (measured on an AVX512-BF16 CPU: the first
     # 10 of 12 agree); the floor of 6 leaves room for other CPUs' bfloat16 kernels.
     assert bf16[:6] == fp32[:6] and len(bf16) == 12

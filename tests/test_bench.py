@@ -17,7 +17,7 @@ from recyclegpt.recycle import RecyclableModule
 ROW_FIELDS = {
     "name", "kind", "draft_len", "threshold", "tokens_per_s", "ms_per_token", "ratio_to_standard", "tau",
     "acceptance_rate", "peak_rss_mb", "rss_increase_mb", "new_tokens", "identical_prompts",
-    "identical_to_standard", "module",
+    "identical_to_standard", "module", "draft_width",
 }
 
 
@@ -43,7 +43,7 @@ def setup():
 def test_bench_end_to_end_on_the_same_weights(setup, tmp_path):
     hf, engine = setup
     kinds = plan_kinds(None, has_module=True)
-    rows = engine_rows(engine, kinds, 12, draft_lens=[1, 2], thresholds=[0.0, 0.6])
+    rows = engine_rows(engine, kinds, 12, draft_lens=[1, 2], thresholds=[0.0, 0.6], draft_widths=[1, 3])
     rows += hf_rows(hf, kinds, 12, engine.tokenizer.eos_token_ids, engine.tokenizer.pad_token_id)
     other = engine.with_module(RecyclableModule(engine.backbone.config, RecycleConfig()))
     rows += engine_rows(other, ["verified", "adaptive"], 12, draft_lens=[1, 2], thresholds=[0.6], module="other")
@@ -51,7 +51,8 @@ def test_bench_end_to_end_on_the_same_weights(setup, tmp_path):
     result = run_bench(rows, prompts, repeats=2)
     result = json.loads(json.dumps(result, allow_nan=False))
     by_name = {r["name"]: r for r in result["rows"]}
-    assert list(by_name) == ["standard", "alternating", "verified-k1", "verified-k2", "adaptive-0", "adaptive-0.6",
+    assert list(by_name) == ["standard", "alternating", "verified-k1", "verified-k2", "verified-k1w3", "verified-k2w3",
+                             "adaptive-0", "adaptive-0.6",
                              "hf-generate", "hf-prompt-lookup", "verified-k1@other", "verified-k2@other",
                              "adaptive-0.6@other"]
     assert {r["module"] for r in result["rows"]} == {"", "other"}
@@ -63,7 +64,8 @@ def test_bench_end_to_end_on_the_same_weights(setup, tmp_path):
     assert result["prompts"] == 2 and result["repeats"] == 2 and result["threads"] >= 1
     std = by_name["standard"]
     assert std["ratio_to_standard"] == 1.0 and std["tau"] == 1.0 and std["acceptance_rate"] is None
-    for name in ("verified-k1", "verified-k2"):  # lossless, with real drafting
+    assert by_name["verified-k2w3"]["draft_width"] == 3 and by_name["verified-k2"]["draft_width"] == 1
+    for name in ("verified-k1", "verified-k2", "verified-k1w3", "verified-k2w3"):  # lossless, with real drafting
         assert by_name[name]["identical_to_standard"] is True and by_name[name]["identical_prompts"] == 2
         assert by_name[name]["tau"] >= 1.0 and 0.0 <= by_name[name]["acceptance_rate"] <= 1.0
     assert by_name["hf-generate"]["identical_to_standard"] is True  # same weights, same greedy tokens

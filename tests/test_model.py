@@ -5,6 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from recyclegpt.bases.convert import UnsupportedArchitecture, backbone_from_hf, config_from_hf
+from recyclegpt.cache import Tree
 from recyclegpt.model import Backbone
 
 
@@ -115,3 +116,31 @@ def test_cache_overflow_is_a_clear_error(tiny):
     cache = tiny.backbone.new_cache(1, 8)
     with pytest.raises(ValueError, match="cache holds 8 tokens; 0 used, cannot add 9 more"):
         tiny.backbone(torch.zeros(1, 9, dtype=torch.long), cache)
+
+
+def test_tree_call_scores_each_branch_as_its_own_sequence():
+    """[x, a, b, s1, s2] laid out as a tree (a -> b chained on x; s1, s2 side candidates for a's slot)
+    gives every branch the logits a plain call over that branch gives; keeping a side branch moves its
+    keys and values next to the root, so decoding goes on as if it had been fed alone."""
+    backbone = backbone_from_hf(_hf_llama())
+    prefix, (x, a, b, s1, s2, z) = torch.randint(0, 256, (1, 12)), torch.randint(0, 256, (6,)).tolist()
+    tree = Tree.from_parents([-1, 0, 1, 0, 0])
+    assert tree.depth.tolist() == [0, 1, 2, 1, 1]
+    with torch.no_grad():
+        cache = backbone.new_cache(1, 32)
+        backbone(prefix, cache)
+        logits, _ = backbone(torch.tensor([[x, a, b, s1, s2]]), cache, tree=tree)
+        chain, _ = backbone(torch.cat([prefix, torch.tensor([[x, a, b]])], 1))
+        side, _ = backbone(torch.cat([prefix, torch.tensor([[x, s2, z]])], 1))
+        torch.testing.assert_close(logits[0, :3], chain[0, 12:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits[0, 4], side[0, 13], atol=1e-5, rtol=0)
+        cache.keep(12, torch.tensor([[4]]))  # keep s2 (position 4 of the call) after x
+        cache.rollback(14)
+        after, _ = backbone(torch.tensor([[z]]), cache)
+    torch.testing.assert_close(after[0, 0], side[0, 14], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("parents", [[], [0, 0], [-1, 1], [-1, 0, 3, 0]])
+def test_tree_parents_are_checked(parents):
+    with pytest.raises(ValueError, match="parents must start with -1 and name earlier tokens"):
+        Tree.from_parents(parents)

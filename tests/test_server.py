@@ -184,6 +184,14 @@ def test_strategy_override_is_lossless(client):
     u = verified.usage.model_dump()
     assert u["module_calls"] > 0 and u["accepted_drafts"] + u["rejected_drafts"] > 0
     assert u["tokens_per_full_call"] == pytest.approx(16 / u["full_calls"])
+    wide = client.completions.create(
+        model=MODEL, prompt="Recycle", max_tokens=16,
+        extra_body={"strategy": "verified", "draft_len": 2, "draft_width": 3}, **GREEDY
+    )
+    assert wide.choices[0].text == standard.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="draft_width"):
+        client.completions.create(model=MODEL, prompt="Recycle", max_tokens=4,
+                                  extra_body={"strategy": "verified", "draft_width": 0})
 
 
 def test_models_and_health(client, url):
