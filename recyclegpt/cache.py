@@ -36,9 +36,9 @@ class Tree:
     mask: torch.Tensor
 
     @classmethod
-    def from_parents(cls, parents: Sequence[int], device: torch.device | str = "cpu") -> Tree:
-        """A tree from each new token's parent index (-1 for the root, which must come first; a
-        parent comes before its children)."""
+    def from_parents(cls, parents: Sequence[int]) -> Tree:
+        """A tree (on the CPU) from each new token's parent index (-1 for the root, which must come
+        first; a parent comes before its children)."""
         if not parents or parents[0] != -1 or any(not 0 <= q < i for i, q in enumerate(parents) if i):
             raise ValueError(f"parents must start with -1 and name earlier tokens, got {list(parents)}")
         T = len(parents)
@@ -47,7 +47,7 @@ class Tree:
         for i in range(1, T):
             mask[i] |= mask[parents[i]]
             depth[i] = depth[parents[i]] + 1
-        return cls(torch.tensor(depth, device=device), mask.to(device))
+        return cls(torch.tensor(depth), mask)
 
 
 class CacheFullError(ValueError):

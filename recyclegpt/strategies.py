@@ -54,8 +54,8 @@ class Strategy:
 
     def side_drafts(self, first_logits: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
         """Other candidates (B, s) for the first draft's slot, given the module's logits for it and
-        the first draft (B,); none by default."""
-        return first.new_zeros(first.shape[0], 0)
+        the first draft (B,). The loop asks only strategies that set ``tree``."""
+        raise NotImplementedError(f"strategy {self.name!r} lays out no tree, so it has no side drafts")
 
     def accept(self, v: Verify, sampler: Sampler) -> tuple[int, torch.Tensor, torch.Tensor | None]:
         """(drafts kept n, next token (B,) chosen from the full model's distribution after them, path).
@@ -144,13 +144,11 @@ class Verified(Strategy):
         return self.k
 
     def side_drafts(self, first_logits: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-        if self.width == 1:
-            return super().side_drafts(first_logits, first)
         others = first_logits.float().scatter(1, first[:, None], float("-inf"))  # the first draft is in the chain
         return others.topk(self.width - 1, -1).indices  # (B, w-1)
 
     def accept(self, v: Verify, sampler: Sampler) -> tuple[int, torch.Tensor, torch.Tensor | None]:
-        if v.side is None or v.side.shape[1] == 0:
+        if v.side is None:
             n, token = self._accept_chain(v, sampler)
             return n, token, None
         # 1. The first slot: the full model's own token there, matched against every candidate.
@@ -161,10 +159,9 @@ class Verified(Strategy):
         if not bool(hit.any(-1).all()):  # some row kept no candidate: y is its exact next token
             return 0, y, None
         col = hit.int().argmax(-1)  # (B,) the matching candidate (0 = the chain's first draft)
-        # 2. Every row on the chain: check the drafts behind the first as a chain of k - 1.
+        # 2. Every row on the chain: check the drafts behind the first as a chain of k - 1 (for k = 1
+        # an empty chain, which gives the bonus token).
         if bool((col == 0).all()):
-            if k == 1:
-                return 1, sampler.choose(sampler.probs(v.target_logits[:, 1], _with(v.seen, v.drafts))), None
             rest = Verify(v.drafts[:, 1:], v.draft_probs[:, 1:], v.target_logits[:, 1 : k + 1],
                           _with(v.seen, v.drafts[:, :1]))
             n, token = self._accept_chain(rest, sampler)
