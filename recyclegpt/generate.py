@@ -145,13 +145,14 @@ def decode_ids(
     t0 = time.perf_counter()
     logits, hidden = backbone(tokens, cache, logits_last=1)
     stats.full_calls += 1
-    pending = sampler.choose(sampler.probs(logits[:, -1], seen))  # (B,)
+    pending = sampler.token(logits[:, -1], seen)  # (B,)
     if strategy.uses_module:
         draft_logits, state = module_step(hidden, torch.cat([tokens[:, 1:], pending[:, None]], 1))
     stats.prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     yield emit(pending[:, None])
     seen.scatter_(1, pending[:, None], True)
+    keep_q = strategy.checks_drafts and not sampler.cfg.greedy  # only the sampled-draft test reads q
 
     while not all(done):
         # 2. Draft: k module steps; the first reuses the logits from the last ingest. Side drafts
@@ -162,17 +163,20 @@ def decode_ids(
         for j in range(k):
             if j > 0:
                 draft_logits, state = module_step(state, drafts[-1][:, None])
-            q = sampler.probs(draft_logits, seen)
-            drafts.append(sampler.choose(q))
-            qs.append(q)
+            if keep_q:
+                qs.append(sampler.probs(draft_logits, seen))
+                drafts.append(sampler.choose(qs[-1]))
+            else:
+                drafts.append(sampler.token(draft_logits, seen))
             if j == 0 and tree is not None:
                 side = strategy.side_drafts(draft_logits, drafts[0])
         drafts_t = torch.stack(drafts, 1) if drafts else pending.new_zeros(B, 0)
         # 3. Full call over [pending, drafts, side drafts], then the strategy keeps n drafts and picks one token.
         fed = torch.cat([pending[:, None], drafts_t, *([] if side is None else [side])], 1)
-        logits, hidden = backbone(fed, cache, logits_last=fed.shape[1], **({} if side is None else {"tree": tree}))
+        scored = fed.shape[1] if strategy.checks_drafts else 1
+        logits, hidden = backbone(fed, cache, logits_last=scored, **({} if side is None else {"tree": tree}))
         stats.full_calls += 1
-        draft_probs = torch.stack(qs, 1) if qs else logits.new_zeros(B, 0, vocab)
+        draft_probs = torch.stack(qs, 1) if qs else logits.new_zeros(B, k, 0)
         n, nxt, path = strategy.accept(Verify(drafts_t, draft_probs, logits, seen, side), sampler)
         stats.drafted += k * B
         stats.accepted += n * B

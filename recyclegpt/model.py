@@ -212,8 +212,9 @@ class Backbone(nn.Module):
         Args:
             tokens: token ids (B, T); with a cache they occupy the next T slots.
             cache: optional ``KVCache`` from ``new_cache``; advanced by T.
-            logits_last: compute logits only for the last this-many positions (decode reads 1 or 2;
-                the head is the largest matrix of a small model). None: every position.
+            logits_last: compute logits only for the last this-many positions (decode reads the last
+                one, or every new one when it checks drafts; the head is the largest matrix of a small
+                model). None: every position.
             tree: lay the T new tokens out as a tree of draft candidates (positions and mask from
                 ``cache.Tree``) instead of one sequence; needs a cache.
 

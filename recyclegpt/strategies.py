@@ -25,10 +25,12 @@ class Verify:
 
     Attributes:
         drafts: (B, k) the module's draft tokens.
-        draft_probs: (B, k, V) the distributions they were drawn from (after sampling filters).
+        draft_probs: (B, k, V) the distributions they were drawn from (after sampling filters);
+            (B, k, 0) when nothing reads them (greedy decoding, or a strategy that checks no draft).
         target_logits: (B, 1+k+s, V) full-model logits; position j <= k predicts the token after
             draft j (position 0 predicts the first draft's slot), position k+i the token after side
-            draft i.
+            draft i. For a strategy that checks no draft (``checks_drafts`` False) only the last
+            position's logits are computed: (B, 1, V).
         seen: (B, V) tokens already in the context (for the repetition penalty), drafts excluded.
         side: (B, s) other candidates for the first draft's slot (empty without a tree).
     """
@@ -47,6 +49,10 @@ class Strategy:
     uses_module = False
 
     tree: Tree | None = None  # the full call's layout when side drafts go along; None: a sequence
+    # Whether ``accept`` reads the full model's logits at every new position. When it does not, the
+    # full call computes its head for the last position only (the head is the largest matrix of a
+    # small model: a second row of it cost 0.4 ms, 5 % of a step, for paper_small's model on the EPYC).
+    checks_drafts = False
 
     def draft_len(self, draft_logits: torch.Tensor | None) -> int:
         """Drafts to make this cycle, given the module's raw logits (B, V) for the first one."""
@@ -63,9 +69,8 @@ class Strategy:
         ``path`` (B, n) gives, per row, the positions of the kept drafts among the full call's new
         tokens (the pending token is 0); None means the first n chained drafts (positions 1..n).
         """
-        n = v.drafts.shape[1]
         seen = _with(v.seen, v.drafts)
-        return n, sampler.choose(sampler.probs(v.target_logits[:, n], seen)), None
+        return v.drafts.shape[1], sampler.token(v.target_logits[:, -1], seen), None
 
 
 class Standard(Strategy):
@@ -130,6 +135,7 @@ class Verified(Strategy):
 
     name = "verified"
     uses_module = True
+    checks_drafts = True
 
     def __init__(self, draft_len: int = 1, width: int = 1) -> None:
         if draft_len < 1:
@@ -153,7 +159,7 @@ class Verified(Strategy):
             return n, token, None
         # 1. The first slot: the full model's own token there, matched against every candidate.
         B, k = v.drafts.shape
-        y = sampler.choose(sampler.probs(v.target_logits[:, 0], v.seen))  # (B,)
+        y = sampler.token(v.target_logits[:, 0], v.seen)  # (B,)
         cands = torch.cat([v.drafts[:, :1], v.side], 1)  # (B, w)
         hit = cands == y[:, None]
         if not bool(hit.any(-1).all()):  # some row kept no candidate: y is its exact next token
@@ -171,31 +177,31 @@ class Verified(Strategy):
         path = torch.where(col == 0, 1, k + col)[:, None]  # (B, 1) position of the kept candidate
         logits = v.target_logits.gather(1, path[:, :, None].expand(-1, 1, v.target_logits.shape[-1]))[:, 0]
         seen = _with(v.seen, y[:, None])
-        return 1, sampler.choose(sampler.probs(logits, seen)), path
+        return 1, sampler.token(logits, seen), path
 
     def _accept_chain(self, v: Verify, sampler: Sampler) -> tuple[int, torch.Tensor]:
         """Verify a plain chain of drafts (the tests above), returning (drafts kept, next token)."""
         B, k = v.drafts.shape
         rejected_at = torch.full((B,), k, dtype=torch.long, device=v.drafts.device)
-        p_all = []
+        picked = []  # per draft: the full model's token there (greedy) or its distribution (sampling)
         for j in range(k):
-            p = sampler.probs(v.target_logits[:, j], _with(v.seen, v.drafts[:, :j]))
-            p_all.append(p)
+            seen = _with(v.seen, v.drafts[:, :j])
             if sampler.cfg.greedy:
-                ok = p.argmax(-1) == v.drafts[:, j]
+                picked.append(sampler.token(v.target_logits[:, j], seen))
+                ok = picked[-1] == v.drafts[:, j]
             else:
-                ok = accept_draft(p, v.draft_probs[:, j], v.drafts[:, j], sampler.uniform(B))
+                picked.append(sampler.probs(v.target_logits[:, j], seen))
+                ok = accept_draft(picked[-1], v.draft_probs[:, j], v.drafts[:, j], sampler.uniform(B))
             rejected_at = torch.where((~ok) & (rejected_at == k), j, rejected_at)
         n = int(rejected_at.min())
         if n == k:  # every row kept every draft: the bonus token
-            seen = _with(v.seen, v.drafts)
-            return n, sampler.choose(sampler.probs(v.target_logits[:, k], seen))
-        p = p_all[n]
-        if not sampler.cfg.greedy:
-            # Rows rejected at n resample from the residual; rows that accepted beyond n from p.
-            resid = residual_distribution(p, v.draft_probs[:, n])
-            p = torch.where((rejected_at == n)[:, None], resid, p)
-        return n, sampler.choose(p)
+            return n, sampler.token(v.target_logits[:, k], _with(v.seen, v.drafts))
+        if sampler.cfg.greedy:
+            return n, picked[n]
+        # Rows rejected at n resample from the residual; rows that accepted beyond n from p.
+        p = picked[n]
+        resid = residual_distribution(p, v.draft_probs[:, n])
+        return n, sampler.choose(torch.where((rejected_at == n)[:, None], resid, p))
 
 
 STRATEGIES = {"standard": Standard, "alternating": Alternating, "verified": Verified, "adaptive": Adaptive}

@@ -330,6 +330,22 @@ def test_bad_sampling_values(kwargs, message):
         SamplingConfig(**kwargs)
 
 
+@pytest.mark.parametrize("cfg", [SamplingConfig(), SamplingConfig(repetition_penalty=1.3),
+                                 SamplingConfig(temperature=0.8, top_k=50, repetition_penalty=1.3, seed=3)])
+def test_token_is_choose_of_probs(cfg):
+    from recyclegpt.sampling import Sampler
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 300, generator=g) * 3
+    seen = torch.rand(6, 300, generator=g) < 0.3
+    fast, slow = Sampler(cfg), Sampler(cfg)  # same seed: same draws when sampling
+    for _ in range(5):
+        assert torch.equal(fast.token(logits, seen), slow.choose(slow.probs(logits, seen)))
+    # The penalty changes greedy picks here, so the check above compares penalised choices.
+    if cfg.greedy and cfg.repetition_penalty != 1:
+        assert not torch.equal(fast.token(logits, seen), fast.token(logits))
+
+
 def test_draft_vocabulary_keeps_verified_exact_and_round_trips(trained, tmp_path):
     import copy
 
@@ -386,7 +402,7 @@ class _StubBackbone(torch.nn.Module):
         super().__init__()
         self.config = PRESETS["tiny"].model
         self.p = torch.nn.Parameter(torch.zeros(1))
-        self.lengths = []
+        self.lengths, self.scored = [], []
 
     def new_cache(self, batch, max_len=None):
         from recyclegpt.cache import KVCache
@@ -397,6 +413,7 @@ class _StubBackbone(torch.nn.Module):
         cache.check_room(tokens.shape[1])
         cache.advance(tokens.shape[1])
         self.lengths.append(cache.length)
+        self.scored.append(logits_last)
         B, T = tokens.shape
         logits = torch.zeros(B, logits_last or T, self.config.vocab_size)
         logits[..., 1] = 1.0
@@ -434,6 +451,8 @@ def test_alternating_positions_and_cache_lengths_with_stubs():
     assert out.token_ids == [1, 2, 1, 2, 1, 2, 1]
     # Backbone: the 5-token prompt, then two tokens (pending + draft) per cycle.
     assert backbone.lengths == [5, 7, 9, 11]
+    # Alternating checks nothing: the head runs for the last position of each call only.
+    assert backbone.scored == [1, 1, 1, 1]
     # Module: the 5 prompt pairs, then two real pairs per cycle (the last cycle ends the run: no ingest).
     assert module.lengths == [5, 7, 9]
     assert out.stats.full_calls == 4 and out.stats.module_calls == 3 and out.stats.accepted == 3
@@ -447,6 +466,8 @@ def test_verified_rejection_rolls_caches_back_with_stubs():
     assert out.token_ids == [1, 1, 1, 1] and out.stats.accepted == 0 and out.stats.rejected == 6
     # Each full call writes pending + 2 drafts (length +3) and is rolled back to +1 before the next.
     assert backbone.lengths == [3, 6, 7, 8]
+    # Verification reads the logits after the pending token and after each draft.
+    assert backbone.scored == [1, 3, 3, 3]
     # Module: prompt pairs; per cycle one chained draft step (+1), then a rollback and one real pair (+1);
     # the last cycle finishes the run, so no ingest follows it.
     assert module.lengths == [3, 4, 4, 5, 5, 6]
