@@ -31,8 +31,11 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def add_model_args(p: argparse.ArgumentParser, module: bool = True, compile: bool = False) -> None:
-    """--model / --backend / --module / --threads (and --compile, --dtype, --prepack for the decoding commands)."""
+def add_model_args(
+    p: argparse.ArgumentParser, module: bool = True, compile: bool = False, precision: bool = False
+) -> None:
+    """--model / --backend / --module / --threads; --compile for the decoding commands; --dtype and --prepack
+    for them and for the scoring commands (``precision``), so quality is measured as decoding runs."""
     p.add_argument(
         "--model", default=DEFAULT_BASE,
         help=f"registry name ({', '.join(REGISTRY)}), Hugging Face checkpoint directory, .gguf file, or the "
@@ -50,6 +53,7 @@ def add_model_args(p: argparse.ArgumentParser, module: bool = True, compile: boo
         p.add_argument("--compile", action="store_true",
                        help="decode through torch.compile (native backend; needs a C++ compiler): the first "
                        "requests compile for tens of seconds, later steps run faster")
+    if compile or precision:
         p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                        help="precision of base and module (default float32); bfloat16 reads half the bytes per "
                        "step and is faster on CPUs with native bfloat16 products (AVX512-BF16, AMX): greedy "
@@ -427,7 +431,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     engine, base = load_engine(args)
     result = evaluate(engine, args.data, prompts, args.max_tokens, args.seq_len, args.batch_size,
                       args.max_new_tokens, base.chat, args.draft_len, args.draft_width)
-    _emit_json({"model": base.name, "module": args.module, **result}, args.json)
+    _emit_json({"model": base.name, "module": args.module, "dtype": args.dtype, "prepack": args.prepack, **result},
+               args.json)
     return 0
 
 
@@ -496,7 +501,8 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
             shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
                               if isinstance(v, float) and "stderr" not in k)
             print(f"{scoring:12s} {task:32s} {shown}", file=sys.stderr)
-    _emit_json({"model": base.name, "module": args.module, "limit": args.limit, "results": results}, args.json)
+    _emit_json({"model": base.name, "module": args.module, "dtype": args.dtype, "prepack": args.prepack,
+                "limit": args.limit, "results": results}, args.json)
     return 0
 
 
@@ -605,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity (base / alternating), module agreement, tau: one JSON object",
                        description=cmd_eval.__doc__)
-    add_model_args(p)
+    add_model_args(p, precision=True)
     p.add_argument("--data", required=True, help="text file for the perplexities and the agreement on natural "
                    "text (.txt .md .rst .jsonl .parquet)")
     p.add_argument("--prompts", default=None, help="prompt file (one per line, or JSONL with a 'prompt' field): "
@@ -642,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks, standard and alternating scoring (offline)",
                        description=cmd_lm_eval.__doc__)
-    add_model_args(p)
+    add_model_args(p, precision=True)
     p.add_argument("--tasks-dir", default="benchmarks/tasks",
                    help="directory of task YAML configs and JSONL data (default benchmarks/tasks)")
     p.add_argument("--tasks", nargs="+", default=None, help="task names (default: every config in --tasks-dir)")
