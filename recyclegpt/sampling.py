@@ -89,11 +89,9 @@ class Sampler:
     def probs(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
         """Distribution (B, V) in float32 after penalty, temperature and filtering.
 
-        For greedy decoding it is one-hot at the argmax, so greedy and sampled paths share code.
+        For greedy decoding it is one-hot at the argmax: the token ``token`` picks without building it.
         """
-        logits = logits.float()
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, self.cfg.repetition_penalty)
+        logits = self._penalised(logits, seen)
         if self.cfg.greedy:
             return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
         logits = filter_top_k_top_p(logits / self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
@@ -105,10 +103,12 @@ class Sampler:
         passes over the vocabulary fewer, a few percent of a small model's step)."""
         if not self.cfg.greedy:
             return self.choose(self.probs(logits, seen))
+        return self._penalised(logits, seen).argmax(-1)
+
+    def _penalised(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """Logits in float32 with the repetition penalty applied to the tokens in ``seen``."""
         logits = logits.float()
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, self.cfg.repetition_penalty)
-        return logits.argmax(-1)
+        return logits if seen is None else apply_repetition_penalty(logits, seen, self.cfg.repetition_penalty)
 
     def choose(self, probs: torch.Tensor) -> torch.Tensor:
         """One token per row (B,) from probabilities (B, V)."""
