@@ -1,9 +1,11 @@
-"""Collect the paper_small runs into one summary: results/summary.json, two plots and Markdown tables.
+"""Collect the paper_small runs into one summary: results/summary.json, three plots and Markdown tables.
 
     python experiments/paper_small/report.py --runs runs/paper_small --results experiments/paper_small/results
 
 Reads each run's ``log.jsonl`` and ``model.safetensors`` and the JSON written by ``run.sh eval``
 (``eval_*.json``, ``lm_eval_*.json``, ``bench_*.json``); prints the tables pasted into README.md.
+With ``--update NAME ...`` only those runs are read again and every other run keeps its record in the
+existing summary.json (runs made on another machine, whose directories are gone).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 from safetensors import safe_open
 
 MAIN, ABLATION = ("plain", "recycle"), ("depth1", "depth2", "depth4")
+SWEEP = ("w0", "w0.1")  # recycle weight 0 and 0.1 on the main pair's schedule (run.sh sweep)
+BAR = 0.03  # issue #8: the main head's validation perplexity within 3 % of the plain GPT's
 TASKS = (("recycle_cloze_austen", "acc"), ("recycle_next_sentence_austen", "acc_norm"),
          ("recycle_next_verse_kjv", "acc_norm"))
 
@@ -53,25 +57,33 @@ def _bench(path: Path) -> dict[str, float]:
     return out
 
 
-def summarize(runs: Path, results: Path) -> dict[str, dict]:
-    """One record per run: size, training, held-out evaluation, lm-eval tasks, decode speed."""
+def summarize(runs: Path, results: Path, names: tuple[str, ...], previous: dict[str, dict]) -> dict[str, dict]:
+    """One record per run: size, training, held-out evaluation, lm-eval tasks, decode speed.
+
+    The runs in ``names`` are read again from ``runs`` and ``results``; every other run keeps its
+    record in ``previous``.
+    """
     summary = {}
-    for name in MAIN + ABLATION:
+    for name in MAIN + ABLATION + SWEEP:
         run = runs / name
-        if not (run / "log.jsonl").is_file():
+        if name not in names or not (run / "log.jsonl").is_file():
+            if name in previous:
+                summary[name] = previous[name]
             continue
         log = _log(run)
-        last_val = [r for r in log if "val_main_loss" in r][-1]
+        vals = [r for r in log if "val_main_loss" in r]
         backbone, module = _params(run)
         config = json.loads((run / "train_config.json").read_text())
+        recycle = json.loads(safe_open(str(run / "model.safetensors"), "pt").metadata()["recycle_config"])
         record = {
             "backbone_params": backbone, "module_params": module, "module_share": module / backbone,
-            "module_layers": json.loads(safe_open(str(run / "model.safetensors"), "pt").metadata()
-                                        ["recycle_config"])["n_layers"],
+            "module_layers": recycle["n_layers"], "recycle_weight": recycle["recycle_weight"],
             "train_mtokens": log[-1]["tokens"] / 1e6, "train_hours": log[-1]["tokens"] / log[-1]["tokens_per_s"] / 3600,
             "steps": config["steps"],
-            "val_main_ppl": math.exp(last_val["val_main_loss"]),
-            "val_recycle_acc": last_val.get("val_recycle_acc"),
+            "val_main_ppl": math.exp(vals[-1]["val_main_loss"]),
+            "val_recycle_acc": vals[-1].get("val_recycle_acc"),
+            # (training tokens, validation loss of the main head) at every evaluation
+            "val_curve": [[r["tokens"], r["val_main_loss"]] for r in vals],
         }
         ev = _json(results / f"eval_{name}.json")
         if ev:
@@ -132,10 +144,7 @@ def tables(s: dict[str, dict]) -> str:
               "alternating ppl | alternating (full / draft vocab) | verified (full / draft vocab) | "
               "verified acceptance |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for name in ABLATION:
-        d = s.get(name)
-        if d is None:
-            continue
+    for d in (s[n] for n in ABLATION if n in s):
         lines.append(
             f"| {d['module_layers']} | {d['module_params'] / 1e6:.2f} M | {d['module_share']:.1%} | "
             f"{_fmt(d.get('val_recycle_acc'))} | {_fmt(d.get('module_top1_acc'))} | "
@@ -143,18 +152,58 @@ def tables(s: dict[str, dict]) -> str:
             f"{_ratios(d, 'alternating')} | {_ratios(d, 'verified')} | "
             f"{_fmt(d.get('verified_acceptance_module'), '.2f')} |"
         )
+    plain = s.get(SWEEP[0], {}).get("val_main_ppl")
+    lines += ["", "| recycle weight | validation perplexity, main head | vs plain GPT | held-out ppl, standard / "
+              "alternating | held-out module top-1 | agreement | val recycle acc | tasks, standard / alternating "
+              "(cloze; next sentence; next verse) | training wall time (h) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, d in ((n, s[n]) for n in SWEEP if n in s):
+        vs = "-" if plain is None or name == SWEEP[0] else f"{d['val_main_ppl'] / plain - 1:+.1%}"
+        lines.append(
+            f"| {d['recycle_weight']:g} | {d['val_main_ppl']:.2f} | {vs} | {_fmt(d.get('heldout_ppl'), '.2f')} / "
+            f"{_fmt(d.get('heldout_ppl_alternating'), '.2f')} | {_fmt(d.get('module_top1_acc'))} | "
+            f"{_fmt(d.get('agreement'))} | {_fmt(d.get('val_recycle_acc'))} | "
+            + "; ".join(f"{_fmt(d.get(f'{task}_standard'))} / {_fmt(d.get(f'{task}_alternating'))}"
+                        for task, _ in TASKS)
+            + f" | {d['train_hours']:.2f} |"
+        )
     return "\n".join(lines)
 
 
-def plot(runs: Path, s: dict[str, dict], results: Path) -> None:
-    """loss_curves.png (the paper's Figure 3) and depth_ablation.png."""
+def plot_sweep(s: dict[str, dict], results: Path) -> None:
+    """recycle_weight.png: the main head's validation loss of each sweep run, and its perplexity gap to lambda 0."""
+    from matplotlib.figure import Figure
+
+    runs = [s[n] for n in SWEEP if n in s]
+    fig = Figure(figsize=(11, 4.2))
+    ax_loss, ax_gap = fig.subplots(1, 2)
+    base = {t: loss for t, loss in runs[0]["val_curve"]}
+    for i, d in enumerate(runs):
+        tokens = [t / 1e6 for t, _ in d["val_curve"]]
+        ax_loss.plot(tokens, [loss for _, loss in d["val_curve"]], marker="o", color=f"C{i}",
+                     label=f"lambda {d['recycle_weight']:g}")
+        if i:
+            ax_gap.plot(tokens, [100 * (math.exp(loss - base[t]) - 1) for t, loss in d["val_curve"]], marker="o",
+                        color=f"C{i}", label=f"lambda {d['recycle_weight']:g} vs lambda {runs[0]['recycle_weight']:g}")
+    ax_gap.axhline(100 * BAR, color="tab:red", linestyle="--", label="bar (+3 %)")
+    ax_gap.axhline(0, color="gray", linewidth=0.8)
+    ax_loss.set(xlabel="training tokens (M)", ylabel="validation loss, main head", title="Validation loss", ylim=(3, 8))
+    ax_gap.set(xlabel="training tokens (M)", ylabel="validation perplexity increase (%)",
+               title="Cost of the recycle loss to the main head")
+    for ax in (ax_loss, ax_gap):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(results / "recycle_weight.png", dpi=120)
+
+
+def _plot_loss_curves(runs: Path, results: Path) -> None:
+    """loss_curves.png: training and validation loss of the main pair over training tokens."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4.2))
     ax_train, ax_val = fig.subplots(1, 2)
     for name, color in (("plain", "tab:blue"), ("recycle", "tab:orange")):
-        if name not in s:
-            continue
         log = _log(runs / name)
         tokens = [r["tokens"] / 1e6 for r in log]
         window = 10  # running mean over 10 steps; single steps are noisy at 4k tokens each
@@ -178,6 +227,13 @@ def plot(runs: Path, s: dict[str, dict], results: Path) -> None:
     fig.tight_layout()
     fig.savefig(results / "loss_curves.png", dpi=120)
 
+
+def plot(runs: Path, s: dict[str, dict], results: Path) -> None:
+    """loss_curves.png (the paper's Figure 3; only when both main runs' logs are here) and depth_ablation.png."""
+    from matplotlib.figure import Figure
+
+    if all((runs / name / "log.jsonl").is_file() for name in MAIN):
+        _plot_loss_curves(runs, results)
     depths = [s[n] for n in ABLATION if n in s]
     if not depths:
         return
@@ -208,11 +264,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="runs/paper_small", help="directory of the runs (default runs/paper_small)")
     ap.add_argument("--results", default="experiments/paper_small/results", help="where the JSON results are")
+    ap.add_argument("--update", nargs="+", choices=MAIN + ABLATION + SWEEP, metavar="NAME",
+                    help="read only these runs again; the others keep their records in summary.json "
+                         f"(default: every run; names: {' '.join(MAIN + ABLATION + SWEEP)})")
     args = ap.parse_args()
     runs, results = Path(args.runs), Path(args.results)
-    summary = summarize(runs, results)
+    names = tuple(args.update or MAIN + ABLATION + SWEEP)
+    summary = summarize(runs, results, names, _json(results / "summary.json") or {})
     (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot(runs, summary, results)
+    if set(names) & set(MAIN + ABLATION):
+        plot(runs, summary, results)
+    if set(names) & set(SWEEP) and SWEEP[0] in summary:
+        plot_sweep(summary, results)
     print(tables(summary))
 
 

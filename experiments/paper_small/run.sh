@@ -3,6 +3,7 @@
 #   bash experiments/paper_small/run.sh data    # held-in text -> token memmaps (1 min)
 #   bash experiments/paper_small/run.sh train   # plain GPT vs RecycleGPT, then the module-depth ablation
 #   bash experiments/paper_small/run.sh eval    # perplexities, module accuracy, lm-eval tasks, decode speed
+#   bash experiments/paper_small/run.sh sweep   # recycle weight 0 and 0.1 on the main pair's schedule
 # Runs go to $RUNS (default runs/paper_small); results to experiments/paper_small/results/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -44,13 +45,29 @@ stage_train() {
   done
 }
 
-stage_eval() {
+heldout_text() {  # the last 10% of Austen and the KJV, which no run trained on
   mkdir -p "$RES"
-  # Held-out text: the last 10% of Austen and the KJV, which no run trained on.
   for f in austen kjv; do
     n=$(wc -l < data/corpora/$f.txt); tail -n +$((n * 9 / 10 + 1)) data/corpora/$f.txt > "$RUNS/heldout_$f.txt"
   done
   cat "$RUNS/heldout_austen.txt" "$RUNS/heldout_kjv.txt" > "$RUNS/heldout.txt"
+}
+
+eval_one() {  # name: held-out perplexities and module accuracy of one run
+  local run="$RUNS/$1"
+  [[ -f "$RES/eval_$1.json" ]] || $RG eval --model "$run" --module "$run/module.safetensors" \
+    --data "$RUNS/heldout.txt" --max-tokens 40000 --seq-len 512 --batch-size 4 --threads "$THREADS" \
+    --json "$RES/eval_$1.json"
+}
+
+lm_eval_one() {  # name, extra args...: the local lm-eval tasks (standard and alternating scoring by default)
+  local name=$1; shift
+  [[ -f "$RES/lm_eval_$name.json" ]] || $RG lm-eval --model "$RUNS/$name" "$@" --threads "$THREADS" \
+    --json "$RES/lm_eval_$name.json"
+}
+
+stage_eval() {
+  heldout_text
   # Decode prompts: 24 words from 4 evenly spaced sentence starts of each held-out text.
   $PY - "$RUNS/heldout_austen.txt" "$RUNS/heldout_kjv.txt" > "$RUNS/prompts.jsonl" <<'PY'
 import json, sys
@@ -62,18 +79,13 @@ for path in sys.argv[1:]:
         print(json.dumps({"prompt": " ".join(words[i : i + 24])}))
 PY
   for name in recycle plain depth1 depth2 depth4; do
-    local run="$RUNS/$name"
-    [[ -f "$RES/eval_$name.json" ]] || $RG eval --model "$run" --module "$run/module.safetensors" \
-      --data "$RUNS/heldout.txt" --max-tokens 40000 --seq-len 512 --batch-size 4 --threads "$THREADS" \
-      --json "$RES/eval_$name.json"
+    eval_one "$name"
     # The same module proposing only the 8192 most frequent training tokens (a cheaper module step).
-    $RG draft-vocab --module "$run/module.safetensors" --data "$RUNS/data" --size 8192 \
-      --out "$run/module_dv8192.safetensors"
+    $RG draft-vocab --module "$RUNS/$name/module.safetensors" --data "$RUNS/data" --size 8192 \
+      --out "$RUNS/$name/module_dv8192.safetensors"
   done
-  [[ -f "$RES/lm_eval_recycle.json" ]] || $RG lm-eval --model "$RUNS/recycle" \
-    --module "$RUNS/recycle/module.safetensors" --threads "$THREADS" --json "$RES/lm_eval_recycle.json"
-  [[ -f "$RES/lm_eval_plain.json" ]] || $RG lm-eval --model "$RUNS/plain" --scoring standard \
-    --threads "$THREADS" --json "$RES/lm_eval_plain.json"
+  lm_eval_one recycle --module "$RUNS/recycle/module.safetensors"
+  lm_eval_one plain --scoring standard
   # Decode speed, greedy, batch 1, 128 new tokens; ratios are to standard in the same run.
   for name in recycle depth1 depth2 depth4; do
     for m in module module_dv8192; do
@@ -85,9 +97,21 @@ PY
   $PY experiments/paper_small/report.py --runs "$RUNS" --results "$RES"
 }
 
+stage_sweep() {
+  # The recycle weight against the main head's perplexity: the main pair's schedule with lambda 0 (a plain
+  # GPT again, so that every run of the sweep is timed and trained on one machine) and lambda 0.1.
+  for w in 0 0.1; do train_one "w$w" --recycle-weight "$w"; done
+  heldout_text
+  for w in 0 0.1; do eval_one "w$w"; done
+  lm_eval_one w0 --scoring standard
+  lm_eval_one w0.1 --module "$RUNS/w0.1/module.safetensors"
+  $PY experiments/paper_small/report.py --runs "$RUNS" --results "$RES" --update w0 w0.1
+}
+
 case "${1:-}" in
   data) stage_data ;;
   train) stage_train ;;
   eval) stage_eval ;;
-  *) echo "usage: $0 data|train|eval" >&2; exit 2 ;;
+  sweep) stage_sweep ;;
+  *) echo "usage: $0 data|train|eval|sweep" >&2; exit 2 ;;
 esac
