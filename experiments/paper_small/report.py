@@ -152,15 +152,19 @@ def tables(s: dict[str, dict]) -> str:
             f"{_ratios(d, 'alternating')} | {_ratios(d, 'verified')} | "
             f"{_fmt(d.get('verified_acceptance_module'), '.2f')} |"
         )
-    plain = s.get(SWEEP[0], {}).get("val_main_ppl")
     lines += ["", "| recycle weight | validation perplexity, main head | vs plain GPT | held-out ppl, standard / "
               "alternating | held-out module top-1 | agreement | val recycle acc | tasks, standard / alternating "
               "(cloze; next sentence; next verse) | training wall time (h) |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for name, d in ((n, s[n]) for n in SWEEP if n in s):
-        vs = "-" if plain is None or name == SWEEP[0] else f"{d['val_main_ppl'] / plain - 1:+.1%}"
+    # each run against the plain GPT trained on the same machine: the sweep's lambda 0, or the main pair's
+    rows = [(f"{s[n]['recycle_weight']:g}", s[n], None if n == SWEEP[0] else s.get(SWEEP[0]))
+            for n in SWEEP if n in s]
+    if "recycle" in s:
+        rows.append(("1 (main pair, above)", s["recycle"], s.get("plain")))
+    for label, d, ref in rows:
+        vs = "-" if ref is None else f"{d['val_main_ppl'] / ref['val_main_ppl'] - 1:+.1%}"
         lines.append(
-            f"| {d['recycle_weight']:g} | {d['val_main_ppl']:.2f} | {vs} | {_fmt(d.get('heldout_ppl'), '.2f')} / "
+            f"| {label} | {d['val_main_ppl']:.2f} | {vs} | {_fmt(d.get('heldout_ppl'), '.2f')} / "
             f"{_fmt(d.get('heldout_ppl_alternating'), '.2f')} | {_fmt(d.get('module_top1_acc'))} | "
             f"{_fmt(d.get('agreement'))} | {_fmt(d.get('val_recycle_acc'))} | "
             + "; ".join(f"{_fmt(d.get(f'{task}_standard'))} / {_fmt(d.get(f'{task}_alternating'))}"
