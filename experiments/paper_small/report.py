@@ -189,7 +189,7 @@ def plot_sweep(s: dict[str, dict], results: Path) -> None:
         if i:
             ax_gap.plot(tokens, [100 * (math.exp(loss - base[t]) - 1) for t, loss in d["val_curve"]], marker="o",
                         color=f"C{i}", label=f"lambda {d['recycle_weight']:g} vs lambda {runs[0]['recycle_weight']:g}")
-    ax_gap.axhline(100 * BAR, color="tab:red", linestyle="--", label="bar (+3 %)")
+    ax_gap.axhline(100 * BAR, color="tab:red", linestyle="--", label=f"bar (+{100 * BAR:g} %)")
     ax_gap.axhline(0, color="gray", linewidth=0.8)
     ax_loss.set(xlabel="training tokens (M)", ylabel="validation loss, main head", title="Validation loss", ylim=(3, 8))
     ax_gap.set(xlabel="training tokens (M)", ylabel="validation perplexity increase (%)",

@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/paper_small}
 RES=experiments/paper_small/results
+mkdir -p "$RES"
 RG=${RG:-.venv/bin/recyclegpt}
 PY=${PY:-.venv/bin/python}
 THREADS=${THREADS:-2}
@@ -46,7 +47,6 @@ stage_train() {
 }
 
 heldout_text() {  # the last 10% of Austen and the KJV, which no run trained on
-  mkdir -p "$RES"
   for f in austen kjv; do
     n=$(wc -l < data/corpora/$f.txt); tail -n +$((n * 9 / 10 + 1)) data/corpora/$f.txt > "$RUNS/heldout_$f.txt"
   done
