@@ -1,6 +1,6 @@
 """Build small held-out evaluation tasks from the local corpora (scripts/fetch_corpora.py), for lm-eval.
 
-Three tasks, each a JSONL data file plus an lm-evaluation-harness YAML config in ``--out``:
+Four tasks, each a JSONL data file plus an lm-evaluation-harness YAML config in ``--out``:
 
 * ``recycle_cloze_austen``: LAMBADA-style last-word cloze. A paragraph of Austen whose last word also
   occurs earlier in it (so the context helps); the model must continue the paragraph with that word.
@@ -9,6 +9,10 @@ Three tasks, each a JSONL data file plus an lm-evaluation-harness YAML config in
   (the 3 distractors are verses from elsewhere in the held-out part). Multiple choice: acc, acc_norm.
 * ``recycle_next_sentence_austen``: which of 4 sentences follows 3 consecutive sentences of an Austen
   paragraph (distractors: sentences from other held-out paragraphs). Multiple choice: acc, acc_norm.
+* ``recycle_word_order_austen``: a minimal pair. After 2 sentences of an Austen paragraph, the true next
+  sentence against the same sentence with two adjacent lower-case words swapped. The two choices have the
+  same words and characters, so only word order separates them; a model trained on little text is well
+  above chance here, unlike on the other three. Multiple choice (2 choices): acc.
 
 Items come only from the last ``--tail`` share of each corpus file (Persuasion and the end of the New
 Testament at the default 0.1), so a model trained on the beginning of the files has not seen them.
@@ -163,6 +167,30 @@ def sentence_runs(paras: list[str]) -> list[list[str]]:
     return runs
 
 
+def word_order_items(runs: list[list[str]], rng: random.Random, n: int, k: int = 2) -> list[dict]:
+    """From sentence runs: k sentences of context, then the next sentence against a copy of it in which two
+    adjacent words, both lower-case letters only and different, change places."""
+    starts = [(r, i) for r, sents in enumerate(runs) for i in range(len(sents) - k)]
+    rng.shuffle(starts)
+    items = []
+    for r, i in starts:
+        words = runs[r][i + k].split()
+        spots = [j for j in range(1, len(words) - 1)
+                 if words[j].isalpha() and words[j + 1].isalpha() and words[j].islower() and words[j + 1].islower()
+                 and words[j] != words[j + 1]]
+        if not spots:
+            continue
+        j = rng.choice(spots)
+        swapped = words[:j] + [words[j + 1], words[j]] + words[j + 2 :]
+        label = rng.randrange(2)
+        choices = [" ".join(swapped)]
+        choices.insert(label, runs[r][i + k])
+        items.append({"context": " ".join(runs[r][i : i + k]), "choices": choices, "label": label})
+        if len(items) == n:
+            break
+    return items
+
+
 def write_jsonl(path: Path, items: list[dict]) -> None:
     path.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items), encoding="utf-8")
 
@@ -190,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "cloze_austen": cloze_items(austen, random.Random(args.seed), args.n),
         "next_verse_kjv": choice_items(verse_runs(kjv), random.Random(args.seed + 1), args.n),
         "next_sentence_austen": choice_items(sentence_runs(austen), random.Random(args.seed + 2), args.n),
+        "word_order_austen": word_order_items(sentence_runs(austen), random.Random(args.seed + 3), args.n),
     }
     for name, items in tasks.items():
         write_jsonl(out / f"{name}.jsonl", items)

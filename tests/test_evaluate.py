@@ -219,8 +219,23 @@ def test_local_tasks_run_offline_with_lm_eval(lm_eval_env):
     model = RecycleGPT.from_config(preset.model.replace(max_seq_len=1024), preset.recycle).eval()
     lm = lm_eval_env.RecycleLM(model.backbone, ByteTokenizer(), model.module, scoring="alternating", batch_size=8)
     results = lm_eval_env.run_tasks(lm, TASKS, limit=2)
-    assert set(results) == {"recycle_cloze_austen", "recycle_next_verse_kjv", "recycle_next_sentence_austen"}
+    assert set(results) == {"recycle_cloze_austen", "recycle_next_verse_kjv", "recycle_next_sentence_austen",
+                            "recycle_word_order_austen"}
     assert 0.0 <= results["recycle_next_verse_kjv"]["acc,none"] <= 1.0
     assert results["recycle_cloze_austen"]["perplexity,none"] > 1.0
     with pytest.raises(EvalError, match="unknown task"):
         lm_eval_env.load_task_configs(TASKS, ["nope"])
+
+
+@pytest.mark.skipif(not (TASKS / "word_order_austen.jsonl").is_file(), reason="benchmarks/tasks not generated")
+def test_word_order_pairs_differ_by_one_adjacent_swap():
+    items = [json.loads(line) for line in (TASKS / "word_order_austen.jsonl").read_text().splitlines()]
+    assert len(items) == 300
+    for item in items:
+        a, b = (c.split() for c in item["choices"])
+        assert item["label"] in (0, 1)
+        diff = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+        assert len(diff) == 2 and diff[1] == diff[0] + 1
+        assert (a[diff[0]], a[diff[1]]) == (b[diff[1]], b[diff[0]])
+    # the true sentence is drawn to either place, so neither position wins by itself
+    assert 0.4 < sum(item["label"] for item in items) / len(items) < 0.6
