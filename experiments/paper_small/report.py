@@ -18,10 +18,13 @@ from pathlib import Path
 from safetensors import safe_open
 
 MAIN, ABLATION = ("plain", "recycle"), ("depth1", "depth2", "depth4")
-SWEEP = ("w0", "w0.1")  # recycle weight 0 and 0.1 on the main pair's schedule (run.sh sweep)
+# recycle weight 0 and 0.1 on the main pair's schedule, and 0.1 with a 1-layer module (run.sh sweep)
+SWEEP = ("w0", "w0.1", "w0.1d1")
 BAR = 0.03  # issue #8: the main head's validation perplexity within 3 % of the plain GPT's
 TASKS = (("recycle_cloze_austen", "acc"), ("recycle_next_sentence_austen", "acc_norm"),
-         ("recycle_next_verse_kjv", "acc_norm"))
+         ("recycle_next_verse_kjv", "acc_norm"), ("recycle_word_order_austen", "acc"))
+# bench row names -> summary key prefixes (verified: draft length 1, width 1 or 4)
+BENCH_ROWS = {"alternating": "alternating", "verified-k1": "verified", "verified-k1w4": "verified_w4"}
 
 
 def _json(path: Path) -> dict | None:
@@ -47,13 +50,15 @@ def _bench(path: Path) -> dict[str, float]:
     result = _json(path)
     if result is None:
         return {}
-    rows = {r["kind"]: r for r in result["rows"]}  # one row per kind here (verified: draft length 1)
+    rows = {r["name"]: r for r in result["rows"]}
     out = {"standard_tok_s": rows["standard"]["tokens_per_s"]}
-    for name in ("alternating", "verified"):
-        out[f"{name}_ratio"] = rows[name]["ratio_to_standard"]
-        out[f"{name}_tau"] = rows[name]["tau"]
-    out["verified_acceptance"] = rows["verified"]["acceptance_rate"]
-    out["verified_identical"] = rows["verified"]["identical_to_standard"]
+    for name, key in BENCH_ROWS.items():
+        if name in rows:
+            out[f"{key}_ratio"] = rows[name]["ratio_to_standard"]
+            out[f"{key}_tau"] = rows[name]["tau"]
+            if key != "alternating":
+                out[f"{key}_acceptance"] = rows[name]["acceptance_rate"]
+                out[f"{key}_identical"] = rows[name]["identical_to_standard"]
     return out
 
 
@@ -95,8 +100,10 @@ def summarize(runs: Path, results: Path, names: tuple[str, ...], previous: dict[
         if lm:
             for scoring, tasks in lm["results"].items():
                 for task, metric in TASKS:
-                    record[f"{task}_{scoring}"] = tasks[task][f"{metric},none"]
-        for module in ("module", "module_dv8192"):
+                    if task in tasks:  # the word-order task came later than some runs' lm-eval
+                        record[f"{task}_{scoring}"] = tasks[task][f"{metric},none"]
+        # run.sh eval: full and draft vocabulary; run.sh sweep: draft vocabulary with --prepack
+        for module in ("module", "module_dv8192", "prepack"):
             for key, value in _bench(results / f"bench_{name}_{module}.json").items():
                 record[f"{key}_{module}"] = value
         summary[name] = record
@@ -134,6 +141,8 @@ def tables(s: dict[str, dict]) -> str:
     row("held-out top-1 accuracy, main head (next token)", "base_top1_acc")
     row("held-out top-1 accuracy, module (token after next)", "module_top1_acc")
     for task, metric in TASKS:
+        if f"{task}_standard" not in p | r:  # a task added after this pair's models were gone
+            continue
         lines.append(f"| {task} {metric}, standard / alternating | {_fmt(p.get(f'{task}_standard'))} / - | "
                      f"{_fmt(r.get(f'{task}_standard'))} / {_fmt(r.get(f'{task}_alternating'))} |")
     for module, label in (("module", "full vocabulary"), ("module_dv8192", "draft vocabulary 8192")):
@@ -152,10 +161,11 @@ def tables(s: dict[str, dict]) -> str:
             f"{_ratios(d, 'alternating')} | {_ratios(d, 'verified')} | "
             f"{_fmt(d.get('verified_acceptance_module'), '.2f')} |"
         )
-    lines += ["", "| recycle weight | validation perplexity, main head | vs plain GPT | held-out ppl, standard / "
-              "alternating | held-out module top-1 | agreement | val recycle acc | tasks, standard / alternating "
-              "(cloze; next sentence; next verse) | training wall time (h) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| recycle weight | module layers | validation perplexity, main head | vs plain GPT | held-out ppl, "
+              "standard / alternating | held-out module top-1 | agreement | tasks, standard / alternating "
+              "(cloze; next sentence; next verse; word order) | decode speedup, alternating / verified / "
+              "verified width 4 | training wall time (h) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     # each run against the plain GPT trained on the same machine: the sweep's lambda 0, or the main pair's
     rows = [(f"{s[n]['recycle_weight']:g}", s[n], None if n == SWEEP[0] else s.get(SWEEP[0]))
             for n in SWEEP if n in s]
@@ -164,11 +174,12 @@ def tables(s: dict[str, dict]) -> str:
     for label, d, ref in rows:
         vs = "-" if ref is None else f"{d['val_main_ppl'] / ref['val_main_ppl'] - 1:+.1%}"
         lines.append(
-            f"| {label} | {d['val_main_ppl']:.2f} | {vs} | {_fmt(d.get('heldout_ppl'), '.2f')} / "
-            f"{_fmt(d.get('heldout_ppl_alternating'), '.2f')} | {_fmt(d.get('module_top1_acc'))} | "
-            f"{_fmt(d.get('agreement'))} | {_fmt(d.get('val_recycle_acc'))} | "
+            f"| {label} | {d['module_layers']} | {d['val_main_ppl']:.2f} | {vs} | "
+            f"{_fmt(d.get('heldout_ppl'), '.2f')} / {_fmt(d.get('heldout_ppl_alternating'), '.2f')} | "
+            f"{_fmt(d.get('module_top1_acc'))} | {_fmt(d.get('agreement'))} | "
             + "; ".join(f"{_fmt(d.get(f'{task}_standard'))} / {_fmt(d.get(f'{task}_alternating'))}"
                         for task, _ in TASKS)
+            + " | " + " / ".join(_fmt(d.get(f"{k}_ratio_prepack"), ".2f", "x") for k in BENCH_ROWS.values())
             + f" | {d['train_hours']:.2f} |"
         )
     return "\n".join(lines)
@@ -184,11 +195,11 @@ def plot_sweep(s: dict[str, dict], results: Path) -> None:
     base = {t: loss for t, loss in runs[0]["val_curve"]}
     for i, d in enumerate(runs):
         tokens = [t / 1e6 for t, _ in d["val_curve"]]
-        ax_loss.plot(tokens, [loss for _, loss in d["val_curve"]], marker="o", color=f"C{i}",
-                     label=f"lambda {d['recycle_weight']:g}")
+        name = f"lambda {d['recycle_weight']:g}" + (f", {d['module_layers']}-layer module" if i else "")
+        ax_loss.plot(tokens, [loss for _, loss in d["val_curve"]], marker="o", color=f"C{i}", label=name)
         if i:
             ax_gap.plot(tokens, [100 * (math.exp(loss - base[t]) - 1) for t, loss in d["val_curve"]], marker="o",
-                        color=f"C{i}", label=f"lambda {d['recycle_weight']:g} vs lambda {runs[0]['recycle_weight']:g}")
+                        color=f"C{i}", label=f"{name} vs lambda {runs[0]['recycle_weight']:g}")
     ax_gap.axhline(100 * BAR, color="tab:red", linestyle="--", label=f"bar (+{100 * BAR:g} %)")
     ax_gap.axhline(0, color="gray", linewidth=0.8)
     ax_loss.set(xlabel="training tokens (M)", ylabel="validation loss, main head", title="Validation loss", ylim=(3, 8))

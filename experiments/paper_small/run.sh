@@ -100,12 +100,22 @@ PY
 stage_sweep() {
   # The recycle weight against the main head's perplexity: the main pair's schedule with lambda 0 (a plain
   # GPT again, so that every run of the sweep is timed and trained on one machine) and lambda 0.1.
+  # w0.1d1: lambda 0.1 with a 1-layer module, to test the perplexity and speed bars on one model.
   for w in 0 0.1; do train_one "w$w" --recycle-weight "$w"; done
+  train_one w0.1d1 --recycle-weight 0.1 --module-layers 1
   heldout_text
-  for w in 0 0.1; do eval_one "w$w"; done
+  for name in w0 w0.1 w0.1d1; do eval_one "$name"; done
   lm_eval_one w0 --scoring standard
-  lm_eval_one w0.1 --module "$RUNS/w0.1/module.safetensors"
-  $PY experiments/paper_small/report.py --runs "$RUNS" --results "$RES" --update w0 w0.1
+  for name in w0.1 w0.1d1; do lm_eval_one "$name" --module "$RUNS/$name/module.safetensors"; done
+  for name in w0.1 w0.1d1; do
+    [[ -f "$RUNS/$name/module_dv8192.safetensors" ]] || $RG draft-vocab --module "$RUNS/$name/module.safetensors" \
+      --data "$RUNS/data" --size 8192 --out "$RUNS/$name/module_dv8192.safetensors"
+    [[ -f "$RES/bench_${name}_prepack.json" ]] || $RG bench --model "$RUNS/$name" \
+      --module "$RUNS/$name/module_dv8192.safetensors" --prompts "$RUNS/prompts.jsonl" --max-new-tokens 128 \
+      --repeats 5 --strategies standard alternating verified --draft-widths 1 4 --threads "$THREADS" --prepack \
+      --json "$RES/bench_${name}_prepack.json"
+  done
+  $PY experiments/paper_small/report.py --runs "$RUNS" --results "$RES" --update w0 w0.1 w0.1d1
 }
 
 case "${1:-}" in
