@@ -3,7 +3,7 @@
 #   bash experiments/paper_small/run.sh data    # held-in text -> token memmaps (1 min)
 #   bash experiments/paper_small/run.sh train   # plain GPT vs RecycleGPT, then the module-depth ablation
 #   bash experiments/paper_small/run.sh eval    # perplexities, module accuracy, lm-eval tasks, decode speed
-#   bash experiments/paper_small/run.sh sweep   # recycle weight 0 and 0.1 on the main pair's schedule
+#   bash experiments/paper_small/run.sh sweep   # recycle weight 0, 0.1, and 0.1 with a 1-layer module (main pair's schedule)
 # Runs go to $RUNS (default runs/paper_small); results to experiments/paper_small/results/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
