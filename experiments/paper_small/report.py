@@ -18,8 +18,9 @@ from pathlib import Path
 from safetensors import safe_open
 
 MAIN, ABLATION = ("plain", "recycle"), ("depth1", "depth2", "depth4")
-# recycle weight 0 and 0.1 on the main pair's schedule, and 0.1 with a 1-layer module (run.sh sweep)
-SWEEP = ("w0", "w0.1", "w0.1d1")
+# recycle weight 0 and 0.1 on the main pair's schedule, 0.1 with a 1-layer module, and the plain GPT with
+# another seed as the yardstick for the gaps (run.sh sweep)
+SWEEP = ("w0", "w0.1", "w0.1d1", "w0s1")
 BAR = 0.03  # issue #8: the main head's validation perplexity within 3 % of the plain GPT's
 TASKS = (("recycle_cloze_austen", "acc"), ("recycle_next_sentence_austen", "acc_norm"),
          ("recycle_next_verse_kjv", "acc_norm"), ("recycle_word_order_austen", "acc"))
@@ -84,7 +85,7 @@ def summarize(runs: Path, results: Path, names: tuple[str, ...], previous: dict[
             "backbone_params": backbone, "module_params": module, "module_share": module / backbone,
             "module_layers": recycle["n_layers"], "recycle_weight": recycle["recycle_weight"],
             "train_mtokens": log[-1]["tokens"] / 1e6, "train_hours": log[-1]["tokens"] / log[-1]["tokens_per_s"] / 3600,
-            "steps": config["steps"],
+            "steps": config["steps"], "seed": config["seed"],
             "val_main_ppl": math.exp(vals[-1]["val_main_loss"]),
             "val_recycle_acc": vals[-1].get("val_recycle_acc"),
             # (training tokens, validation loss of the main head) at every evaluation
@@ -161,11 +162,11 @@ def tables(s: dict[str, dict]) -> str:
             f"{_ratios(d, 'alternating')} | {_ratios(d, 'verified')} | "
             f"{_fmt(d.get('verified_acceptance_module'), '.2f')} |"
         )
-    lines += ["", "| recycle weight | module layers | validation perplexity, main head | vs plain GPT | held-out ppl, "
-              "standard / alternating | held-out module top-1 | agreement | tasks, standard / alternating "
-              "(cloze; next sentence; next verse; word order) | decode speedup, alternating / verified / "
+    lines += ["", "| recycle weight | module layers | seed | validation perplexity, main head | vs plain GPT | "
+              "held-out ppl, standard / alternating | held-out module top-1 | agreement | tasks, standard / "
+              "alternating (cloze; next sentence; next verse; word order) | decode speedup, alternating / verified / "
               "verified width 4 | training wall time (h) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     # each run against the plain GPT trained on the same machine: the sweep's lambda 0, or the main pair's
     rows = [(f"{s[n]['recycle_weight']:g}", s[n], None if n == SWEEP[0] else s.get(SWEEP[0]))
             for n in SWEEP if n in s]
@@ -174,7 +175,7 @@ def tables(s: dict[str, dict]) -> str:
     for label, d, ref in rows:
         vs = "-" if ref is None else f"{d['val_main_ppl'] / ref['val_main_ppl'] - 1:+.1%}"
         lines.append(
-            f"| {label} | {d['module_layers']} | {d['val_main_ppl']:.2f} | {vs} | "
+            f"| {label} | {d['module_layers']} | {d.get('seed', 0)} | {d['val_main_ppl']:.2f} | {vs} | "
             f"{_fmt(d.get('heldout_ppl'), '.2f')} / {_fmt(d.get('heldout_ppl_alternating'), '.2f')} | "
             f"{_fmt(d.get('module_top1_acc'))} | {_fmt(d.get('agreement'))} | "
             + "; ".join(f"{_fmt(d.get(f'{task}_standard'))} / {_fmt(d.get(f'{task}_alternating'))}"
@@ -195,9 +196,13 @@ def plot_sweep(s: dict[str, dict], results: Path) -> None:
     base = {t: loss for t, loss in runs[0]["val_curve"]}
     for i, d in enumerate(runs):
         tokens = [t / 1e6 for t, _ in d["val_curve"]]
-        name = f"lambda {d['recycle_weight']:g}" + (f", {d['module_layers']}-layer module" if i else "")
+        name = f"lambda {d['recycle_weight']:g}"
+        if d.get("seed", 0):
+            name += f", seed {d['seed']}"
+        elif i:
+            name += f", {d['module_layers']}-layer module"
         ax_loss.plot(tokens, [loss for _, loss in d["val_curve"]], marker="o", color=f"C{i}", label=name)
-        if i:
+        if i and not d.get("seed", 0):  # another seed scores other validation batches: no like-for-like gap
             ax_gap.plot(tokens, [100 * (math.exp(loss - base[t]) - 1) for t, loss in d["val_curve"]], marker="o",
                         color=f"C{i}", label=f"{name} vs lambda {runs[0]['recycle_weight']:g}")
     ax_gap.axhline(100 * BAR, color="tab:red", linestyle="--", label=f"bar (+{100 * BAR:g} %)")
