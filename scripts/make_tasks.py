@@ -214,11 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     austen = paragraphs(tail_lines(corpora / "austen.txt", args.tail))
     kjv = tail_lines(corpora / "kjv.txt", args.tail)
+    austen_sentences = sentence_runs(austen)
     tasks = {
         "cloze_austen": cloze_items(austen, random.Random(args.seed), args.n),
         "next_verse_kjv": choice_items(verse_runs(kjv), random.Random(args.seed + 1), args.n),
-        "next_sentence_austen": choice_items(sentence_runs(austen), random.Random(args.seed + 2), args.n),
-        "word_order_austen": word_order_items(sentence_runs(austen), random.Random(args.seed + 3), args.n),
+        "next_sentence_austen": choice_items(austen_sentences, random.Random(args.seed + 2), args.n),
+        "word_order_austen": word_order_items(austen_sentences, random.Random(args.seed + 3), args.n),
     }
     for name, items in tasks.items():
         write_jsonl(out / f"{name}.jsonl", items)

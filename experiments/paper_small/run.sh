@@ -66,6 +66,12 @@ lm_eval_one() {  # name, extra args...: the local lm-eval tasks (standard and al
     --json "$RES/lm_eval_$name.json"
 }
 
+draft_vocab_one() {  # name: the same module proposing only the 8192 most frequent training tokens
+  local run="$RUNS/$1"
+  [[ -f "$run/module_dv8192.safetensors" ]] || $RG draft-vocab --module "$run/module.safetensors" \
+    --data "$RUNS/data" --size 8192 --out "$run/module_dv8192.safetensors"
+}
+
 stage_eval() {
   heldout_text
   # Decode prompts: 24 words from 4 evenly spaced sentence starts of each held-out text.
@@ -80,9 +86,7 @@ for path in sys.argv[1:]:
 PY
   for name in recycle plain depth1 depth2 depth4; do
     eval_one "$name"
-    # The same module proposing only the 8192 most frequent training tokens (a cheaper module step).
-    $RG draft-vocab --module "$RUNS/$name/module.safetensors" --data "$RUNS/data" --size 8192 \
-      --out "$RUNS/$name/module_dv8192.safetensors"
+    draft_vocab_one "$name"  # a cheaper module step
   done
   lm_eval_one recycle --module "$RUNS/recycle/module.safetensors"
   lm_eval_one plain --scoring standard
@@ -111,8 +115,7 @@ stage_sweep() {
   for name in w0 w0s1; do lm_eval_one "$name" --scoring standard; done
   for name in w0.1 w0.1d1; do lm_eval_one "$name" --module "$RUNS/$name/module.safetensors"; done
   for name in w0.1 w0.1d1; do
-    [[ -f "$RUNS/$name/module_dv8192.safetensors" ]] || $RG draft-vocab --module "$RUNS/$name/module.safetensors" \
-      --data "$RUNS/data" --size 8192 --out "$RUNS/$name/module_dv8192.safetensors"
+    draft_vocab_one "$name"
     [[ -f "$RES/bench_${name}_prepack.json" ]] || $RG bench --model "$RUNS/$name" \
       --module "$RUNS/$name/module_dv8192.safetensors" --prompts "$RUNS/prompts.jsonl" --max-new-tokens 128 \
       --repeats 5 --strategies standard alternating verified --draft-widths 1 4 --threads "$THREADS" --prepack \
