@@ -490,19 +490,30 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
         from recyclegpt.lm_eval_adapter import RecycleLM, run_tasks
     except ImportError as exc:
         raise ValueError(f"lm-eval is not installed ({exc}); install it with: pip install 'recyclegpt[eval]'") from None
+    from recyclegpt.evaluate import paired_flips
+
     _threads(args.threads)
     engine, base = load_engine(args)
-    results = {}
+    results, items = {}, {}
     for scoring in args.scoring or (["standard", "alternating"] if engine.module is not None else ["standard"]):
         lm = RecycleLM(engine.backbone, engine.tokenizer, engine.module, scoring, args.batch_size)
-        results[scoring] = run_tasks(lm, args.tasks_dir, args.tasks, args.limit)
+        results[scoring], items[scoring] = run_tasks(lm, args.tasks_dir, args.tasks, args.limit)
     for scoring, tasks in results.items():
         for task, metrics in tasks.items():
             shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
                               if isinstance(v, float) and "stderr" not in k)
             print(f"{scoring:12s} {task:32s} {shown}", file=sys.stderr)
+    # standard against alternating item by item: which items the module's scoring lost and won
+    paired = {}
+    if len(items) == 2:
+        for task, metrics in items["standard"].items():
+            paired[task] = {m: paired_flips(v, items["alternating"][task][m]) for m, v in metrics.items()}
+            for m, f in paired[task].items():
+                print(f"{'paired':12s} {task:32s} {m} {f['standard']:.4f} -> {f['alternating']:.4f} "
+                      f"({f['diff_points']:+.1f} points; {f['right_to_wrong']} right->wrong, "
+                      f"{f['wrong_to_right']} wrong->right; McNemar p {f['mcnemar_p']:.3f})", file=sys.stderr)
     _emit_json({"model": base.name, "module": args.module, "dtype": args.dtype, "prepack": args.prepack,
-                "limit": args.limit, "results": results}, args.json)
+                "limit": args.limit, "results": results, "paired": paired, "items": items}, args.json)
     return 0
 
 

@@ -121,6 +121,36 @@ def mixed_scores(
     return nll, torch.where(use, m_top, scores.base_top), from_module
 
 
+def paired_flips(standard: Sequence[float], alternating: Sequence[float]) -> dict:
+    """Compare two scorings of the same task items, item by item (each score 0 or 1).
+
+    Returns the accuracies, their difference in points (alternating - standard), how many items
+    each way changed (``right_to_wrong``: standard right, alternating wrong; ``wrong_to_right``: the
+    reverse), and the exact two-sided McNemar p-value: the chance, if neither scoring were better,
+    of a split of the changed items at least this uneven (binomial, n = changed items, p = 1/2).
+
+    Raises:
+        EvalError: the two lists differ in length, are empty, or hold a score other than 0 or 1.
+    """
+    if len(standard) != len(alternating) or not standard:
+        raise EvalError(f"paired scores need two equally long, non-empty lists; got {len(standard)} and "
+                        f"{len(alternating)} items")
+    if any(x not in (0, 1) for x in (*standard, *alternating)):
+        raise EvalError("paired scores must each be 0 or 1 (an item wrong or right)")
+    r2w = sum(1 for a, b in zip(standard, alternating, strict=True) if a and not b)
+    w2r = sum(1 for a, b in zip(standard, alternating, strict=True) if b and not a)
+    acc_std, acc_alt = sum(standard) / len(standard), sum(alternating) / len(alternating)
+    return {"items": len(standard), "standard": acc_std, "alternating": acc_alt,
+            "diff_points": 100 * (acc_alt - acc_std), "right_to_wrong": r2w, "wrong_to_right": w2r,
+            "mcnemar_p": mcnemar_p(r2w, w2r)}
+
+
+def mcnemar_p(right_to_wrong: int, wrong_to_right: int) -> float:
+    """Exact two-sided McNemar p-value of paired 0/1 scores from the counts of items that changed each way."""
+    n = right_to_wrong + wrong_to_right
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(right_to_wrong, wrong_to_right) + 1)) / 2**n)
+
+
 def read_tokens(path: str | Path, tokenizer, max_tokens: int) -> list[int]:
     """The first ``max_tokens`` tokens of a text file (.txt .md .rst .jsonl .parquet), read in chunks.
 

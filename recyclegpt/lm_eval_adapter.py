@@ -25,6 +25,7 @@ from recyclegpt.generate import Engine
 from recyclegpt.sampling import SamplingConfig
 
 SCORINGS = ("standard", "alternating")
+ITEM_METRICS = ("acc", "acc_norm")  # per-item scores run_tasks returns
 
 
 @register_model("recyclegpt")
@@ -200,8 +201,9 @@ def load_task_configs(tasks_dir: str | Path, names: Sequence[str] | None = None)
     return [configs[n] for n in (names or configs)]
 
 
-def run_tasks(lm: LM, tasks_dir: str | Path, names: Sequence[str] | None = None, limit: int | None = None) -> dict:
-    """Run local task configs with lm-eval; returns lm-eval's per-task ``results``.
+def run_tasks(lm: LM, tasks_dir: str | Path, names: Sequence[str] | None = None,
+              limit: int | None = None) -> tuple[dict, dict]:
+    """Run local task configs with lm-eval; returns its per-task ``results`` and the per-item scores.
 
     The data are local JSONL files read by ``datasets``' json builder, so no network is needed; to
     rule out any hub lookup, set ``HF_DATASETS_OFFLINE=1`` and ``HF_HUB_OFFLINE=1`` before this module
@@ -212,8 +214,17 @@ def run_tasks(lm: LM, tasks_dir: str | Path, names: Sequence[str] | None = None,
         tasks_dir: directory of YAML configs and their JSONL data.
         names: task names; None runs every config in the directory.
         limit: items per task (None: all).
+
+    Returns:
+        (results, items): ``items[task][metric]`` lists each item's score (0 or 1) in the task file's
+        order, for the metrics ``acc`` and ``acc_norm`` where the task has them; two scorings of one
+        task compare item by item with ``evaluate.paired_flips``.
     """
     configs = load_task_configs(tasks_dir, names)
     out = simple_evaluate(model=lm, tasks=configs, task_manager=TaskManager(include_defaults=False), limit=limit,
-                          bootstrap_iters=0, log_samples=False)
-    return out["results"]
+                          bootstrap_iters=0, log_samples=True)
+    items = {}
+    for task, samples in out["samples"].items():
+        samples = sorted(samples, key=lambda x: x["doc_id"])
+        items[task] = {m: [int(x[m]) for x in samples] for m in ITEM_METRICS if samples and m in samples[0]}
+    return out["results"], items

@@ -10,7 +10,14 @@ import torch
 from recyclegpt.bases.tokenizer import ByteTokenizer
 from recyclegpt.cli import main
 from recyclegpt.config import PRESETS
-from recyclegpt.evaluate import EvalError, evaluate, generation_metrics, score_tokens, text_metrics
+from recyclegpt.evaluate import (
+    EvalError,
+    evaluate,
+    generation_metrics,
+    paired_flips,
+    score_tokens,
+    text_metrics,
+)
 from recyclegpt.generate import Engine
 from recyclegpt.recycle import RecyclableModule, RecycleGPT
 
@@ -161,6 +168,22 @@ def test_eval_cli_needs_a_module(capsys):
     assert "needs a recyclable module" in capsys.readouterr().err
 
 
+def test_paired_flips_counts_changed_items_and_gives_the_exact_mcnemar_p():
+    std = [1] * 90 + [0] * 10
+    alt = [1] * 83 + [0] * 7 + [1] * 2 + [0] * 8  # 7 right -> wrong, 2 wrong -> right
+    f = paired_flips(std, alt)
+    assert (f["items"], f["right_to_wrong"], f["wrong_to_right"]) == (100, 7, 2)
+    assert (f["standard"], f["alternating"]) == (0.90, 0.85)
+    assert f["diff_points"] == pytest.approx(-5.0)
+    # two-sided binomial(9, 1/2) tail at 2: 2 * (1 + 9 + 36) / 512
+    assert f["mcnemar_p"] == pytest.approx(92 / 512, rel=1e-12)
+    assert paired_flips([1, 0], [1, 0])["mcnemar_p"] == 1.0  # nothing changed
+    with pytest.raises(EvalError, match="equally long"):
+        paired_flips([1, 0], [1])
+    with pytest.raises(EvalError, match="0 or 1"):
+        paired_flips([1, 0.5], [1, 0])
+
+
 # ---- lm-evaluation-harness adapter ----
 
 @pytest.fixture
@@ -218,9 +241,14 @@ def test_local_tasks_run_offline_with_lm_eval(lm_eval_env):
     preset = PRESETS["tiny"]
     model = RecycleGPT.from_config(preset.model.replace(max_seq_len=1024), preset.recycle).eval()
     lm = lm_eval_env.RecycleLM(model.backbone, ByteTokenizer(), model.module, scoring="alternating", batch_size=8)
-    results = lm_eval_env.run_tasks(lm, TASKS, limit=2)
-    assert set(results) == {"recycle_cloze_austen", "recycle_next_verse_kjv", "recycle_next_sentence_austen",
-                            "recycle_word_order_austen"}
+    results, items = lm_eval_env.run_tasks(lm, TASKS, limit=2)
+    assert set(results) == set(items) == {"recycle_cloze_austen", "recycle_next_verse_kjv",
+                                          "recycle_next_sentence_austen", "recycle_word_order_austen"}
+    for task, metrics in items.items():  # per-item scores, in file order, average to lm-eval's figure
+        assert "acc" in metrics
+        for metric, scores in metrics.items():
+            assert len(scores) == 2 and set(scores) <= {0.0, 1.0}
+            assert sum(scores) / 2 == pytest.approx(results[task][f"{metric},none"])
     assert 0.0 <= results["recycle_next_verse_kjv"]["acc,none"] <= 1.0
     assert results["recycle_cloze_austen"]["perplexity,none"] > 1.0
     with pytest.raises(EvalError, match="unknown task"):

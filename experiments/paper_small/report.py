@@ -17,10 +17,14 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from recyclegpt.evaluate import mcnemar_p
+
 MAIN, ABLATION = ("plain", "recycle"), ("depth1", "depth2", "depth4")
-# recycle weight 0 and 0.1 on the main pair's schedule, 0.1 with a 1-layer module, and the plain GPT with
-# another seed as the yardstick for the gaps (run.sh sweep)
-SWEEP = ("w0", "w0.1", "w0.1d1", "w0s1")
+# recycle weight 0 and 0.1 on the main pair's schedule, 0.1 with a 1-layer module, and the plain GPT and
+# the 1-layer lambda 0.1 run with another seed: how far runs differ by seed alone (run.sh sweep)
+SWEEP = ("w0", "w0.1", "w0.1d1", "w0s1", "w0.1d1s1")
+# runs that differ only by seed, whose standard-vs-alternating task flips add up into one paired test
+POOLED = {"lambda 0.1, 1 layer, seeds 0 + 1": ("w0.1d1", "w0.1d1s1")}
 BAR = 0.03  # issue #8: the main head's validation perplexity within 3 % of the plain GPT's
 TASKS = (("recycle_cloze_austen", "acc"), ("recycle_next_sentence_austen", "acc_norm"),
          ("recycle_next_verse_kjv", "acc_norm"), ("recycle_word_order_austen", "acc"))
@@ -103,6 +107,9 @@ def summarize(runs: Path, results: Path, names: tuple[str, ...], previous: dict[
                 for task, metric in TASKS:
                     if task in tasks:  # the word-order task came later than some runs' lm-eval
                         record[f"{task}_{scoring}"] = tasks[task][f"{metric},none"]
+            for task, metric in TASKS:  # item by item, standard against alternating (lm-eval with a module)
+                if task in lm.get("paired", {}):
+                    record[f"{task}_paired"] = lm["paired"][task][metric]
         # run.sh eval: full and draft vocabulary; run.sh sweep: draft vocabulary with --prepack
         for module in ("module", "module_dv8192", "prepack"):
             for key, value in _bench(results / f"bench_{name}_{module}.json").items():
@@ -167,9 +174,9 @@ def tables(s: dict[str, dict]) -> str:
               "alternating (cloze; next sentence; next verse; word order) | decode speedup, alternating / verified / "
               "verified width 4 | training wall time (h) |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
-    # each run against the plain GPT trained on the same machine: the sweep's lambda 0, or the main pair's
-    rows = [(f"{s[n]['recycle_weight']:g}", s[n], None if n == SWEEP[0] else s.get(SWEEP[0]))
-            for n in SWEEP if n in s]
+    # each run against the plain GPT trained on the same machine with the same seed (the seed also draws
+    # the validation batches): the sweep's lambda 0 of that seed, or the main pair's
+    rows = [(f"{s[n]['recycle_weight']:g}", s[n], _plain_of(s, s[n])) for n in SWEEP if n in s]
     if "recycle" in s:
         rows.append(("1 (main pair, above)", s["recycle"], s.get("plain")))
     for label, d, ref in rows:
@@ -183,7 +190,45 @@ def tables(s: dict[str, dict]) -> str:
             + " | " + " / ".join(_fmt(d.get(f"{k}_ratio_prepack"), ".2f", "x") for k in BENCH_ROWS.values())
             + f" | {d['train_hours']:.2f} |"
         )
+    lines += ["", "| run | recycle weight | module layers | seed | "
+              + " | ".join(f"{task} {metric}: standard -> alternating (right->wrong / wrong->right, McNemar p)"
+                           for task, metric in TASKS) + " |", "|---|---|---|---|" + "---|" * len(TASKS)]
+    for n in (*SWEEP, "recycle"):
+        d = s.get(n, {})
+        if any(f"{task}_paired" in d for task, _ in TASKS):
+            lines.append(f"| {n} | {d['recycle_weight']:g} | {d['module_layers']} | {d.get('seed', 0)} | "
+                         + " | ".join(_paired(d.get(f"{task}_paired")) for task, _ in TASKS) + " |")
+    for label, names in POOLED.items():
+        if all(f"{TASKS[0][0]}_paired" in s.get(n, {}) for n in names):
+            lines.append(f"| {label} (pooled) | | | | "
+                         + " | ".join(_paired(_pool([s[n][f"{task}_paired"] for n in names])) for task, _ in TASKS)
+                         + " |")
     return "\n".join(lines)
+
+
+def _plain_of(s: dict[str, dict], d: dict) -> dict | None:
+    """The sweep's plain GPT (lambda 0) with the seed of run ``d``, or None for that run itself."""
+    for n in SWEEP:
+        ref = s.get(n)
+        if ref is not None and ref is not d and ref["recycle_weight"] == 0 and ref.get("seed", 0) == d.get("seed", 0):
+            return ref
+    return None
+
+
+def _pool(flips: list[dict]) -> dict:
+    """Paired comparisons of disjoint item sets (one per run) as one: counts add up, accuracies weigh by items."""
+    items = sum(f["items"] for f in flips)
+    r2w, w2r = sum(f["right_to_wrong"] for f in flips), sum(f["wrong_to_right"] for f in flips)
+    std, alt = (sum(f[k] * f["items"] for f in flips) / items for k in ("standard", "alternating"))
+    return {"items": items, "standard": std, "alternating": alt, "diff_points": 100 * (alt - std),
+            "right_to_wrong": r2w, "wrong_to_right": w2r, "mcnemar_p": mcnemar_p(r2w, w2r)}
+
+
+def _paired(f: dict | None) -> str:
+    if f is None:
+        return "n/a"
+    return (f"{f['standard']:.3f} -> {f['alternating']:.3f} ({f['diff_points']:+.1f} points; "
+            f"{f['right_to_wrong']} / {f['wrong_to_right']}, p {f['mcnemar_p']:.2f})")
 
 
 def plot_sweep(s: dict[str, dict], results: Path) -> None:
@@ -193,18 +238,18 @@ def plot_sweep(s: dict[str, dict], results: Path) -> None:
     runs = [s[n] for n in SWEEP if n in s]
     fig = Figure(figsize=(11, 4.2))
     ax_loss, ax_gap = fig.subplots(1, 2)
-    base = {t: loss for t, loss in runs[0]["val_curve"]}
     for i, d in enumerate(runs):
         tokens = [t / 1e6 for t, _ in d["val_curve"]]
         name = f"lambda {d['recycle_weight']:g}"
-        if d.get("seed", 0):
-            name += f", seed {d['seed']}"
-        elif i:
+        if d["recycle_weight"]:
             name += f", {d['module_layers']}-layer module"
+        name += f", seed {d.get('seed', 0)}"
         ax_loss.plot(tokens, [loss for _, loss in d["val_curve"]], marker="o", color=f"C{i}", label=name)
-        if i and not d.get("seed", 0):  # another seed scores other validation batches: no like-for-like gap
+        ref = _plain_of(s, d)  # the same seed's plain GPT, scored on the same validation batches
+        if d["recycle_weight"] and ref is not None:
+            base = dict(ref["val_curve"])
             ax_gap.plot(tokens, [100 * (math.exp(loss - base[t]) - 1) for t, loss in d["val_curve"]], marker="o",
-                        color=f"C{i}", label=f"{name} vs lambda {runs[0]['recycle_weight']:g}")
+                        color=f"C{i}", label=f"{name} vs lambda 0 (same seed)")
     ax_gap.axhline(100 * BAR, color="tab:red", linestyle="--", label=f"bar (+{100 * BAR:g} %)")
     ax_gap.axhline(0, color="gray", linewidth=0.8)
     ax_loss.set(xlabel="training tokens (M)", ylabel="validation loss, main head", title="Validation loss", ylim=(3, 8))
