@@ -249,15 +249,16 @@ def plot_sweep(s: dict[str, dict], results: Path) -> None:
         if d["recycle_weight"] and ref is not None:
             base = dict(ref["val_curve"])
             ax_gap.plot(tokens, [100 * (math.exp(loss - base[t]) - 1) for t, loss in d["val_curve"]], marker="o",
-                        color=f"C{i}", label=f"{name} vs lambda 0 (same seed)")
+                        color=f"C{i}", label=name)
     ax_gap.axhline(100 * BAR, color="tab:red", linestyle="--", label=f"bar (+{100 * BAR:g} %)")
     ax_gap.axhline(0, color="gray", linewidth=0.8)
     ax_loss.set(xlabel="training tokens (M)", ylabel="validation loss, main head", title="Validation loss", ylim=(3, 8))
     ax_gap.set(xlabel="training tokens (M)", ylabel="validation perplexity increase (%)",
-               title="Cost of the recycle loss to the main head")
-    for ax in (ax_loss, ax_gap):
+               title="Cost of the recycle loss: vs lambda 0 of the same seed")
+    ax_gap.set_ylim(bottom=ax_gap.get_ylim()[0] - 2.5)  # room for the legend below the curves
+    for ax, where in ((ax_loss, "best"), (ax_gap, "lower left")):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc=where, fontsize=8)
     fig.tight_layout()
     fig.savefig(results / "recycle_weight.png", dpi=120)
 
