@@ -139,16 +139,18 @@ def paired_flips(standard: Sequence[float], alternating: Sequence[float]) -> dic
         raise EvalError("paired scores must each be 0 or 1 (an item wrong or right)")
     r2w = sum(1 for a, b in zip(standard, alternating, strict=True) if a and not b)
     w2r = sum(1 for a, b in zip(standard, alternating, strict=True) if b and not a)
-    acc_std, acc_alt = sum(standard) / len(standard), sum(alternating) / len(alternating)
-    return {"items": len(standard), "standard": acc_std, "alternating": acc_alt,
-            "diff_points": 100 * (acc_alt - acc_std), "right_to_wrong": r2w, "wrong_to_right": w2r,
-            "mcnemar_p": mcnemar_p(r2w, w2r)}
+    return paired_summary(len(standard), int(sum(standard)), int(sum(alternating)), r2w, w2r)
 
 
-def mcnemar_p(right_to_wrong: int, wrong_to_right: int) -> float:
-    """Exact two-sided McNemar p-value of paired 0/1 scores from the counts of items that changed each way."""
+def paired_summary(items: int, right_standard: int, right_alternating: int, right_to_wrong: int,
+                   wrong_to_right: int) -> dict:
+    """``paired_flips``' result from counts: item totals and changed items, which add up over disjoint item
+    sets (several runs of one task pool by summing them)."""
     n = right_to_wrong + wrong_to_right
-    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(right_to_wrong, wrong_to_right) + 1)) / 2**n)
+    p = min(1.0, 2 * sum(math.comb(n, k) for k in range(min(right_to_wrong, wrong_to_right) + 1)) / 2**n)
+    acc_std, acc_alt = right_standard / items, right_alternating / items
+    return {"items": items, "standard": acc_std, "alternating": acc_alt, "diff_points": 100 * (acc_alt - acc_std),
+            "right_to_wrong": right_to_wrong, "wrong_to_right": wrong_to_right, "mcnemar_p": p}
 
 
 def read_tokens(path: str | Path, tokenizer, max_tokens: int) -> list[int]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from recyclegpt.evaluate import mcnemar_p
+from recyclegpt.evaluate import paired_summary
 
 MAIN, ABLATION = ("plain", "recycle"), ("depth1", "depth2", "depth4")
 # recycle weight 0 and 0.1 on the main pair's schedule, 0.1 with a 1-layer module, and the plain GPT and
@@ -216,12 +216,10 @@ def _plain_of(s: dict[str, dict], d: dict) -> dict | None:
 
 
 def _pool(flips: list[dict]) -> dict:
-    """Paired comparisons of disjoint item sets (one per run) as one: counts add up, accuracies weigh by items."""
-    items = sum(f["items"] for f in flips)
-    r2w, w2r = sum(f["right_to_wrong"] for f in flips), sum(f["wrong_to_right"] for f in flips)
-    std, alt = (sum(f[k] * f["items"] for f in flips) / items for k in ("standard", "alternating"))
-    return {"items": items, "standard": std, "alternating": alt, "diff_points": 100 * (alt - std),
-            "right_to_wrong": r2w, "wrong_to_right": w2r, "mcnemar_p": mcnemar_p(r2w, w2r)}
+    """Paired comparisons of disjoint item sets (one per run) as one: every count adds up."""
+    right = [sum(round(f[k] * f["items"]) for f in flips) for k in ("standard", "alternating")]
+    return paired_summary(sum(f["items"] for f in flips), *right, sum(f["right_to_wrong"] for f in flips),
+                          sum(f["wrong_to_right"] for f in flips))
 
 
 def _paired(f: dict | None) -> str:
