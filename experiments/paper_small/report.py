@@ -21,10 +21,11 @@ from recyclegpt.evaluate import paired_summary
 
 MAIN, ABLATION = ("plain", "recycle"), ("depth1", "depth2", "depth4")
 # recycle weight 0 and 0.1 on the main pair's schedule, 0.1 with a 1-layer module, and the plain GPT and
-# the 1-layer lambda 0.1 run with another seed: how far runs differ by seed alone (run.sh sweep)
-SWEEP = ("w0", "w0.1", "w0.1d1", "w0s1", "w0.1d1s1")
+# the 1-layer lambda 0.1 run with seeds 1 and 2: how far runs differ by seed alone (run.sh sweep)
+SWEEP = ("w0", "w0.1", "w0.1d1", "w0s1", "w0.1d1s1", "w0s2", "w0.1d1s2")
 # runs that differ only by seed, whose standard-vs-alternating task flips add up into one paired test
-POOLED = {"lambda 0.1, 1 layer, seeds 0 + 1": ("w0.1d1", "w0.1d1s1")}
+POOLED = {"lambda 0.1, 1 layer, seeds 0 + 1": ("w0.1d1", "w0.1d1s1"),
+          "lambda 0.1, 1 layer, seeds 0 + 1 + 2": ("w0.1d1", "w0.1d1s1", "w0.1d1s2")}
 BAR = 0.03  # issue #8: the main head's validation perplexity within 3 % of the plain GPT's
 TASKS = (("recycle_cloze_austen", "acc"), ("recycle_next_sentence_austen", "acc_norm"),
          ("recycle_next_verse_kjv", "acc_norm"), ("recycle_word_order_austen", "acc"))
@@ -40,15 +41,19 @@ def _log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
 
 
-def _params(run: Path) -> tuple[int, int]:
-    """(backbone, module) parameter counts; the module shares the embedding and head, so owns neither."""
+def _checkpoint(run: Path) -> tuple[int, int, dict]:
+    """(backbone, module) parameter counts and the recycle config of a run's ``model.safetensors``.
+
+    The module shares the embedding and head, so owns neither.
+    """
     counts = {"backbone": 0, "module": 0}
     with safe_open(str(run / "model.safetensors"), framework="pt") as f:
         for key in f.keys():
             part = key.split(".")[0]
             if part in counts and not key.endswith("draft_vocab"):
                 counts[part] += math.prod(f.get_slice(key).get_shape())
-    return counts["backbone"], counts["module"]
+        recycle = json.loads(f.metadata()["recycle_config"])
+    return counts["backbone"], counts["module"], recycle
 
 
 def _bench(path: Path) -> dict[str, float]:
@@ -82,9 +87,8 @@ def summarize(runs: Path, results: Path, names: tuple[str, ...], previous: dict[
             continue
         log = _log(run)
         vals = [r for r in log if "val_main_loss" in r]
-        backbone, module = _params(run)
+        backbone, module, recycle = _checkpoint(run)
         config = json.loads((run / "train_config.json").read_text())
-        recycle = json.loads(safe_open(str(run / "model.safetensors"), "pt").metadata()["recycle_config"])
         record = {
             "backbone_params": backbone, "module_params": module, "module_share": module / backbone,
             "module_layers": recycle["n_layers"], "recycle_weight": recycle["recycle_weight"],

@@ -3,7 +3,7 @@
 #   bash experiments/paper_small/run.sh data    # held-in text -> token memmaps (1 min)
 #   bash experiments/paper_small/run.sh train   # plain GPT vs RecycleGPT, then the module-depth ablation
 #   bash experiments/paper_small/run.sh eval    # perplexities, module accuracy, lm-eval tasks, decode speed
-#   bash experiments/paper_small/run.sh sweep   # recycle weight 0, 0.1, 0.1 with a 1-layer module; seed 1 of 0 and 0.1/1-layer
+#   bash experiments/paper_small/run.sh sweep   # recycle weight 0, 0.1, 0.1 with a 1-layer module; seeds 1 and 2 of 0 and 0.1/1-layer
 # Runs go to $RUNS (default runs/paper_small); results to experiments/paper_small/results/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -107,23 +107,25 @@ stage_sweep() {
   # w0.1d1: lambda 0.1 with a 1-layer module, to test the perplexity and speed bars on one model.
   for w in 0 0.1; do train_one "w$w" --recycle-weight "$w"; done
   train_one w0.1d1 --recycle-weight 0.1 --module-layers 1
-  # w0s1, w0.1d1s1: the plain GPT and the 1-layer lambda 0.1 run again with seed 1, how far runs differ by
-  # seed alone and a second pair for the gaps. The seed also draws the validation batches, so each seed-1
-  # run compares with the other seed-1 run.
-  train_one w0s1 --recycle-weight 0 --seed 1
-  train_one w0.1d1s1 --recycle-weight 0.1 --module-layers 1 --seed 1
+  # w0sN, w0.1d1sN: the plain GPT and the 1-layer lambda 0.1 run again with seeds 1 and 2, how far runs
+  # differ by seed alone and more pairs for the gaps. The seed also draws the validation batches, so each
+  # run compares with the plain GPT of its own seed.
+  for s in 1 2; do
+    train_one "w0s$s" --recycle-weight 0 --seed "$s"
+    train_one "w0.1d1s$s" --recycle-weight 0.1 --module-layers 1 --seed "$s"
+  done
   heldout_text
-  for name in w0 w0.1 w0.1d1 w0s1 w0.1d1s1; do eval_one "$name"; done
-  for name in w0 w0s1; do lm_eval_one "$name" --scoring standard; done
-  for name in w0.1 w0.1d1 w0.1d1s1; do lm_eval_one "$name" --module "$RUNS/$name/module.safetensors"; done
-  for name in w0.1 w0.1d1 w0.1d1s1; do
+  for name in w0 w0.1 w0.1d1 w0s1 w0.1d1s1 w0s2 w0.1d1s2; do eval_one "$name"; done
+  for name in w0 w0s1 w0s2; do lm_eval_one "$name" --scoring standard; done
+  for name in w0.1 w0.1d1 w0.1d1s1 w0.1d1s2; do lm_eval_one "$name" --module "$RUNS/$name/module.safetensors"; done
+  for name in w0.1 w0.1d1 w0.1d1s1 w0.1d1s2; do
     draft_vocab_one "$name"
     [[ -f "$RES/bench_${name}_prepack.json" ]] || $RG bench --model "$RUNS/$name" \
       --module "$RUNS/$name/module_dv8192.safetensors" --prompts "$RUNS/prompts.jsonl" --max-new-tokens 128 \
       --repeats 5 --strategies standard alternating verified --draft-widths 1 4 --threads "$THREADS" --prepack \
       --json "$RES/bench_${name}_prepack.json"
   done
-  $PY experiments/paper_small/report.py --runs "$RUNS" --results "$RES" --update w0 w0.1 w0.1d1 w0s1 w0.1d1s1
+  $PY experiments/paper_small/report.py --runs "$RUNS" --results "$RES" --update w0 w0.1 w0.1d1 w0s1 w0.1d1s1 w0s2 w0.1d1s2
 }
 
 case "${1:-}" in
