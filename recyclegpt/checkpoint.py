@@ -143,13 +143,18 @@ def _configs(path: Path, meta: dict[str, str]) -> tuple[ModelConfig, RecycleConf
 
 
 def _load_state(path: Path, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Load checked tensors; a recyclable module's draft vocabulary (a buffer that stays None until set,
-    so absent from a fresh state dict) goes through its ``set_draft_vocab``."""
-    drafts = {k: tensors.pop(k) for k in [k for k in tensors if k.rpartition(".")[2] == "draft_vocab"]}
+    """Load checked tensors; a recyclable module's optional buffers (its draft vocabulary and copy gate,
+    None until set, so absent from a fresh state dict) go through their setters."""
+    optional = RecyclableModule.OPTIONAL_BUFFERS
+    extras = {k: tensors.pop(k) for k in [k for k in tensors if k.rpartition(".")[2] in optional]}
     _check_state(path, module, tensors)
     module.load_state_dict(tensors, strict=False)
-    for key, ids in drafts.items():
-        module.get_submodule(key.rpartition(".")[0]).set_draft_vocab(ids)
+    for key, value in extras.items():
+        owner, _, name = key.rpartition(".")
+        try:
+            getattr(module.get_submodule(owner), optional[name])(value)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: tensor {key} is invalid: {exc}") from None
 
 
 def _check_state(path: Path, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -203,7 +208,8 @@ def load_module(path: str | Path, backbone_config: ModelConfig) -> RecyclableMod
     if mc.max_seq_len != backbone_config.max_seq_len:
         resized = RecyclableModule(mc.replace(max_seq_len=backbone_config.max_seq_len), module.recycle_config)
         state = module.state_dict()
-        resized.set_draft_vocab(state.pop("draft_vocab", None))
+        for name, setter in RecyclableModule.OPTIONAL_BUFFERS.items():
+            getattr(resized, setter)(state.pop(name, None))
         resized.load_state_dict(state, strict=False)
         module = resized
     return module

@@ -338,6 +338,30 @@ def cmd_draft_vocab(args: argparse.Namespace) -> int:
     return 0
 
 
+@command
+def cmd_copy_gate(args: argparse.Namespace) -> int:
+    """Teach a trained module to copy from the context: fit the gate that mixes a token copied from an
+    earlier occurrence of the current n-gram into the module's proposals (recyclegpt/copy.py), on the
+    base's greedy answers to --prompts and on --text, then save the module with it. Decoding and
+    evaluation use the mixture from then on; verified decoding stays exact."""
+    from recyclegpt.checkpoint import load_module_file, save_module
+    from recyclegpt.copy import fit_copy_gate
+    from recyclegpt.data import read_prompts
+    from recyclegpt.modules import resolve_module
+
+    _threads(args.threads)
+    if args.module is None:
+        raise ValueError("copy-gate needs the module to fit: pass --module PATH (or 'default')")
+    prompts = read_prompts(args.prompts)
+    engine, base = load_engine(args)
+    _, identity = load_module_file(resolve_module(args.module, base.name))
+    report = fit_copy_gate(engine, prompts, args.text, args.max_new_tokens, args.text_tokens, args.seq_len,
+                           base.chat, args.batch_size)
+    save_module(args.out, engine.module, identity)
+    _emit_json({"out": args.out, **report}, None)
+    return 0
+
+
 def _train_config(args: argparse.Namespace):
     from recyclegpt.config import TrainConfig
 
@@ -595,6 +619,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--module", required=True, help="module file (.safetensors) to read")
     p.add_argument("--data", required=True, help="prepared data directory whose train split is counted")
     p.add_argument("--size", type=int, default=8192, help="draft vocabulary size (default 8192)")
+    p.add_argument("--out", required=True, help="module file to write (may equal --module)")
+
+    p = sub.add_parser("copy-gate", help="fit a module's in-context copy gate and save the module with it",
+                       description=cmd_copy_gate.__doc__)
+    add_model_args(p)
+    p.add_argument("--prompts", required=True, help="prompt file (one per line, or JSONL with a 'prompt' field): "
+                   "the base's greedy answers to them are fitted on; use prompts no evaluation uses")
+    p.add_argument("--text", nargs="*", default=[], metavar="FILE",
+                   help="text files fitted on too (.txt .md .rst .jsonl .parquet), e.g. held-in corpus text")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="answer length (default 128)")
+    p.add_argument("--text-tokens", type=int, default=8192, help="tokens read from each --text file (default 8192)")
+    p.add_argument("--seq-len", type=int, default=512, help="window of --text in tokens (default 512)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     p.add_argument("--out", required=True, help="module file to write (may equal --module)")
 
     p = sub.add_parser("chat", help="chat in the terminal, replies streamed with their speed",

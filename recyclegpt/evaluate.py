@@ -3,7 +3,8 @@
 Notation (as in ``recycle.py``): in a window x_0 .. x_{T-1}, the base scores x_j (j >= 1) with
 p_base(x_j | x_<j), read from h_{j-1}; the module scores x_j (j >= 2) with p_mod(x_j | h_{j-2}, x_{j-1}),
 exactly the distribution alternating decoding draws the module's token from (``draft_logits``: with a
-draft vocabulary, tokens outside it have probability 0). Everything is teacher forced: one backbone
+draft vocabulary, tokens outside it have probability 0; with a copy gate, mixed with the token copied
+from the context, ``copy.py``, which may lie outside it). Everything is teacher forced: one backbone
 forward per window, the module over the pairs (h_t, x_{t+1}) in the same pass.
 
 * **Perplexity of the base**: exp(mean_j -log p_base(x_j | x_<j)) over windows of ``seq_len`` tokens.
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from recyclegpt.copy import mix_scores, window_proposals
 from recyclegpt.data import check_file, iter_text
 
 
@@ -65,7 +67,8 @@ def score_tokens(backbone: torch.nn.Module, module: torch.nn.Module | None, toke
     The backbone reads x_0 .. x_{T-2} (the last token is only a target, so T may be the context + 1);
     the module reads the pairs (h_t, x_{t+1}) of that forward, ``module(hidden, embed(tokens[:, 1:]))`` as
     in training, and its logits are ``module.draft_logits``: what decoding samples from (``backbone.head``
-    of the module states when it has no draft vocabulary).
+    of the module states when it has no draft vocabulary), mixed with in-context copies when the module
+    has a copy gate (``copy.mix_scores``, as decoding's ``copy_logits``).
     """
     if tokens.shape[1] < 3:
         raise EvalError(f"windows need at least 3 tokens (the module looks two ahead), got {tokens.shape[1]}")
@@ -76,7 +79,13 @@ def score_tokens(backbone: torch.nn.Module, module: torch.nn.Module | None, toke
             return TokenScores(base_nll, base_top)
         g = module(hidden, backbone.embed(tokens[:, 1:]))  # pairs (h_t, x_{t+1}), t = 0 .. T-2
         # t = T-2 would predict x_T, past the window: dropped.
-        module_nll, module_top = _nll_top(module.draft_logits(backbone, g[:, :-1]), tokens[:, 2:])
+        module_logits = module.draft_logits(backbone, g[:, :-1])  # (B, T-2, V)
+        if getattr(module, "copy_gate", None) is None:
+            module_nll, module_top = _nll_top(module_logits, tokens[:, 2:])
+        else:
+            cand, feats = window_proposals(tokens)
+            module_nll, module_top = mix_scores(module_logits, tokens[:, 2:], cand, feats, module.copy_gate,
+                                                module.draft_vocab)
         return TokenScores(base_nll, base_top, module_nll, module_top)
 
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from recyclegpt.cache import Tree
+from recyclegpt.copy import N_INDEX, CopyIndex
 from recyclegpt.sampling import Sampler, SamplingConfig
 from recyclegpt.strategies import Strategy, Verify, make_strategy
 
@@ -117,6 +118,10 @@ def decode_ids(
         seen[row, list(p)] = True
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
+    # A module with a copy gate drafts from its mixture with tokens copied from each row's context (a module
+    # without the attribute, e.g. a test stub, has none).
+    copying = strategy.uses_module and getattr(module, "copy_gate", None) is not None
+    indices = [CopyIndex(p) for p in prompts] if copying else []
     stats.batch, stats.prompt_tokens = B, sum(len(p) for p in prompts)
     stats.finish_reasons = ["length"] * B
 
@@ -129,6 +134,8 @@ def decode_ids(
                     break
                 out[row].append(tok)
                 added[row].append(tok)
+                if copying:
+                    indices[row].extend([tok])
                 if tok in eos_ids or (stop_fn and stop_fn(row, out[row])):
                     done[row], stats.finish_reasons[row] = True, "stop"
                 elif len(out[row]) >= max_new_tokens:
@@ -140,6 +147,14 @@ def decode_ids(
         g = module(hidden, backbone.embed(nxt), mcache)  # (B, T, d)
         stats.module_calls += 1
         return module.draft_logits(backbone, g[:, -1]), g[:, -1:]  # next draft's logits, state for chaining
+
+    def with_copies(logits: torch.Tensor, drafts: list[torch.Tensor]) -> torch.Tensor:
+        """The module's logits mixed with each row's copy candidate after its context and ``drafts``."""
+        suffix = torch.stack(drafts, 1).tolist() if drafts else [[]] * B
+        found = [index.propose(s) for index, s in zip(indices, suffix, strict=True)]
+        cand = torch.tensor([-1 if f is None else f[0] for f in found], device=device)
+        feats = torch.tensor([[0.0] * N_INDEX if f is None else f[1] for f in found], device=device)
+        return module.copy_logits(logits, cand, feats)
 
     # 1. Prefill: one full call over the prompt; the module ingests every prompt pair.
     t0 = time.perf_counter()
@@ -157,12 +172,16 @@ def decode_ids(
     while not all(done):
         # 2. Draft: k module steps; the first reuses the logits from the last ingest. Side drafts
         # (other candidates for the first slot) go along when the strategy lays the call out as a tree.
+        if copying:
+            draft_logits = with_copies(draft_logits, [])
         k = strategy.draft_len(draft_logits if strategy.uses_module else None)
         start, mstart = cache.length, (mcache.length if mcache is not None else 0)
         drafts, qs, side = [], [], None
         for j in range(k):
             if j > 0:
                 draft_logits, state = module_step(state, drafts[-1][:, None])
+                if copying:
+                    draft_logits = with_copies(draft_logits, drafts)
             if keep_q:
                 qs.append(sampler.probs(draft_logits, seen))
                 drafts.append(sampler.choose(qs[-1]))

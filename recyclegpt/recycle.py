@@ -16,6 +16,10 @@ allowed to propose (the most frequent ones in the base's outputs); its logits ar
 those rows only (``draft_logits``) and every other token gets -inf. Verified decoding stays exact
 (the draft distribution is what was sampled from); alternating can then only emit draft-vocabulary
 tokens from the module.
+
+Copy gate: a module may also carry ``copy_gate``, the weights of the in-context copy mixture of
+``copy.py``; decoding and evaluation then use the mixture q of the module's distribution and a token
+copied from the context (``copy_logits`` / ``copy.mix_scores``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import nn
 
 from recyclegpt.cache import KVCache
 from recyclegpt.config import ModelConfig, RecycleConfig
+from recyclegpt.copy import N_FEATURES, mix_logits
 from recyclegpt.model import Backbone, PackedLinear, RMSNorm, Stack, _init_weights, count_parameters
 
 
@@ -38,6 +43,9 @@ class RecyclableModule(nn.Module):
         rcfg: module depth and loss settings.
     """
 
+    # Buffers that stay None until set (so absent from a fresh state dict), with their setters.
+    OPTIONAL_BUFFERS = {"draft_vocab": "set_draft_vocab", "copy_gate": "set_copy_gate"}
+
     def __init__(self, cfg: ModelConfig, rcfg: RecycleConfig) -> None:
         super().__init__()
         self.config, self.recycle_config = cfg, rcfg
@@ -45,6 +53,7 @@ class RecyclableModule(nn.Module):
         self.stack = Stack(cfg, rcfg.n_layers)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.register_buffer("draft_vocab", None)
+        self.register_buffer("copy_gate", None)
         self.apply(_init_weights)
 
     def forward(self, hidden: torch.Tensor, emb: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -71,6 +80,22 @@ class RecyclableModule(nn.Module):
                 raise ValueError(f"draft vocabulary ids must be in [0, {self.config.vocab_size}) and not empty")
             ids = ids.unique()  # sorted
         self.draft_vocab = ids
+
+    def set_copy_gate(self, weights: torch.Tensor | None) -> None:
+        """Mix in-context copies into the module's proposals with these gate weights (``copy.fit_gate``,
+        saved with the module); None = the module alone."""
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float32).flatten()
+            if weights.numel() != N_FEATURES + 1 or not bool(weights.isfinite().all()):
+                raise ValueError(f"copy gate weights must be {N_FEATURES + 1} finite numbers, got {weights.numel()}")
+        self.copy_gate = weights
+
+    def copy_logits(self, logits: torch.Tensor, cand: torch.Tensor, index_feats: torch.Tensor) -> torch.Tensor:
+        """The draft distribution (B, V) as log-probabilities: ``logits`` mixed with each row's copy candidate
+        (``copy.CopyIndex.propose``; -1 for none); ``logits`` unchanged without a copy gate."""
+        if self.copy_gate is None:
+            return logits
+        return mix_logits(logits, cand, index_feats, self.copy_gate, self.draft_vocab)
 
     def head_rows(self, backbone: nn.Module) -> torch.Tensor | None:
         """The backbone head's weight rows of the draft vocabulary (V_d, d), cached; None without one."""

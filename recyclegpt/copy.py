@@ -1,0 +1,275 @@
+"""In-context copying for the recyclable module: an n-gram index proposes, a learned gate decides how much.
+
+The module reads one hidden state and one embedding, so it cannot look a rare word up in the context
+(the base does, with its induction heads): a name seen earlier in a passage is lost when its second piece
+falls to the module. Here an index over the tokens so far proposes c, the token that followed the latest
+earlier occurrence of the longest suffix of the context (up to ``MAX_N`` tokens), and a gate mixes it in:
+
+    q(y) = (1 - a) p_mod(y) + a [y == c],      a = sigmoid(w . f + b)
+
+f: the matched length (one-hot over ``BUCKETS``), log p_mod(c) and log max_y p_mod(y) (each / 10), whether
+c is the module's top-1, how often the matched suffix was followed by c (a share), and whether c is in the
+module's draft vocabulary. With no match, q = p_mod. w and b (``N_FEATURES`` + 1 numbers) are fitted after
+the module is trained (``fit_gate``): they minimise KL(p_base || q) at the module's positions, so the
+gate learns when the base itself would copy. Stored with the module (``RecyclableModule.copy_gate``), q is
+what decoding drafts from and what evaluation scores; verified decoding stays exact (drafts are drawn
+from q, and q is what the acceptance test reads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm import tqdm
+
+MAX_N = 8  # the longest suffix the index matches
+BUCKETS = (1, 2, 3, 4, 6, 8)  # matched-length bins [1], [2], [3], [4, 5], [6, 7], [8]
+N_INDEX = len(BUCKETS) + 1  # index features: the length bin one-hot, the follower share
+N_FEATURES = N_INDEX + 4  # + log p(c), log p(top), c is top-1, c in the draft vocabulary
+
+
+class CopyIndex:
+    """The n-grams (n <= ``MAX_N``) of a growing token sequence, each with the followers it has had.
+
+    Args:
+        tokens: the sequence so far (e.g. a prompt).
+    """
+
+    def __init__(self, tokens: Sequence[int] = ()) -> None:
+        self.tokens: list[int] = []
+        # n-gram -> [position of its latest follower, times followed, {follower: count}]
+        self._grams: dict[tuple[int, ...], list] = {}
+        self.extend(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """Append tokens; every n-gram ending just before each new token gets it as a follower."""
+        for tok in tokens:
+            p, seq = len(self.tokens), self.tokens
+            for n in range(1, min(MAX_N, p) + 1):
+                entry = self._grams.setdefault(tuple(seq[p - n : p]), [0, 0, {}])
+                entry[0], entry[1] = p, entry[1] + 1
+                entry[2][tok] = entry[2].get(tok, 0) + 1
+            seq.append(tok)
+
+    def propose(self, suffix: Sequence[int] = ()) -> tuple[int, list[float]] | None:
+        """The copy candidate for the token after ``tokens + suffix``, and its index features; None
+        without a match. ``suffix`` (e.g. drafts not yet checked) is matched as context, never indexed."""
+        ctx = self.tokens[-MAX_N:] + list(suffix)
+        for n in range(min(MAX_N, len(ctx)), 0, -1):
+            entry = self._grams.get(tuple(ctx[-n:]))
+            if entry is not None:
+                cand = self.tokens[entry[0]]
+                onehot = [float(lo <= n < hi) for lo, hi in zip(BUCKETS, (*BUCKETS[1:], MAX_N + 1), strict=True)]
+                return cand, [*onehot, entry[2][cand] / entry[1]]
+        return None
+
+
+def sequence_proposals(ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every position p of ``ids``, the copy candidate for ids[p+1] given ids[:p+1].
+
+    Returns:
+        (candidates (T,) long, -1 where nothing matched; index features (T, ``N_INDEX``)).
+    """
+    index = CopyIndex()
+    cands, feats = [], []
+    for tok in ids:
+        index.extend([tok])
+        found = index.propose()
+        cands.append(-1 if found is None else found[0])
+        feats.append([0.0] * N_INDEX if found is None else found[1])
+    return torch.tensor(cands, dtype=torch.long), torch.tensor(feats)
+
+
+def gate_features(index_feats: torch.Tensor, logp_c: torch.Tensor, logp_top: torch.Tensor, is_top: torch.Tensor,
+                  in_draft: torch.Tensor) -> torch.Tensor:
+    """The gate's inputs (N, ``N_FEATURES``) from index features (N, ``N_INDEX``) and the module's numbers (N,)."""
+    return torch.cat([index_feats, torch.stack([logp_c.clamp(min=-20) / 10, logp_top / 10, is_top.float(),
+                                                in_draft.float()], -1)], -1)
+
+
+def _module_side(logp: torch.Tensor, cand: torch.Tensor, draft_vocab: torch.Tensor | None):
+    """log p(c), log p(top), top-1 and whether c is in the draft vocabulary, from log-probs (N, V)."""
+    logp_c = logp.gather(-1, cand[:, None])[:, 0]
+    logp_top, top = logp.max(-1)
+    in_draft = torch.ones_like(cand, dtype=torch.bool) if draft_vocab is None else torch.isin(cand, draft_vocab)
+    return logp_c, logp_top, top, in_draft
+
+
+def gate(weights: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """The copy weight a = sigmoid(w . f + b) for features (N, F); ``weights`` is (F + 1,), b last."""
+    return torch.sigmoid(feats @ weights[:-1].to(feats.dtype) + weights[-1].to(feats.dtype))
+
+
+def mix_logits(logits: torch.Tensor, cand: torch.Tensor, index_feats: torch.Tensor, weights: torch.Tensor,
+               draft_vocab: torch.Tensor | None = None) -> torch.Tensor:
+    """log q (N, V) for the module's logits (N, V) and each row's candidate (N,) (-1: none, log q = log p).
+
+    Decoding drafts from these; they are log-probabilities, so temperature and filters apply as to logits.
+    """
+    logp = logits.float().log_softmax(-1)
+    rows = (cand >= 0).nonzero()[:, 0]
+    if rows.numel() == 0:
+        return logp
+    c, lp = cand[rows], logp[rows]
+    logp_c, logp_top, top, in_draft = _module_side(lp, c, draft_vocab)
+    a = gate(weights, gate_features(index_feats[rows].to(lp), logp_c, logp_top, top == c, in_draft))
+    mixed = lp + torch.log1p(-a)[:, None]  # (R, V): (1 - a) p
+    mixed.scatter_(1, c[:, None], torch.logaddexp(mixed.gather(1, c[:, None]), a.log()[:, None]))
+    logp[rows] = mixed
+    return logp
+
+
+def mix_scores(logits: torch.Tensor, targets: torch.Tensor, cand: torch.Tensor, index_feats: torch.Tensor,
+               weights: torch.Tensor, draft_vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-log q(target) and argmax q at each position, without building q: logits (..., V); targets and
+    cand (...); index_feats (..., ``N_INDEX``).
+
+    Equal to ``cross_entropy`` / ``argmax`` of ``mix_logits`` (what decoding uses), in a fraction of the memory.
+    """
+    V = logits.shape[-1]
+    lse = logits.float().logsumexp(-1).reshape(-1)
+    flat = logits.reshape(-1, V)
+    cand, targets = cand.reshape(-1), targets.reshape(-1)
+    has = cand >= 0
+    c = cand.clamp(min=0)
+    logp_c = flat.gather(1, c[:, None])[:, 0].float() - lse
+    logp_y = flat.gather(1, targets[:, None])[:, 0].float() - lse
+    top_val, top = flat.max(-1)
+    logp_top = top_val.float() - lse
+    in_draft = torch.ones_like(has) if draft_vocab is None else torch.isin(c, draft_vocab)
+    feats = gate_features(index_feats.reshape(-1, N_INDEX).to(lse), logp_c, logp_top, top == c, in_draft)
+    a = torch.where(has, gate(weights, feats), torch.zeros_like(lse))
+    keep = torch.log1p(-a)
+    q_c = torch.logaddexp(logp_c + keep, a.log())
+    nll = torch.where(has & (targets == c), -q_c, -(logp_y + keep))
+    top = torch.where(has & (q_c > logp_top + keep), c, top)
+    return nll.view(logits.shape[:-1]), top.view(logits.shape[:-1])
+
+
+def fit_gate(index_feats: torch.Tensor, logp_c: torch.Tensor, logp_top: torch.Tensor, is_top: torch.Tensor,
+             in_draft: torch.Tensor, base_p_c: torch.Tensor, l2: float = 1e-3) -> torch.Tensor:
+    """Fit the gate's weights (``N_FEATURES`` + 1,) at positions that have a candidate.
+
+    Minimises the mean over positions of KL(p_base || q) up to terms free of a, i.e.
+    -(1 - p_base(c)) log(1 - a) - p_base(c) log((1 - a) p_mod(c) + a), plus ``l2`` |w|^2 (L-BFGS).
+
+    Args:
+        index_feats: (N, ``N_INDEX``) index features of each candidate.
+        logp_c, logp_top, is_top, in_draft: (N,) the module's side (see ``gate_features``).
+        base_p_c: (N,) the base's probability of the candidate at that position.
+    """
+    if index_feats.shape[0] == 0:
+        raise ValueError("no position with a copy candidate to fit the gate on; give more (or more repetitive) text")
+    feats = gate_features(index_feats.float(), logp_c.float(), logp_top.float(), is_top, in_draft)
+    p_c, pb = logp_c.float().exp(), base_p_c.float()
+    weights = torch.zeros(N_FEATURES + 1, requires_grad=True)
+    opt = torch.optim.LBFGS([weights], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        a = gate(weights, feats).clamp(1e-6, 1 - 1e-6)
+        loss = -((1 - pb) * torch.log1p(-a) + pb * torch.log((1 - a) * p_c + a)).mean()
+        loss = loss + l2 * weights[:-1].square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    out = weights.detach()
+    if not bool(out.isfinite().all()):
+        raise ValueError("the copy gate's fit diverged (non-finite weights)")
+    return out
+
+
+
+def window_proposals(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates and index features for the module's slots of token windows (B, T): slot i (the pair
+    (h_i, x_{i+1})) proposes x_{i+2}. Returns ((B, T-2), (B, T-2, ``N_INDEX``)), on the windows' device."""
+    cands, feats = zip(*(sequence_proposals(row) for row in tokens.tolist()), strict=True)
+    return (torch.stack(cands)[:, 1:-1].to(tokens.device), torch.stack(feats)[:, 1:-1].to(tokens.device))
+
+
+@torch.no_grad()  # not inference mode: fit_gate differentiates through these tensors
+def gate_data(backbone: torch.nn.Module, module: torch.nn.Module, windows: Sequence[tuple[Sequence[int], int]]
+              ) -> dict[str, torch.Tensor]:
+    """What ``fit_gate`` reads, at every module slot that has a candidate.
+
+    Args:
+        windows: (token ids, first slot to use): e.g. a prompt and the base's answer with the first slot
+            of the answer, or a window of text with 0.
+
+    Returns:
+        ``fit_gate``'s keyword arguments, plus ``module_top`` / ``base_top`` / ``cand`` (N,) for reports and
+        ``slots`` (one count per window: its module slots, with a candidate or not).
+    """
+    out: dict[str, list[torch.Tensor]] = {}
+    device = next(backbone.parameters()).device
+    for ids, first in tqdm(windows, desc="scoring windows", unit="window"):
+        if len(ids) < 3:
+            continue
+        tokens = torch.tensor([list(ids)], device=device)
+        logits, hidden = backbone(tokens[:, :-1])  # position t predicts x_{t+1}
+        g = module(hidden, backbone.embed(tokens[:, 1:]))
+        logp = module.draft_logits(backbone, g[0, :-1]).float().log_softmax(-1)  # slot i -> x_{i+2}
+        base = logits[0, 1:].float()  # position i + 1 -> x_{i+2}
+        cand, feats = window_proposals(tokens)
+        sel = (cand[0] >= 0) & (torch.arange(cand.shape[1], device=device) >= first)
+        c = cand[0, sel]
+        logp_c, logp_top, top, in_draft = _module_side(logp[sel], c, module.draft_vocab)
+        rows = {"index_feats": feats[0, sel], "logp_c": logp_c, "logp_top": logp_top, "is_top": top == c,
+                "in_draft": in_draft, "base_p_c": base[sel].softmax(-1).gather(1, c[:, None])[:, 0],
+                "module_top": top, "base_top": base[sel].argmax(-1), "cand": c,
+                "slots": torch.tensor([cand.shape[1] - first])}
+        for k, v in rows.items():
+            out.setdefault(k, []).append(v.cpu())
+    if not out:
+        raise ValueError("no window of at least 3 tokens to fit the copy gate on")
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def fit_copy_gate(engine, prompts: Sequence[str], text_files: Sequence[str], max_new_tokens: int = 128,
+                  text_tokens: int = 8192, seq_len: int = 512, chat: bool = True, batch_size: int = 8) -> dict:
+    """Fit the copy gate of ``engine.module`` on the base's greedy answers to prompts and on text, and set it.
+
+    The module's own distribution is read without a gate (any gate it had is replaced).
+
+    Args:
+        engine: ``Engine`` with the base and the module.
+        prompts: user prompts (chat template applied when ``chat``); the module slots of each answer count.
+        text_files: text files; the first ``text_tokens`` tokens of each, in windows of ``seq_len``.
+        max_new_tokens: answer length cap.
+        batch_size: prompts decoded together.
+
+    Returns:
+        A report: module slots, slots with a candidate, agreement of the module alone and with the copy
+        mixture (top-1 == the base's greedy token, over every slot), and the weights.
+    """
+    from recyclegpt.evaluate import read_tokens
+
+    module, tok = engine.module, engine.tokenizer
+    module.set_copy_gate(None)
+    windows: list[tuple[list[int], int]] = []
+    ids = [tok.encode(tok.apply_chat([{"role": "user", "content": p}]) if chat else p) for p in prompts]
+    with tqdm(total=len(ids), desc="base answers", unit="prompt") as bar:
+        for lo in range(0, len(ids), batch_size):
+            gens = engine.generate(ids[lo : lo + batch_size], max_new_tokens=max_new_tokens)
+            windows += [(p + g.token_ids, len(p) - 1) for p, g in zip(ids[lo : lo + batch_size], gens, strict=True)]
+            bar.update(len(gens))
+    for path in text_files:
+        text = read_tokens(path, tok, text_tokens)
+        windows += [(text[i : i + seq_len], 0) for i in range(0, len(text), seq_len)]
+    data = gate_data(engine.backbone, module, windows)
+    weights = fit_gate(**{k: data[k] for k in ("index_feats", "logp_c", "logp_top", "is_top", "in_draft",
+                                               "base_p_c")})
+    feats = gate_features(data["index_feats"], data["logp_c"], data["logp_top"], data["is_top"], data["in_draft"])
+    a = gate(weights, feats)
+    keep = torch.log1p(-a)
+    chosen = torch.where(torch.logaddexp(data["logp_c"] + keep, a.log()) > data["logp_top"] + keep,
+                         data["cand"], data["module_top"])
+    slots = int(data["slots"].sum())
+    module_right = int((data["module_top"] == data["base_top"]).sum())
+    mixed_right = int((chosen == data["base_top"]).sum())
+    module.set_copy_gate(weights)
+    return {"windows": len(windows), "module_slots": slots, "with_candidate": int(data["cand"].numel()),
+            "agreement_change": (mixed_right - module_right) / max(slots, 1),
+            "weights": [round(float(w), 4) for w in weights]}
