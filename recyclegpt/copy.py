@@ -71,14 +71,19 @@ def sequence_proposals(ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         (candidates (T,) long, -1 where nothing matched; index features (T, ``N_INDEX``)).
     """
-    index = CopyIndex()
-    cands, feats = [], []
+    index, found = CopyIndex(), []
     for tok in ids:
         index.extend([tok])
-        found = index.propose()
-        cands.append(-1 if found is None else found[0])
-        feats.append([0.0] * N_INDEX if found is None else found[1])
-    return torch.tensor(cands, dtype=torch.long), torch.tensor(feats)
+        found.append(index.propose())
+    return proposal_tensors(found)
+
+
+def proposal_tensors(found: Sequence[tuple[int, list[float]] | None], device: torch.device | str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``CopyIndex.propose`` results as (candidates (N,) long, -1 for none; index features (N, ``N_INDEX``))."""
+    cand = torch.tensor([-1 if f is None else f[0] for f in found], dtype=torch.long, device=device)
+    feats = torch.tensor([[0.0] * N_INDEX if f is None else f[1] for f in found], device=device)
+    return cand, feats.view(-1, N_INDEX)
 
 
 def gate_features(index_feats: torch.Tensor, logp_c: torch.Tensor, logp_top: torch.Tensor, is_top: torch.Tensor,
@@ -99,6 +104,14 @@ def _module_side(logp: torch.Tensor, cand: torch.Tensor, draft_vocab: torch.Tens
 def gate(weights: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
     """The copy weight a = sigmoid(w . f + b) for features (N, F); ``weights`` is (F + 1,), b last."""
     return torch.sigmoid(feats @ weights[:-1].to(feats.dtype) + weights[-1].to(feats.dtype))
+
+
+def _mixed_top(a: torch.Tensor, logp_c: torch.Tensor, logp_top: torch.Tensor, cand: torch.Tensor, top: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log(1 - a), log q(c) and argmax q from the copy weight a and the module's log p(c), log p(top), top."""
+    keep = torch.log1p(-a)
+    q_c = torch.logaddexp(logp_c + keep, a.log())
+    return keep, q_c, torch.where(q_c > logp_top + keep, cand, top)
 
 
 def mix_logits(logits: torch.Tensor, cand: torch.Tensor, index_feats: torch.Tensor, weights: torch.Tensor,
@@ -140,10 +153,9 @@ def mix_scores(logits: torch.Tensor, targets: torch.Tensor, cand: torch.Tensor, 
     in_draft = torch.ones_like(has) if draft_vocab is None else torch.isin(c, draft_vocab)
     feats = gate_features(index_feats.reshape(-1, N_INDEX).to(lse), logp_c, logp_top, top == c, in_draft)
     a = torch.where(has, gate(weights, feats), torch.zeros_like(lse))
-    keep = torch.log1p(-a)
-    q_c = torch.logaddexp(logp_c + keep, a.log())
+    keep, q_c, mixed_top = _mixed_top(a, logp_c, logp_top, c, top)
     nll = torch.where(has & (targets == c), -q_c, -(logp_y + keep))
-    top = torch.where(has & (q_c > logp_top + keep), c, top)
+    top = torch.where(has, mixed_top, top)
     return nll.view(logits.shape[:-1]), top.view(logits.shape[:-1])
 
 
@@ -179,7 +191,6 @@ def fit_gate(index_feats: torch.Tensor, logp_c: torch.Tensor, logp_top: torch.Te
     if not bool(out.isfinite().all()):
         raise ValueError("the copy gate's fit diverged (non-finite weights)")
     return out
-
 
 
 def window_proposals(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,10 +273,7 @@ def fit_copy_gate(engine, prompts: Sequence[str], text_files: Sequence[str], max
     weights = fit_gate(**{k: data[k] for k in ("index_feats", "logp_c", "logp_top", "is_top", "in_draft",
                                                "base_p_c")})
     feats = gate_features(data["index_feats"], data["logp_c"], data["logp_top"], data["is_top"], data["in_draft"])
-    a = gate(weights, feats)
-    keep = torch.log1p(-a)
-    chosen = torch.where(torch.logaddexp(data["logp_c"] + keep, a.log()) > data["logp_top"] + keep,
-                         data["cand"], data["module_top"])
+    chosen = _mixed_top(gate(weights, feats), data["logp_c"], data["logp_top"], data["cand"], data["module_top"])[2]
     slots = int(data["slots"].sum())
     module_right = int((data["module_top"] == data["base_top"]).sum())
     mixed_right = int((chosen == data["base_top"]).sum())

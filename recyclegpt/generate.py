@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from recyclegpt.cache import Tree
-from recyclegpt.copy import N_INDEX, CopyIndex
+from recyclegpt.copy import CopyIndex, proposal_tensors
 from recyclegpt.sampling import Sampler, SamplingConfig
 from recyclegpt.strategies import Strategy, Verify, make_strategy
 
@@ -151,9 +151,7 @@ def decode_ids(
     def with_copies(logits: torch.Tensor, drafts: list[torch.Tensor]) -> torch.Tensor:
         """The module's logits mixed with each row's copy candidate after its context and ``drafts``."""
         suffix = torch.stack(drafts, 1).tolist() if drafts else [[]] * B
-        found = [index.propose(s) for index, s in zip(indices, suffix, strict=True)]
-        cand = torch.tensor([-1 if f is None else f[0] for f in found], device=device)
-        feats = torch.tensor([[0.0] * N_INDEX if f is None else f[1] for f in found], device=device)
+        cand, feats = proposal_tensors([index.propose(s) for index, s in zip(indices, suffix, strict=True)], device)
         return module.copy_logits(logits, cand, feats)
 
     # 1. Prefill: one full call over the prompt; the module ingests every prompt pair.
