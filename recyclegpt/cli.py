@@ -307,13 +307,32 @@ def _build_model(args: argparse.Namespace, data):
     from recyclegpt.bases import load_base
 
     base = load_base(args.base, backend=args.backend)
+    info = {"name": base.name, "backend": base.backend}
+    if args.init:
+        return RecycleGPT(base.backbone, _init_module(args, base)), info
     rcfg = RecycleConfig(n_layers=args.module_layers or 1, grad_to_backbone=False)
     model = RecycleGPT(base.backbone, rcfg=rcfg)
-    info = {"name": base.name, "backend": base.backend}
     if args.draft_vocab:
         ids, info["draft_vocab_coverage"] = data.draft_vocab(args.draft_vocab)
         model.module.set_draft_vocab(ids)
     return model, info
+
+
+def _init_module(args: argparse.Namespace, base):
+    """The trained module an attach run starts from (``--init``): its depth and draft vocabulary are kept,
+    its copy gate is dropped (it was fitted to the old weights: refit it with ``copy-gate``)."""
+    from recyclegpt.checkpoint import CheckpointError, load_module
+    from recyclegpt.modules import resolve_module
+
+    path = resolve_module(args.init, base.name)
+    module = load_module(path, base.backbone.config)
+    layers = module.recycle_config.n_layers
+    if args.module_layers not in (None, layers):
+        raise CheckpointError(f"--init {args.init} has {layers} module layers; --module-layers "
+                              f"{args.module_layers} disagrees (leave it out to keep the module's depth)")
+    module.recycle_config = module.recycle_config.replace(grad_to_backbone=False)
+    module.set_copy_gate(None)
+    return module
 
 
 @command
@@ -607,7 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-vocab", type=int, default=8192,
                    help="the module proposes only the N most frequent tokens of the training data, which "
                    "makes each module step cheaper (the head is the largest matrix); 0 = the whole vocabulary "
-                   "(default 8192)")
+                   "(default 8192; with --init, the module's own)")
+    p.add_argument("--init", default=None, metavar="MODULE",
+                   help="fine-tune a trained module (.safetensors, or 'default' for the one shipped for the base) "
+                   "instead of a new one: its depth and draft vocabulary are kept, its copy gate is dropped "
+                   "(refit it with copy-gate)")
     p.add_argument("--hidden-cache", default=None, metavar="DIR",
                    help="compute the frozen base's hidden states over the data's windows once, store them in "
                    "DIR (about 1.2 kB per token for a 576-wide base) and train from them: each step then costs "

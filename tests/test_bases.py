@@ -11,6 +11,7 @@ import torch
 
 from recyclegpt.bases import BaseError, load_base, load_engine
 from recyclegpt.bases.convert import UnsupportedArchitecture
+from recyclegpt.checkpoint import load_module_file
 from recyclegpt.cli import main
 from recyclegpt.config import RecycleConfig
 from recyclegpt.recycle import RecyclableModule, RecycleGPT
@@ -370,3 +371,13 @@ def test_attach_command_with_a_hidden_state_cache(smol, tmp_path, capsys):
     capsys.readouterr()
     assert main([*run, "--out", str(tmp_path / "e"), "--seq-len", "16"]) == 2
     assert "built for other settings (seq_len differ)" in capsys.readouterr().err
+    # --init fine-tunes a trained module: its depth and draft vocabulary are kept, its weights are the start.
+    first = tmp_path / "a" / "module.safetensors"
+    assert main([*run, "--out", str(tmp_path / "i"), "--init", str(first), "--lr", "1e-9"]) == 0
+    (before, _), (after, _) = load_module_file(first), load_module_file(tmp_path / "i" / "module.safetensors")
+    assert after.draft_vocab.numel() == 64 and torch.equal(after.draft_vocab, before.draft_vocab)
+    for name, value in before.state_dict().items():
+        torch.testing.assert_close(after.state_dict()[name], value, atol=1e-6, rtol=0)  # lr 1e-9: barely moved
+    capsys.readouterr()
+    assert main([*run, "--out", str(tmp_path / "j"), "--init", str(first), "--module-layers", "2"]) == 2
+    assert "has 1 module layers; --module-layers 2 disagrees" in capsys.readouterr().err
