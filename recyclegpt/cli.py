@@ -259,6 +259,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.bf16 and args.action in ("prepare", "merge"):
         raise ValueError(f"--bf16 runs the base in bfloat16, so it applies to data distill and data prompts only; "
                          f"data {args.action} runs no model")
+    if args.exclude and args.action in ("prepare", "merge"):
+        raise ValueError(f"--exclude keeps prompts out, so it applies to data prompts and data distill only; "
+                         f"data {args.action} reads no prompts")
     if args.action == "merge":
         meta = data.merge(args.inputs, args.out)
     else:
@@ -274,11 +277,14 @@ def cmd_data(args: argparse.Namespace) -> int:
             meta = data.prepare(args.inputs, base.tokenizer, args.out, args.val_fraction, base.name)
         elif args.action == "prompts":
             meta = data.self_prompts(Engine(base.backbone, base.tokenizer), args.n, args.out, args.batch_size,
-                                     seed=args.seed)
+                                     seed=args.seed, exclude=args.exclude)
             print(json.dumps(meta))
             return 0
         else:
-            prompts = data.read_prompts(args.prompts)[: args.limit or None]
+            prompts, dropped = data.exclude_prompts(data.read_prompts(args.prompts), args.exclude)
+            if dropped:
+                print(f"--exclude: dropped {dropped} of the prompts in {args.prompts}", file=sys.stderr)
+            prompts = prompts[: args.limit or None]
             meta = data.distill(Engine(base.backbone, base.tokenizer), prompts, args.out, args.max_new_tokens,
                                 args.batch_size, args.val_fraction, base.chat, base.name)
     print(json.dumps(meta["tokens"]))
@@ -602,6 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distill, prompts: sequences decoded together (default 16)")
     p.add_argument("--n", type=int, default=1000, help="prompts: how many to keep (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="prompts: sampling seed (default 0)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="FILE",
+                   help="prompts, distill: prompt files (one per line, or JSONL with a 'prompt' field) whose "
+                   "prompts are kept out, case and surrounding space ignored: benchmark and held-out prompts")
     p.add_argument("--bf16", action="store_true",
                    help="distill, prompts: run the base in bfloat16 (about 2x faster batched on a CPU with AMX; "
                    "greedy answers then follow the bfloat16 model, which parts from the float32 one after a few "

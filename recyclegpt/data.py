@@ -330,9 +330,24 @@ def read_prompts(path: str | Path) -> list[str]:
     return lines
 
 
+def exclude_prompts(prompts: Sequence[str], files: Sequence[str | Path]) -> tuple[list[str], int]:
+    """``prompts`` without those that equal a prompt of ``files`` (case and surrounding space ignored).
+
+    Keeps benchmark and held-out prompts out of training data. Returns the kept prompts, in order, and how
+    many were dropped.
+
+    Raises:
+        DataError: an exclusion file that :func:`read_prompts` refuses.
+    """
+    banned = {q.strip().lower() for f in files for q in read_prompts(f)}
+    kept = [p for p in prompts if p.strip().lower() not in banned]
+    return kept, len(prompts) - len(kept)
+
+
 def self_prompts(
     engine, n: int, out_path: str | Path, batch_size: int = 32, max_new_tokens: int = 64,
     temperature: float = 1.0, top_p: float = 0.95, seed: int = 0, min_words: int = 3,
+    exclude: Sequence[str | Path] = (),
 ) -> dict:
     """User prompts sampled from a chat model's own idea of a user turn, written as JSONL.
 
@@ -351,9 +366,11 @@ def self_prompts(
         seed: sampling seed; batch i samples with seed ``seed * 1_000_000 + i``, so runs with different
             seeds never share a batch (with ``seed + i``, seed 1 repeated seed 0's batches shifted by one).
         min_words: shortest turn kept.
+        exclude: prompt files whose prompts must not be kept (see :func:`exclude_prompts`); sampling goes
+            on until ``n`` others are kept.
 
     Raises:
-        DataError: the tokenizer has no chat template, or ``n`` < 1.
+        DataError: the tokenizer has no chat template, ``n`` < 1, or an unreadable exclusion file.
     """
     from recyclegpt.sampling import SamplingConfig
 
@@ -365,15 +382,18 @@ def self_prompts(
     marker = "\u2063RECYCLEGPT\u2063"  # any text the template copies verbatim
     opening = tok.apply_chat([{"role": "user", "content": marker}]).split(marker)[0]
     prefix = tok.encode(opening)
+    banned = {q.strip().lower() for f in exclude for q in read_prompts(f)}
     kept: dict[str, None] = {}
-    tried = 0
+    tried = excluded = 0
     with tqdm(total=n, desc="self-prompting", unit="prompt") as bar:
         while len(kept) < n:
             batch_seed = seed * 1_000_000 + tried // batch_size
             cfg = SamplingConfig(temperature=temperature, top_p=top_p, seed=batch_seed)
             for g in engine.generate([prefix] * batch_size, max_new_tokens=max_new_tokens, sampling=cfg):
                 text = g.text.strip()
-                if g.finish_reason == "stop" and len(text.split()) >= min_words and text not in kept:
+                if text.lower() in banned:
+                    excluded += 1
+                elif g.finish_reason == "stop" and len(text.split()) >= min_words and text not in kept:
                     kept[text] = None
             tried += batch_size
             bar.update(min(len(kept), n) - bar.n)
@@ -381,8 +401,8 @@ def self_prompts(
     prompts = list(kept)[:n]
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
-    return {"prompts": len(prompts), "sampled": tried, "temperature": temperature, "top_p": top_p, "seed": seed,
-            "base_dtype": _dtype_name(engine)}
+    return {"prompts": len(prompts), "sampled": tried, "excluded": excluded, "temperature": temperature,
+            "top_p": top_p, "seed": seed, "base_dtype": _dtype_name(engine)}
 
 
 def distill(

@@ -214,6 +214,12 @@ def test_self_prompts_sample_user_turns_from_the_chat_model(smol, tmp_path):
         assert len(p.split()) >= 3 and "<|im_start|>" not in p and "<|im_end|>" not in p
     again = self_prompts(Engine(smol.backbone, smol.tokenizer), 6, tmp_path / "q.jsonl", batch_size=8, seed=3)
     assert read_prompts(tmp_path / "q.jsonl") == prompts and again == meta  # same seed, same prompts
+    # --exclude: a held-out prompt (any case) is sampled again from the same stream but not kept.
+    (tmp_path / "held.txt").write_text(f"  {prompts[0].upper()}\n")
+    fenced = self_prompts(Engine(smol.backbone, smol.tokenizer), 6, tmp_path / "x.jsonl", batch_size=8, seed=3,
+                          exclude=[tmp_path / "held.txt"])
+    kept = read_prompts(tmp_path / "x.jsonl")
+    assert fenced["excluded"] >= 1 and len(kept) == 6 and prompts[0] not in kept and kept[:5] == prompts[1:]
     # Another seed is another stream: with per-batch seeds seed + i, seed 2's second batch was seed 3's first.
     self_prompts(Engine(smol.backbone, smol.tokenizer), 6, tmp_path / "s.jsonl", batch_size=2, seed=2)
     self_prompts(Engine(smol.backbone, smol.tokenizer), 6, tmp_path / "t.jsonl", batch_size=2, seed=3)
@@ -351,6 +357,14 @@ def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp
     assert main(["data", "prepare", str(tmp_path / "p.txt"), "--out", str(tmp_path / "t"), "--bf16"]) == 2
     assert "applies to data distill and data prompts only" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+    # --exclude drops a held-out prompt before distilling (case ignored) and says so; prepare refuses it.
+    (tmp_path / "held.txt").write_text("WHAT IS TWO PLUS TWO?\n")
+    assert main([*run, "--out", str(tmp_path / "x"), "--exclude", str(tmp_path / "held.txt")]) == 0
+    assert json.loads((tmp_path / "x" / "meta.json").read_text())["prompts"] == 2
+    assert "--exclude: dropped 1 of the prompts" in capsys.readouterr().err
+    assert main(["data", "merge", str(tmp_path / "f"), "--out", str(tmp_path / "m"), "--exclude",
+                 str(tmp_path / "held.txt")]) == 2
+    assert "applies to data prompts and data distill only" in capsys.readouterr().err
 
 
 def test_attach_command_with_a_hidden_state_cache(smol, tmp_path, capsys):

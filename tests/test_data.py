@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from recyclegpt.bases.tokenizer import ByteTokenizer
-from recyclegpt.data import DataError, TokenData, merge, prepare, read_prompts
+from recyclegpt.data import DataError, TokenData, exclude_prompts, merge, prepare, read_prompts
 
 TEXT = "The recyclable module reads the last hidden state and the next token, and guesses the one after.\n\n"
 
@@ -62,3 +62,10 @@ def test_merge_and_prompts(tmp_path):
     (tmp_path / "e.txt").write_text("\n\n")
     with pytest.raises(DataError, match="is empty"):
         read_prompts(tmp_path / "e.txt")
+    # Held-out prompts are kept out of training prompts: case and surrounding space ignored, order kept.
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"prompt": "  Second PROMPT "}\n{"prompt": "absent"}\n')
+    assert exclude_prompts(["first prompt", "second prompt", "third", "first prompt"], [held, lines]) == (["third"], 3)
+    assert exclude_prompts(["a", "Second prompt"], [held]) == (["a"], 1)
+    with pytest.raises(DataError, match="prompt file not found"):
+        exclude_prompts(["a"], [tmp_path / "missing.jsonl"])
