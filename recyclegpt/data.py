@@ -339,9 +339,14 @@ def exclude_prompts(prompts: Sequence[str], files: Sequence[str | Path]) -> tupl
     Raises:
         DataError: an exclusion file that :func:`read_prompts` refuses.
     """
-    banned = {q.strip().lower() for f in files for q in read_prompts(f)}
-    kept = [p for p in prompts if p.strip().lower() not in banned]
+    banned = _prompt_keys(files)
+    kept = [p for p in prompts if p.strip().casefold() not in banned]
     return kept, len(prompts) - len(kept)
+
+
+def _prompt_keys(files: Sequence[str | Path]) -> set[str]:
+    """The prompts of ``files`` as compared by :func:`exclude_prompts`: stripped and case-folded."""
+    return {q.strip().casefold() for f in files for q in read_prompts(f)}
 
 
 def self_prompts(
@@ -382,7 +387,7 @@ def self_prompts(
     marker = "\u2063RECYCLEGPT\u2063"  # any text the template copies verbatim
     opening = tok.apply_chat([{"role": "user", "content": marker}]).split(marker)[0]
     prefix = tok.encode(opening)
-    banned = {q.strip().lower() for f in exclude for q in read_prompts(f)}
+    banned = _prompt_keys(exclude)
     kept: dict[str, None] = {}
     tried = excluded = 0
     with tqdm(total=n, desc="self-prompting", unit="prompt") as bar:
@@ -391,7 +396,7 @@ def self_prompts(
             cfg = SamplingConfig(temperature=temperature, top_p=top_p, seed=batch_seed)
             for g in engine.generate([prefix] * batch_size, max_new_tokens=max_new_tokens, sampling=cfg):
                 text = g.text.strip()
-                if text.lower() in banned:
+                if text.casefold() in banned:
                     excluded += 1
                 elif g.finish_reason == "stop" and len(text.split()) >= min_words and text not in kept:
                     kept[text] = None
