@@ -340,13 +340,18 @@ def exclude_prompts(prompts: Sequence[str], files: Sequence[str | Path]) -> tupl
         DataError: an exclusion file that :func:`read_prompts` refuses.
     """
     banned = _prompt_keys(files)
-    kept = [p for p in prompts if p.strip().casefold() not in banned]
+    kept = [p for p in prompts if _prompt_key(p) not in banned]
     return kept, len(prompts) - len(kept)
 
 
+def _prompt_key(prompt: str) -> str:
+    """What :func:`exclude_prompts` compares: the prompt stripped and case-folded."""
+    return prompt.strip().casefold()
+
+
 def _prompt_keys(files: Sequence[str | Path]) -> set[str]:
-    """The prompts of ``files`` as compared by :func:`exclude_prompts`: stripped and case-folded."""
-    return {q.strip().casefold() for f in files for q in read_prompts(f)}
+    """The keys of every prompt in ``files``."""
+    return {_prompt_key(q) for f in files for q in read_prompts(f)}
 
 
 def self_prompts(
@@ -396,7 +401,7 @@ def self_prompts(
             cfg = SamplingConfig(temperature=temperature, top_p=top_p, seed=batch_seed)
             for g in engine.generate([prefix] * batch_size, max_new_tokens=max_new_tokens, sampling=cfg):
                 text = g.text.strip()
-                if text.casefold() in banned:
+                if _prompt_key(text) in banned:
                     excluded += 1
                 elif g.finish_reason == "stop" and len(text.split()) >= min_words and text not in kept:
                     kept[text] = None
