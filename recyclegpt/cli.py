@@ -268,6 +268,16 @@ def cmd_data(args: argparse.Namespace) -> int:
         from recyclegpt.bases import load_base
         from recyclegpt.generate import Engine
 
+        # Prompt and exclusion files are read before the base loads, so a bad one fails at once.
+        if args.action == "distill":
+            if not args.prompts:
+                raise ValueError("data distill needs --prompts FILE: the prompts whose greedy answers it stores")
+            prompts, dropped = data.exclude_prompts(data.read_prompts(args.prompts), args.exclude)
+            if dropped:
+                print(f"--exclude: dropped {dropped} of the prompts in {args.prompts}", file=sys.stderr)
+        for path in args.exclude if args.action == "prompts" else ():
+            data.read_prompts(path)
+
         base = load_base(args.model, backend=args.backend)
         if args.bf16:
             import torch
@@ -281,9 +291,6 @@ def cmd_data(args: argparse.Namespace) -> int:
             print(json.dumps(meta))
             return 0
         else:
-            prompts, dropped = data.exclude_prompts(data.read_prompts(args.prompts), args.exclude)
-            if dropped:
-                print(f"--exclude: dropped {dropped} of the prompts in {args.prompts}", file=sys.stderr)
             prompts = prompts[: args.limit or None]
             meta = data.distill(Engine(base.backbone, base.tokenizer), prompts, args.out, args.max_new_tokens,
                                 args.batch_size, args.val_fraction, base.chat, base.name)

@@ -330,7 +330,7 @@ def test_bfloat16_and_prepacked_decoding_and_the_bench_in_bfloat16(smol, tmp_pat
         load_engine("smollm2-135m", compile=True, prepack=True)
 
 
-def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp_path, capsys):
+def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp_path, capsys, monkeypatch):
     from recyclegpt.data import TokenData
     from recyclegpt.generate import Engine
 
@@ -365,6 +365,21 @@ def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp
     assert main(["data", "merge", str(tmp_path / "f"), "--out", str(tmp_path / "m"), "--exclude",
                  str(tmp_path / "held.txt")]) == 2
     assert "applies to data prompts and data distill only" in capsys.readouterr().err
+    # A missing prompt or exclusion file is refused before the base loads (rc 2, nothing written).
+    import recyclegpt.bases
+
+    def no_base(*args, **kwargs):
+        raise AssertionError("the base was loaded before the prompt files were read")
+
+    monkeypatch.setattr(recyclegpt.bases, "load_base", no_base)
+    missing = str(tmp_path / "missing.txt")
+    for args in ([*run, "--exclude", missing], ["data", "prompts", "--n", "2", "--exclude", missing],
+                 ["data", "distill", "--prompts", missing]):
+        assert main([*args, "--out", str(tmp_path / "y")]) == 2
+        assert "prompt file not found" in capsys.readouterr().err
+    assert main(["data", "distill", "--out", str(tmp_path / "y")]) == 2
+    assert "data distill needs --prompts FILE" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 def test_attach_command_with_a_hidden_state_cache(smol, tmp_path, capsys):
