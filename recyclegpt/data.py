@@ -471,6 +471,43 @@ def distill(
     return meta
 
 
+def distilled_answers(out_dir: str | Path, tokenizer, chat: bool = True) -> list[tuple[list[int], list[int]]]:
+    """The (prompt ids, answer ids) pairs stored by :func:`distill`, in ``samples.jsonl`` order.
+
+    Each answer is the base's greedy output as ``Engine.generate`` returned it: ending in an end-of-sequence
+    token when the base stopped, without one when it was cut at ``max_new_tokens``.
+
+    Args:
+        out_dir: a ``data distill`` output directory.
+        tokenizer: the tokenizer it was distilled with.
+        chat: whether the chat template was applied to the prompts (as ``distill`` did for a chat base).
+
+    Raises:
+        DataError: not a distill directory, or its tokens do not follow its prompts under this tokenizer.
+    """
+    data = TokenData(out_dir)
+    if data.meta.get("kind") != "self-distillation" or not (Path(out_dir) / "samples.jsonl").is_file():
+        raise DataError(f"{out_dir} is not a `data distill` output (no self-distillation meta.json and samples.jsonl)")
+    eos, cap = set(tokenizer.eos_token_ids), data.meta["max_new_tokens"]
+    pos, pairs = dict.fromkeys(data.splits, 0), []
+    for n, line in enumerate((Path(out_dir) / "samples.jsonl").read_text(encoding="utf-8").splitlines(), 1):
+        sample = json.loads(line)
+        split = data.splits[sample["split"]]
+        text = sample["prompt"]
+        ids = tokenizer.encode(tokenizer.apply_chat([{"role": "user", "content": text}]) if chat else text)
+        start = pos[sample["split"]]
+        end = start + len(ids)
+        if split[start:end].tolist() != ids:
+            raise DataError(f"{out_dir}: sample {n}'s tokens do not start with its prompt under this tokenizer "
+                            f"(chat template {'on' if chat else 'off'}): distilled with another base or setting")
+        while end < len(split) and int(split[end]) not in eos:
+            end += 1
+        answer = split[start + len(ids) : end + 1].astype(np.int64).tolist()
+        pos[sample["split"]] = end + 1
+        pairs.append((ids, answer[:-1] if len(answer) - 1 == cap else answer))  # cut: the stored eos was added
+    return pairs
+
+
 def _dtype_name(engine) -> str:
     """The precision the engine's base generated in (``float32``, ``bfloat16``), for the metadata."""
     return str(next(engine.backbone.parameters()).dtype).removeprefix("torch.")

@@ -18,7 +18,8 @@ forward per window, the module over the pairs (h_t, x_{t+1}) in the same pass.
 * **Agreement**: how often the module's top-1 for x_{t+2} equals the base's greedy choice for x_{t+2}
   given the true x_{t+1} (argmax of recycle logits at t == argmax of base logits at t+1), on natural
   text and on the base's own greedy answers to prompts, where it is the chance that alternating
-  decoding's module token is the one standard decoding would have produced.
+  decoding's module token is the one standard decoding would have produced. Answers stored by
+  ``data distill`` can be scored the same way without decoding them again (``answer_metrics``).
 * **tau / acceptance rate** of verified greedy decoding on the prompts (``DecodeStats``): tokens per
   full-model forward (prefill included) and the share of drafts kept.
 """
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from recyclegpt.copy import mix_scores, window_proposals
 from recyclegpt.data import check_file, iter_text
@@ -273,19 +275,14 @@ def generation_metrics(
         raise EvalError("generation metrics need a recyclable module; pass --module PATH")
     if not prompts:
         raise EvalError("no prompts given")
-    device = next(engine.backbone.parameters()).device
     tok = engine.tokenizer
     agree = pairs = generated = new = calls = drafted = accepted = identical = 0
     for prompt in prompts:
         ids = tok.encode(tok.apply_chat([{"role": "user", "content": prompt}]) if chat else prompt)
         std = engine.generate([ids], "standard", max_new_tokens=max_new_tokens)[0]
         generated += len(std.token_ids)
-        seq = torch.tensor([ids + std.token_ids], device=device)
-        if seq.shape[1] >= 3 and len(std.token_ids) >= 2:
-            s = score_tokens(engine.backbone, engine.module, seq)
-            p = len(ids)  # module index p-1 predicts x_{p+1}, the second answer token
-            agree += int((s.module_top[:, p - 1 :] == s.base_top[:, p:]).sum())
-            pairs += s.module_top[:, p - 1 :].numel()
+        right, slots = _answer_agreement(engine.backbone, engine.module, ids, std.token_ids)
+        agree, pairs = agree + right, pairs + slots
         ver = engine.generate([ids], "verified", max_new_tokens=max_new_tokens, draft_len=draft_len,
                               draft_width=draft_width)[0]
         new += ver.stats.new_tokens
@@ -304,6 +301,39 @@ def generation_metrics(
         "accepted": accepted,
         "verified_identical": identical / len(prompts),
     }
+
+
+def _answer_agreement(backbone, module, prompt: Sequence[int], answer: Sequence[int]) -> tuple[int, int]:
+    """(slots where the module's top-1 equals the base's greedy token, slots) over an answer, teacher forced:
+    every answer position the module would draft in alternating decoding (after the first answer token)."""
+    if len(answer) < 2:
+        return 0, 0
+    device = next(backbone.parameters()).device
+    s = score_tokens(backbone, module, torch.tensor([[*prompt, *answer]], device=device))
+    p = len(prompt)  # module index p-1 predicts x_{p+1}, the second answer token
+    return int((s.module_top[:, p - 1 :] == s.base_top[:, p:]).sum()), s.module_top[:, p - 1 :].numel()
+
+
+def answer_metrics(backbone, module, answers: Sequence[tuple[Sequence[int], Sequence[int]]], resamples: int = 2000,
+                   seed: int = 0) -> dict:
+    """Module agreement on stored greedy answers of the base (``data.distilled_answers``), as
+    ``generation_metrics`` counts it, without decoding them again: thousands of answers in minutes.
+
+    Returns:
+        ``prompts``, ``slots``, ``agreement`` and ``agreement_ci95``: the 2.5th and 97.5th percentiles of the
+        agreement over ``resamples`` bootstrap resamples of the answers (the answers are the unit that varies).
+    """
+    if module is None:
+        raise EvalError("answer agreement needs a recyclable module; pass --module PATH")
+    counts = torch.tensor([_answer_agreement(backbone, module, p, a)
+                           for p, a in tqdm(answers, desc="scoring answers", unit="answer")], dtype=torch.float64)
+    counts = counts[counts[:, 1] > 0].view(-1, 2)
+    if counts.shape[0] == 0:
+        raise EvalError("no stored answer has the 2 tokens a module slot needs")
+    draws = torch.randint(0, len(counts), (resamples, len(counts)), generator=torch.Generator().manual_seed(seed))
+    boot = counts[draws, 0].sum(1) / counts[draws, 1].sum(1)
+    return {"prompts": len(counts), "slots": int(counts[:, 1].sum()), "agreement": float(counts[:, 0].sum() /
+            counts[:, 1].sum()), "agreement_ci95": [float(boot.quantile(0.025)), float(boot.quantile(0.975))]}
 
 
 def evaluate(

@@ -350,6 +350,29 @@ def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp
     stored = data.splits["train"].tolist() + data.splits["val"].tolist()
     assert sorted(stored) == sorted(t for seq in expected for t in seq)  # every prompt + its greedy answer, once
     assert data.splits["val"].tolist() == expected[2]  # every 3rd prompt is held out
+    # The stored answers read back as generate returned them, and agreement on them equals the agreement
+    # generation_metrics measures by decoding the prompts again.
+    from recyclegpt.data import DataError, distilled_answers
+    from recyclegpt.evaluate import answer_metrics, generation_metrics
+
+    stored = distilled_answers(tmp_path / "f", tok)
+    generated = [tuple(i + a) for i, a in zip(ids, answers, strict=True)]
+    assert sorted(tuple(p + a) for p, a in stored) == sorted(generated)
+    engine, _ = load_engine("smollm2-135m", module="default")
+    got = answer_metrics(engine.backbone, engine.module, stored)
+    want = generation_metrics(engine, prompts, max_new_tokens=6, chat=True)
+    assert got["prompts"] == 3 and got["agreement"] == pytest.approx(want["agreement"], abs=1e-12)
+    assert got["agreement_ci95"][0] <= got["agreement"] <= got["agreement_ci95"][1]
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--module", "default", "--data", str(tmp_path / "p.txt"), "--seq-len", "8",
+                 "--answers", str(tmp_path / "f"), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["answers"]["agreement"] == pytest.approx(got["agreement"], abs=1e-12)
+    capsys.readouterr()
+    assert main(["eval", "--module", "default", "--data", str(tmp_path / "p.txt"), "--answers",
+                 str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    with pytest.raises(DataError, match="with another base or setting"):
+        distilled_answers(tmp_path / "f", tok, chat=False)
     assert main([*run, "--out", str(tmp_path / "b"), "--bf16"]) == 0
     meta = json.loads((tmp_path / "b" / "meta.json").read_text())
     assert meta["base_dtype"] == "bfloat16" and len(ids[2]) + 1 < meta["tokens"]["val"] <= len(ids[2]) + 7
