@@ -483,6 +483,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _threads(args.threads)
     if args.module is None:
         raise EvalError("eval needs a recyclable module: pass --module PATH (or 'default')")
+    if not (args.data or args.prompts or args.answers):
+        raise EvalError("eval needs something to score: --data TEXT, --prompts FILE or --answers DIR (or several)")
     prompts = read_prompts(args.prompts) if args.prompts else None
     if args.answers:
         TokenData(args.answers)  # a missing or broken directory fails before the base loads
@@ -704,8 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity (base / alternating), module agreement, tau: one JSON object",
                        description=cmd_eval.__doc__)
     add_model_args(p, precision=True)
-    p.add_argument("--data", required=True, help="text file for the perplexities and the agreement on natural "
-                   "text (.txt .md .rst .jsonl .parquet)")
+    p.add_argument("--data", default=None, help="text file for the perplexities and the agreement on natural "
+                   "text (.txt .md .rst .jsonl .parquet); give it, --prompts or --answers, or any of them together")
     p.add_argument("--prompts", default=None, help="prompt file (one per line, or JSONL with a 'prompt' field): "
                    "agreement on the base's own greedy answers, tau and acceptance of verified decoding")
     p.add_argument("--answers", default=None, metavar="DIR",

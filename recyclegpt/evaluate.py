@@ -337,14 +337,14 @@ def answer_metrics(backbone, module, answers: Sequence[tuple[Sequence[int], Sequ
 
 
 def evaluate(
-    engine, data: str | Path, prompts: Sequence[str] | None = None, max_tokens: int = 20_000, seq_len: int = 512,
+    engine, data: str | Path | None, prompts: Sequence[str] | None = None, max_tokens: int = 20_000, seq_len: int = 512,
     batch_size: int = 2, max_new_tokens: int = 128, chat: bool = False, draft_len: int = 1, draft_width: int = 1,
 ) -> dict:
     """Every metric of this module in one JSON-ready dict.
 
     Args:
         engine: ``Engine`` (backbone, tokenizer, module); the module is required.
-        data: text file for the perplexities and agreement on natural text.
+        data: text file for the perplexities and agreement on natural text; None skips them (null fields).
         prompts: prompts for agreement on generations, tau and acceptance; None skips them (null fields).
         max_tokens: tokens of ``data`` to use (from its start).
         seq_len: window length for the perplexities.
@@ -355,17 +355,19 @@ def evaluate(
         draft_width: candidates for the first draft's slot in the verified run.
 
     Returns:
-        ``{"data", "max_tokens", "seq_len", "text": {...}, "generations": {...} or None, "max_new_tokens", "chat",
-        "draft_len", "draft_width"}``.
+        ``{"data", "max_tokens", "seq_len", "text": {...} or None, "generations": {...} or None, "max_new_tokens",
+        "chat", "draft_len", "draft_width"}``.
     """
     if engine.module is None:
         raise EvalError("evaluation needs a recyclable module; pass --module PATH")
     if max_tokens < 3:
         raise EvalError(f"max_tokens must be >= 3, got {max_tokens}")
-    ids = read_tokens(data, engine.tokenizer, max_tokens)
-    text = text_metrics(engine.backbone, engine.module, ids, seq_len, batch_size)
+    text = None if data is None else text_metrics(
+        engine.backbone, engine.module, read_tokens(data, engine.tokenizer, max_tokens), seq_len, batch_size
+    )
     gens = None if prompts is None else generation_metrics(
         engine, prompts, max_new_tokens, chat, draft_len, draft_width
     )
-    return {"data": str(data), "max_tokens": max_tokens, "seq_len": seq_len, "text": text, "generations": gens,
-            "max_new_tokens": max_new_tokens, "chat": chat, "draft_len": draft_len, "draft_width": draft_width}
+    return {"data": None if data is None else str(data), "max_tokens": max_tokens, "seq_len": seq_len, "text": text,
+            "generations": gens, "max_new_tokens": max_new_tokens, "chat": chat, "draft_len": draft_len,
+            "draft_width": draft_width}

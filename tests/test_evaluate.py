@@ -113,6 +113,8 @@ def test_evaluate_end_to_end_emits_every_field(tiny, tmp_path):
     assert set(again["generations"]) >= {"agreement", "tau", "acceptance_rate", "verified_identical"}
     assert all(v is not None for v in [*again["text"].values(), *again["generations"].values()])
     assert evaluate(engine, data, None, max_tokens=50, seq_len=16)["generations"] is None
+    only = evaluate(engine, None, ["Hello"], max_new_tokens=8)
+    assert only["text"] is None and only["data"] is None and only["generations"]["prompts"] == 1
 
 
 def test_prepacked_evaluation_gives_the_same_numbers(tiny, tmp_path):
@@ -166,6 +168,8 @@ def test_eval_cli_rejects_bad_prompt_files_before_loading_a_model(tmp_path, caps
 def test_eval_cli_needs_a_module(capsys):
     assert main(["eval", "--data", "d.txt"]) == 2
     assert "needs a recyclable module" in capsys.readouterr().err
+    assert main(["eval", "--module", "m.safetensors"]) == 2
+    assert "needs something to score: --data TEXT, --prompts FILE or --answers DIR" in capsys.readouterr().err
 
 
 def test_paired_flips_counts_changed_items_and_gives_the_exact_mcnemar_p():
