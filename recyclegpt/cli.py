@@ -504,14 +504,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Decode speed of every strategy and of transformers' generate (greedy, prompt lookup) on the same
     weights and prompts: a table, then one JSON line (see recyclegpt/bench.py for the timing rules)."""
     from recyclegpt import bench
-    from recyclegpt.data import read_prompts
+    from recyclegpt.data import prompt_ids, read_prompts
 
     _threads(args.threads)
     prompts = read_prompts(args.prompts)
     engine, base = load_engine(args)
     kinds = bench.plan_kinds(args.strategies, engine.module is not None)
     tok = engine.tokenizer
-    ids = [tok.encode(tok.apply_chat([{"role": "user", "content": p}]) if base.chat else p) for p in prompts]
+    ids = [prompt_ids(tok, p, base.chat) for p in prompts]
     rows = bench.engine_rows(engine, kinds, args.max_new_tokens, args.draft_lens, args.thresholds,
                              draft_widths=args.draft_widths)
     if args.compare_modules:

@@ -255,12 +255,13 @@ def fit_copy_gate(engine, prompts: Sequence[str], text_files: Sequence[str], max
         A report: module slots, slots with a candidate, agreement of the module alone and with the copy
         mixture (top-1 == the base's greedy token, over every slot), and the weights.
     """
+    from recyclegpt.data import prompt_ids
     from recyclegpt.evaluate import read_tokens
 
     module, tok = engine.module, engine.tokenizer
     module.set_copy_gate(None)
     windows: list[tuple[list[int], int]] = []
-    ids = [tok.encode(tok.apply_chat([{"role": "user", "content": p}]) if chat else p) for p in prompts]
+    ids = [prompt_ids(tok, p, chat) for p in prompts]
     with tqdm(total=len(ids), desc="base answers", unit="prompt") as bar:
         for lo in range(0, len(ids), batch_size):
             gens = engine.generate(ids[lo : lo + batch_size], max_new_tokens=max_new_tokens)

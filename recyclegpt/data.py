@@ -330,6 +330,13 @@ def read_prompts(path: str | Path) -> list[str]:
     return lines
 
 
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """The token ids a prompt is decoded from: the user turn in the tokenizer's chat template when ``chat``,
+    else the text itself. Distillation, evaluation, the copy gate's fit and the benchmark all encode this way,
+    so stored answers can be matched back to their prompts."""
+    return tokenizer.encode(tokenizer.apply_chat([{"role": "user", "content": prompt}]) if chat else prompt)
+
+
 def exclude_prompts(prompts: Sequence[str], files: Sequence[str | Path]) -> tuple[list[str], int]:
     """``prompts`` without those that equal a prompt of ``files`` (case and surrounding space ignored).
 
@@ -438,8 +445,7 @@ def distill(
     if not prompts:
         raise DataError("no prompts given")
     tok = engine.tokenizer
-    texts = [tok.apply_chat([{"role": "user", "content": p}]) if chat else p for p in prompts]
-    ids = [tok.encode(t) for t in texts]
+    ids = [prompt_ids(tok, p, chat) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     every = max(round(1 / val_fraction), 2)
     out = Path(out_dir)
@@ -493,8 +499,7 @@ def distilled_answers(out_dir: str | Path, tokenizer, chat: bool = True) -> list
     for n, line in enumerate((Path(out_dir) / "samples.jsonl").read_text(encoding="utf-8").splitlines(), 1):
         sample = json.loads(line)
         split = data.splits[sample["split"]]
-        text = sample["prompt"]
-        ids = tokenizer.encode(tokenizer.apply_chat([{"role": "user", "content": text}]) if chat else text)
+        ids = prompt_ids(tokenizer, sample["prompt"], chat)
         start = pos[sample["split"]]
         end = start + len(ids)
         if split[start:end].tolist() != ids:

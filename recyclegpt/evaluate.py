@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from recyclegpt.copy import mix_scores, window_proposals
-from recyclegpt.data import check_file, iter_text
+from recyclegpt.data import check_file, iter_text, prompt_ids
 
 
 class EvalError(ValueError):
@@ -278,7 +278,7 @@ def generation_metrics(
     tok = engine.tokenizer
     agree = pairs = generated = new = calls = drafted = accepted = identical = 0
     for prompt in prompts:
-        ids = tok.encode(tok.apply_chat([{"role": "user", "content": prompt}]) if chat else prompt)
+        ids = prompt_ids(tok, prompt, chat)
         std = engine.generate([ids], "standard", max_new_tokens=max_new_tokens)[0]
         generated += len(std.token_ids)
         right, slots = _answer_agreement(engine.backbone, engine.module, ids, std.token_ids)
