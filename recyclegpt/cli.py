@@ -269,14 +269,13 @@ def cmd_data(args: argparse.Namespace) -> int:
         from recyclegpt.generate import Engine
 
         # Prompt and exclusion files are read before the base loads, so a bad one fails at once.
+        excluded = [q for path in args.exclude for q in data.read_prompts(path)]
         if args.action == "distill":
             if not args.prompts:
                 raise ValueError("data distill needs --prompts FILE: the prompts whose greedy answers it stores")
-            prompts, dropped = data.exclude_prompts(data.read_prompts(args.prompts), args.exclude)
+            prompts, dropped = data.exclude_prompts(data.read_prompts(args.prompts), excluded)
             if dropped:
                 print(f"--exclude: dropped {dropped} of the prompts in {args.prompts}", file=sys.stderr)
-        for path in args.exclude if args.action == "prompts" else ():
-            data.read_prompts(path)
 
         base = load_base(args.model, backend=args.backend)
         if args.bf16:
@@ -287,7 +286,7 @@ def cmd_data(args: argparse.Namespace) -> int:
             meta = data.prepare(args.inputs, base.tokenizer, args.out, args.val_fraction, base.name)
         elif args.action == "prompts":
             meta = data.self_prompts(Engine(base.backbone, base.tokenizer), args.n, args.out, args.batch_size,
-                                     seed=args.seed, exclude=args.exclude)
+                                     seed=args.seed, exclude=excluded)
             print(json.dumps(meta))
             return 0
         else:

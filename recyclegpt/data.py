@@ -337,16 +337,13 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     return tokenizer.encode(tokenizer.apply_chat([{"role": "user", "content": prompt}]) if chat else prompt)
 
 
-def exclude_prompts(prompts: Sequence[str], files: Sequence[str | Path]) -> tuple[list[str], int]:
-    """``prompts`` without those that equal a prompt of ``files`` (case and surrounding space ignored).
+def exclude_prompts(prompts: Sequence[str], excluded: Sequence[str]) -> tuple[list[str], int]:
+    """``prompts`` without those that equal one of ``excluded`` (case and surrounding space ignored).
 
-    Keeps benchmark and held-out prompts out of training data. Returns the kept prompts, in order, and how
-    many were dropped.
-
-    Raises:
-        DataError: an exclusion file that :func:`read_prompts` refuses.
+    Keeps benchmark and held-out prompts (``read_prompts`` of their files) out of training data. Returns the
+    kept prompts, in order, and how many were dropped.
     """
-    banned = _prompt_keys(files)
+    banned = _prompt_keys(excluded)
     kept = [p for p in prompts if _prompt_key(p) not in banned]
     return kept, len(prompts) - len(kept)
 
@@ -356,15 +353,15 @@ def _prompt_key(prompt: str) -> str:
     return prompt.strip().casefold()
 
 
-def _prompt_keys(files: Sequence[str | Path]) -> set[str]:
-    """The keys of every prompt in ``files``."""
-    return {_prompt_key(q) for f in files for q in read_prompts(f)}
+def _prompt_keys(prompts: Sequence[str]) -> set[str]:
+    """The keys of ``prompts``."""
+    return {_prompt_key(q) for q in prompts}
 
 
 def self_prompts(
     engine, n: int, out_path: str | Path, batch_size: int = 32, max_new_tokens: int = 64,
     temperature: float = 1.0, top_p: float = 0.95, seed: int = 0, min_words: int = 3,
-    exclude: Sequence[str | Path] = (),
+    exclude: Sequence[str] = (),
 ) -> dict:
     """User prompts sampled from a chat model's own idea of a user turn, written as JSONL.
 
@@ -383,11 +380,11 @@ def self_prompts(
         seed: sampling seed; batch i samples with seed ``seed * 1_000_000 + i``, so runs with different
             seeds never share a batch (with ``seed + i``, seed 1 repeated seed 0's batches shifted by one).
         min_words: shortest turn kept.
-        exclude: prompt files whose prompts must not be kept (see :func:`exclude_prompts`); sampling goes
-            on until ``n`` others are kept.
+        exclude: prompts that must not be kept (compared as in :func:`exclude_prompts`); sampling goes on
+            until ``n`` others are kept.
 
     Raises:
-        DataError: the tokenizer has no chat template, ``n`` < 1, or an unreadable exclusion file.
+        DataError: the tokenizer has no chat template, or ``n`` < 1.
     """
     from recyclegpt.sampling import SamplingConfig
 

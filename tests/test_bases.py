@@ -217,7 +217,7 @@ def test_self_prompts_sample_user_turns_from_the_chat_model(smol, tmp_path):
     # --exclude: a held-out prompt (any case) is sampled again from the same stream but not kept.
     (tmp_path / "held.txt").write_text(f"  {prompts[0].upper()}\n")
     fenced = self_prompts(Engine(smol.backbone, smol.tokenizer), 6, tmp_path / "x.jsonl", batch_size=8, seed=3,
-                          exclude=[tmp_path / "held.txt"])
+                          exclude=read_prompts(tmp_path / "held.txt"))
     kept = read_prompts(tmp_path / "x.jsonl")
     assert fenced["excluded"] >= 1 and len(kept) == 6 and prompts[0] not in kept and kept[:5] == prompts[1:]
     # Another seed is another stream: with per-batch seeds seed + i, seed 2's second batch was seed 3's first.
