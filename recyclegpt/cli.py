@@ -476,7 +476,7 @@ def _emit_json(result: dict, path: str | None) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Perplexity of the base and under the alternating scheme, module agreement, and tau / acceptance of
     verified decoding: one JSON object (see recyclegpt/evaluate.py for the exact definitions)."""
-    from recyclegpt.data import TokenData, distilled_answers, read_prompts
+    from recyclegpt.data import distilled_answers, open_distilled, read_prompts
     from recyclegpt.evaluate import EvalError, answer_metrics, evaluate
 
     _threads(args.threads)
@@ -485,13 +485,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not (args.data or args.prompts or args.answers):
         raise EvalError("eval needs something to score: --data TEXT, --prompts FILE or --answers DIR (or several)")
     prompts = read_prompts(args.prompts) if args.prompts else None
-    if args.answers:
-        TokenData(args.answers)  # a missing or broken directory fails before the base loads
+    stored = open_distilled(args.answers) if args.answers else None  # a bad directory fails before the base loads
     engine, base = load_engine(args)
     result = evaluate(engine, args.data, prompts, args.max_tokens, args.seq_len, args.batch_size,
                       args.max_new_tokens, base.chat, args.draft_len, args.draft_width)
-    if args.answers:
-        answers = distilled_answers(args.answers, engine.tokenizer, base.chat)
+    if stored is not None:
+        answers = distilled_answers(stored, engine.tokenizer, base.chat)
         result["answers"] = {"dir": args.answers, **answer_metrics(engine.backbone, engine.module, answers)}
     _emit_json({"model": base.name, "module": args.module, "dtype": args.dtype, "prepack": args.prepack, **result},
                args.json)

@@ -474,33 +474,42 @@ def distill(
     return meta
 
 
-def distilled_answers(out_dir: str | Path, tokenizer, chat: bool = True) -> list[tuple[list[int], list[int]]]:
+def open_distilled(out_dir: str | Path) -> TokenData:
+    """A :func:`distill` output directory, opened for :func:`distilled_answers`.
+
+    Raises:
+        DataError: not a prepared directory, or one that ``data distill`` did not write.
+    """
+    data = TokenData(out_dir)
+    if data.meta.get("kind") != "self-distillation" or not (data.dir / "samples.jsonl").is_file():
+        raise DataError(f"{out_dir} is not a `data distill` output (no self-distillation meta.json and samples.jsonl)")
+    return data
+
+
+def distilled_answers(data: TokenData, tokenizer, chat: bool = True) -> list[tuple[list[int], list[int]]]:
     """The (prompt ids, answer ids) pairs stored by :func:`distill`, in ``samples.jsonl`` order.
 
     Each answer is the base's greedy output as ``Engine.generate`` returned it: ending in an end-of-sequence
     token when the base stopped, without one when it was cut at ``max_new_tokens``.
 
     Args:
-        out_dir: a ``data distill`` output directory.
+        data: the distill output (:func:`open_distilled`).
         tokenizer: the tokenizer it was distilled with.
         chat: whether the chat template was applied to the prompts (as ``distill`` did for a chat base).
 
     Raises:
-        DataError: not a distill directory, or its tokens do not follow its prompts under this tokenizer.
+        DataError: its tokens do not follow its prompts under this tokenizer.
     """
-    data = TokenData(out_dir)
-    if data.meta.get("kind") != "self-distillation" or not (Path(out_dir) / "samples.jsonl").is_file():
-        raise DataError(f"{out_dir} is not a `data distill` output (no self-distillation meta.json and samples.jsonl)")
     eos, cap = set(tokenizer.eos_token_ids), data.meta["max_new_tokens"]
     pos, pairs = dict.fromkeys(data.splits, 0), []
-    for n, line in enumerate((Path(out_dir) / "samples.jsonl").read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate((data.dir / "samples.jsonl").read_text(encoding="utf-8").splitlines(), 1):
         sample = json.loads(line)
         split = data.splits[sample["split"]]
         ids = prompt_ids(tokenizer, sample["prompt"], chat)
         start = pos[sample["split"]]
         end = start + len(ids)
         if split[start:end].tolist() != ids:
-            raise DataError(f"{out_dir}: sample {n}'s tokens do not start with its prompt under this tokenizer "
+            raise DataError(f"{data.dir}: sample {n}'s tokens do not start with its prompt under this tokenizer "
                             f"(chat template {'on' if chat else 'off'}): distilled with another base or setting")
         while end < len(split) and int(split[end]) not in eos:
             end += 1

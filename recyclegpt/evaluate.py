@@ -327,7 +327,8 @@ def answer_metrics(backbone, module, answers: Sequence[tuple[Sequence[int], Sequ
         raise EvalError("answer agreement needs a recyclable module; pass --module PATH")
     counts = torch.tensor([_answer_agreement(backbone, module, p, a)
                            for p, a in tqdm(answers, desc="scoring answers", unit="answer")], dtype=torch.float64)
-    counts = counts[counts[:, 1] > 0].view(-1, 2)
+    counts = counts.view(-1, 2)  # (answers, 2): slots right, slots
+    counts = counts[counts[:, 1] > 0]
     if counts.shape[0] == 0:
         raise EvalError("no stored answer has the 2 tokens a module slot needs")
     draws = torch.randint(0, len(counts), (resamples, len(counts)), generator=torch.Generator().manual_seed(seed))

@@ -352,10 +352,10 @@ def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp
     assert data.splits["val"].tolist() == expected[2]  # every 3rd prompt is held out
     # The stored answers read back as generate returned them, and agreement on them equals the agreement
     # generation_metrics measures by decoding the prompts again.
-    from recyclegpt.data import DataError, distilled_answers
+    from recyclegpt.data import DataError, distilled_answers, open_distilled
     from recyclegpt.evaluate import answer_metrics, generation_metrics
 
-    stored = distilled_answers(tmp_path / "f", tok)
+    stored = distilled_answers(open_distilled(tmp_path / "f"), tok)
     generated = [tuple(i + a) for i, a in zip(ids, answers, strict=True)]
     assert sorted(tuple(p + a) for p, a in stored) == sorted(generated)
     engine, _ = load_engine("smollm2-135m", module="default")
@@ -372,7 +372,7 @@ def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp
                  str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
     with pytest.raises(DataError, match="with another base or setting"):
-        distilled_answers(tmp_path / "f", tok, chat=False)
+        distilled_answers(open_distilled(tmp_path / "f"), tok, chat=False)
     assert main([*run, "--out", str(tmp_path / "b"), "--bf16"]) == 0
     meta = json.loads((tmp_path / "b" / "meta.json").read_text())
     assert meta["base_dtype"] == "bfloat16" and len(ids[2]) + 1 < meta["tokens"]["val"] <= len(ids[2]) + 7

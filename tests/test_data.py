@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from recyclegpt.bases.tokenizer import ByteTokenizer
-from recyclegpt.data import DataError, TokenData, exclude_prompts, merge, prepare, read_prompts
+from recyclegpt.data import DataError, TokenData, exclude_prompts, merge, open_distilled, prepare, read_prompts
 
 TEXT = "The recyclable module reads the last hidden state and the next token, and guesses the one after.\n\n"
 
@@ -24,6 +24,8 @@ def test_prepare_splits_and_round_trips(tmp_path):
     assert a.shape == (4, 32) and (a == data.batch("train", 4, 32, seed=1, step=7)).all()
     assert not (a == data.batch("train", 4, 32, seed=1, step=8)).all()
     assert bytes(a[0].tolist()).decode() in (TEXT * 3)
+    with pytest.raises(DataError, match="is not a `data distill` output"):  # eval --answers needs distilled answers
+        open_distilled(tmp_path / "out")
 
 
 @pytest.mark.parametrize(
