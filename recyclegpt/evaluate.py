@@ -325,8 +325,15 @@ def answer_metrics(backbone, module, answers: Sequence[tuple[Sequence[int], Sequ
     """
     if module is None:
         raise EvalError("answer agreement needs a recyclable module; pass --module PATH")
-    counts = torch.tensor([_answer_agreement(backbone, module, p, a)
-                           for p, a in tqdm(answers, desc="scoring answers", unit="answer")], dtype=torch.float64)
+    # The bar counts tokens, not answers: distilled answers come sorted by prompt length, so a count of
+    # answers would run fast early and promise an end too soon.
+    rows = []
+    with tqdm(total=sum(len(p) + len(a) for p, a in answers), desc="scoring answers", unit="tok",
+              unit_scale=True) as bar:
+        for p, a in answers:
+            rows.append(_answer_agreement(backbone, module, p, a))
+            bar.update(len(p) + len(a))
+    counts = torch.tensor(rows, dtype=torch.float64)
     counts = counts.view(-1, 2)  # (answers, 2): slots right, slots
     counts = counts[counts[:, 1] > 0]
     if counts.shape[0] == 0:
