@@ -65,6 +65,13 @@ def add_model_args(
                        "rows at once (measured on an AMD EPYC) it speeds up every strategy, the module ones most")
 
 
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """--device, for the commands that make data, train and measure (decoding commands stay on the CPU)."""
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu (default), cuda or cuda:N; under torchrun, cuda is each "
+                   "process's own GPU (LOCAL_RANK)")
+
+
 def add_strategy_args(p: argparse.ArgumentParser) -> None:
     """--strategy / --draft-len / --draft-width / --threshold, shared by every command that decodes."""
     p.add_argument("--strategy", default="standard", choices=list(STRATEGIES),
@@ -96,7 +103,7 @@ def load_engine(args: argparse.Namespace):
     from recyclegpt.bases import load_engine as _load
 
     return _load(args.model, getattr(args, "module", None), args.backend, getattr(args, "compile", False),
-                 getattr(args, "dtype", "float32"), getattr(args, "prepack", False))
+                 getattr(args, "dtype", "float32"), getattr(args, "prepack", False), getattr(args, "device", "cpu"))
 
 
 def sampling_from(args: argparse.Namespace):
@@ -259,15 +266,19 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.bf16 and args.action in ("prepare", "merge"):
         raise ValueError(f"--bf16 runs the base in bfloat16, so it applies to data distill and data prompts only; "
                          f"data {args.action} runs no model")
+    if args.device != "cpu" and args.action in ("prepare", "merge"):
+        raise ValueError(f"--device places the base that generates, so it applies to data distill and data prompts "
+                         f"only; data {args.action} runs no model")
     if args.exclude and args.action in ("prepare", "merge"):
         raise ValueError(f"--exclude keeps prompts out, so it applies to data prompts and data distill only; "
                          f"data {args.action} reads no prompts")
     if args.action == "merge":
         meta = data.merge(args.inputs, args.out)
     else:
-        from recyclegpt.bases import load_base
+        from recyclegpt.bases import load_base, resolve_device
         from recyclegpt.generate import Engine
 
+        device = resolve_device(args.device)  # a missing GPU fails before anything loads
         # Prompt and exclusion files are read before the base loads, so a bad one fails at once.
         excluded = [q for path in args.exclude for q in data.read_prompts(path)]
         if args.action == "distill":
@@ -278,6 +289,7 @@ def cmd_data(args: argparse.Namespace) -> int:
                 print(f"--exclude: dropped {dropped} of the prompts in {args.prompts}", file=sys.stderr)
 
         base = load_base(args.model, backend=args.backend)
+        base.backbone.to(device)
         if args.bf16:
             import torch
 
@@ -305,29 +317,31 @@ def _build_model(args: argparse.Namespace, data):
     """
     import torch
 
+    from recyclegpt.bases import resolve_device
     from recyclegpt.config import RecycleConfig, get_preset
     from recyclegpt.recycle import RecycleGPT
 
+    device = resolve_device(args.device)  # checked before anything loads
     torch.manual_seed(args.seed)  # same initialisation in every process and every rerun
     if args.command == "train":
         preset = get_preset(args.preset)
         rcfg = preset.recycle.replace(
             n_layers=args.module_layers or preset.recycle.n_layers, recycle_weight=args.recycle_weight
         )
-        model = RecycleGPT.from_config(preset.model.replace(max_seq_len=max(args.seq_len, 8)), rcfg)
+        model = RecycleGPT.from_config(preset.model.replace(max_seq_len=max(args.seq_len, 8)), rcfg).to(device)
         return model, {"tokenizer": data.meta["tokenizer"]} if data.meta.get("tokenizer") else {}
     from recyclegpt.bases import load_base
 
     base = load_base(args.base, backend=args.backend)
     info = {"name": base.name, "backend": base.backend}
     if args.init:
-        return RecycleGPT(base.backbone, _init_module(args, base)), info
+        return RecycleGPT(base.backbone, _init_module(args, base)).to(device), info
     rcfg = RecycleConfig(n_layers=args.module_layers or 1, grad_to_backbone=False)
     model = RecycleGPT(base.backbone, rcfg=rcfg)
     if args.draft_vocab:
         ids, info["draft_vocab_coverage"] = data.draft_vocab(args.draft_vocab)
         model.module.set_draft_vocab(ids)
-    return model, info
+    return model.to(device), info
 
 
 def _init_module(args: argparse.Namespace, base):
@@ -452,6 +466,7 @@ def _add_train_args(p: argparse.ArgumentParser, lr: float, layers_help: str) -> 
     p.add_argument("--seed", type=int, default=0, help="seed of data order and initialisation (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_device_arg(p)
 
 
 @command
@@ -628,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "greedy answers then follow the bfloat16 model, which parts from the float32 one after a few "
                    "dozen tokens on most prompts)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_device_arg(p)
 
     p = sub.add_parser("train", help="train a RecycleGPT from scratch (joint loss)", description=cmd_train.__doc__)
     p.add_argument("--preset", default="small", choices=list(PRESETS), help="model shape (default small)")
@@ -668,6 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("copy-gate", help="fit a module's in-context copy gate and save the module with it",
                        description=cmd_copy_gate.__doc__)
     add_model_args(p)
+    add_device_arg(p)
     p.add_argument("--prompts", required=True, help="prompt file (one per line, or JSONL with a 'prompt' field): "
                    "the base's greedy answers to them are fitted on; use prompts no evaluation uses")
     p.add_argument("--text", nargs="*", default=[], metavar="FILE",
@@ -704,6 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity (base / alternating), module agreement, tau: one JSON object",
                        description=cmd_eval.__doc__)
     add_model_args(p, precision=True)
+    add_device_arg(p)
     p.add_argument("--data", default=None, help="text file for the perplexities and the agreement on natural "
                    "text (.txt .md .rst .jsonl .parquet); give it, --prompts or --answers, or any of them together")
     p.add_argument("--prompts", default=None, help="prompt file (one per line, or JSONL with a 'prompt' field): "

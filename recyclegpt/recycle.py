@@ -78,7 +78,7 @@ class RecyclableModule(nn.Module):
             ids = torch.as_tensor(ids, dtype=torch.long).flatten()
             if ids.numel() == 0 or ids.min() < 0 or ids.max() >= self.config.vocab_size:
                 raise ValueError(f"draft vocabulary ids must be in [0, {self.config.vocab_size}) and not empty")
-            ids = ids.unique()  # sorted
+            ids = ids.unique().to(self.fuse.weight.device)  # sorted, beside the weights
         self.draft_vocab = ids
 
     def set_copy_gate(self, weights: torch.Tensor | None) -> None:
@@ -88,6 +88,7 @@ class RecyclableModule(nn.Module):
             weights = torch.as_tensor(weights, dtype=torch.float32).flatten()
             if weights.numel() != N_FEATURES + 1 or not bool(weights.isfinite().all()):
                 raise ValueError(f"copy gate weights must be {N_FEATURES + 1} finite numbers, got {weights.numel()}")
+            weights = weights.to(self.fuse.weight.device)
         self.copy_gate = weights
 
     def copy_logits(self, logits: torch.Tensor, cand: torch.Tensor, index_feats: torch.Tensor) -> torch.Tensor:

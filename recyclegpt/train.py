@@ -87,7 +87,7 @@ def hidden_cache(model: RecycleGPT, data: TokenData, out_dir: str | Path, seq_le
 
     Under ``torchrun`` rank 0 builds (or checks) it while the other ranks wait, then all open it.
     """
-    rank, world = _dist_info()
+    rank, world = _dist_info(next(model.parameters()).device)
     if rank == 0:
         cached = cache_hidden(model.backbone, data, out_dir, seq_len, identity, bf16=bf16)
     if world > 1:
@@ -97,9 +97,12 @@ def hidden_cache(model: RecycleGPT, data: TokenData, out_dir: str | Path, seq_le
     return cached
 
 
-def _dist_info() -> tuple[int, int]:
+def _dist_info(device: torch.device) -> tuple[int, int]:
+    """(rank, world size), joining the torchrun process group first: nccl for a model on a GPU, gloo on the CPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -128,7 +131,7 @@ class Trainer:
         if isinstance(data, HiddenData) and cfg.mode != "attach":
             raise TrainError("a hidden-state cache serves attach training only (the base must be frozen)")
         self.model, self.data, self.cfg, self.out, self.base = model, data, cfg, Path(out_dir), base or {}
-        self.rank, self.world = _dist_info()
+        self.rank, self.world = _dist_info(next(model.parameters()).device)
         if cfg.batch_size % self.world:
             raise TrainError(f"batch_size {cfg.batch_size} must be divisible by the {self.world} processes")
         if cfg.mode == "attach":

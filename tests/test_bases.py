@@ -433,3 +433,42 @@ def test_attach_command_with_a_hidden_state_cache(smol, tmp_path, capsys):
     capsys.readouterr()
     assert main([*run, "--out", str(tmp_path / "j"), "--init", str(first), "--module-layers", "2"]) == 2
     assert "has 1 module layers; --module-layers 2 disagrees" in capsys.readouterr().err
+
+
+def test_device_option_is_checked_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """--device names cpu, cuda or cuda:N; a GPU the machine lacks, or an unknown device, is refused (rc 2)
+    before the base loads, by every command that takes the option."""
+    import recyclegpt.bases
+    from recyclegpt.bases import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    for name, message in (("tpu9", "unknown device 'tpu9'"), ("mps", "device 'mps' is not supported")):
+        with pytest.raises(BaseError, match=message):
+            resolve_device(name)
+    if torch.cuda.is_available():  # CI and this project's machines have none; the refusal is what they test
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(BaseError, match="sees no CUDA GPU on this machine .*use --device cpu"):
+        resolve_device("cuda:0")
+
+    (tmp_path / "p.txt").write_text("Say hello.\n")
+    files = [str(tmp_path / f"t{i}.txt") for i in (1, 2)]  # two chunks: one for each split
+    for f in files:
+        (tmp_path / f).write_text("Some text to prepare.\n" * 50)
+    assert main(["data", "prepare", *files, "--out", str(tmp_path / "d"), "--val-fraction", "0.5"]) == 0
+
+    def no_base(*args, **kwargs):
+        raise AssertionError("the base was loaded before --device was checked")
+
+    monkeypatch.setattr(recyclegpt.bases, "load_base", no_base)
+    runs = (["data", "distill", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "x")],
+            ["data", "prompts", "--n", "2", "--out", str(tmp_path / "x.jsonl")],
+            ["attach", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "x")],
+            ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "x")],
+            ["eval", "--module", "default", "--prompts", str(tmp_path / "p.txt")],
+            ["copy-gate", "--module", "default", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "x")])
+    for args in runs:
+        assert main([*args, "--device", "cuda"]) == 2, args
+        assert "error: --device cuda: torch" in capsys.readouterr().err
+    assert main(["data", "prepare", *files, "--out", str(tmp_path / "e"), "--device", "cuda"]) == 2
+    assert "applies to data distill and data prompts only" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "e").exists()

@@ -26,7 +26,7 @@ from recyclegpt.model import Backbone, prepack_linears
 
 __all__ = [
     "DEFAULT_BASE", "REGISTRY", "Base", "BaseError", "ByteTokenizer", "HFTokenizer", "UnsupportedArchitecture",
-    "load_base", "load_engine",
+    "load_base", "load_engine", "resolve_device",
 ]
 
 BACKENDS = ("auto", "native", "hf")
@@ -178,9 +178,35 @@ def load_base(
     return Base(spec.name if spec else str(path), backbone, _tokenizer(spec, target), cached, use_chat)
 
 
+def resolve_device(name: str) -> torch.device:
+    """The torch device a ``--device`` option names: ``cpu``, ``cuda`` or ``cuda:N``. Under ``torchrun``,
+    ``cuda`` means this process's own GPU (``LOCAL_RANK``), so every rank trains on a different one.
+
+    Raises:
+        BaseError: an unknown device, or a GPU this machine (or this torch build) does not have.
+    """
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise BaseError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise BaseError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise BaseError(f"--device {name}: torch {torch.__version__} sees no CUDA GPU on this machine "
+                        f"(CUDA build: {torch.version.cuda or 'none'}); use --device cpu")
+    if dev.index is None and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BaseError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                        f"numbered from 0")
+    return dev
+
+
 def load_engine(
     model: str = DEFAULT_BASE, module: str | None = None, backend: str = "auto", compile: bool = False,
-    dtype: str = "float32", prepack: bool = False,
+    dtype: str = "float32", prepack: bool = False, device: str = "cpu",
 ):
     """A base plus (optionally) a module, as a ready ``Engine``; returns (engine, base).
 
@@ -191,10 +217,11 @@ def load_engine(
         compile: decode through ``torch.compile`` (native backbone only; see ``Engine``).
         dtype: ``float32`` or ``bfloat16``: the precision base and module decode in (see ``DTYPES``).
         prepack: multiply through oneDNN with weights packed once (``model.PackedLinear``; native
-            backbone, eager decoding only).
+            backbone, eager decoding only, CPU only).
+        device: where base and module run (``resolve_device``).
 
     Raises:
-        BaseError: an unknown dtype, or prepack with compile or with a non-native backbone.
+        BaseError: an unknown dtype or device, or prepack with compile, a GPU or a non-native backbone.
         CheckpointError: the module does not fit the base (widths or vocabulary).
     """
     from recyclegpt.generate import Engine
@@ -204,24 +231,30 @@ def load_engine(
     if prepack and compile:
         raise BaseError("prepack is for eager decoding (torch.compile packs weights its own way); "
                         "choose one of prepack and compile")
+    dev = resolve_device(device)
+    if prepack and dev.type != "cpu":
+        raise BaseError(f"prepack packs weights for oneDNN on the CPU; leave it out with --device {device}")
     base = load_base(model, backend=backend)
     if prepack and not isinstance(base.backbone, Backbone):
         raise BaseError(f"prepack needs the native backend; {base.name} runs on the {base.backend} one")
+    base.backbone.to(dev)
     _ready(base.backbone, dtype, prepack)
     mod = module_for(base, module, dtype, prepack)
     return Engine(base.backbone, base.tokenizer, mod, compile=compile), base
 
 
 def _ready(part: torch.nn.Module, dtype: str, prepack: bool) -> None:
-    """Cast a backbone or module for decoding, then pack its products if asked (packing comes last)."""
+    """Cast a backbone or module (already on its device) for decoding, then pack its products if asked
+    (packing comes last)."""
     part.to(getattr(torch, dtype))
     if prepack:
         prepack_linears(part)
 
 
 def module_for(base: Base, module: str | None, dtype: str = "float32", prepack: bool = False):
-    """The recyclable module ``module`` (a file, ``"default"`` or None) loaded for ``base``, ready to
-    decode in ``dtype`` (and packed, with ``prepack``) beside a backbone prepared the same way.
+    """The recyclable module ``module`` (a file, ``"default"`` or None) loaded for ``base``, on the
+    backbone's device, ready to decode in ``dtype`` (and packed, with ``prepack``) beside a backbone
+    prepared the same way.
 
     Raises:
         CheckpointError: the module does not fit the base (widths or vocabulary).
@@ -238,5 +271,6 @@ def module_for(base: Base, module: str | None, dtype: str = "float32", prepack: 
             f"module {path} has a vocabulary of {mod.config.vocab_size}; the tokenizer of {base.name} "
             f"has {base.tokenizer.vocab_size} tokens"
         )
+    mod.to(next(base.backbone.parameters()).device)
     _ready(mod, dtype, prepack)
     return mod
