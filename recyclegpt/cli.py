@@ -66,7 +66,8 @@ def add_model_args(
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
-    """--device, for the commands that make data, train and measure (decoding commands stay on the CPU)."""
+    """--device, for the commands that make data, train and measure quality (the decoding commands, whose
+    figures are CPU speeds, stay on the CPU)."""
     p.add_argument("--device", default="cpu",
                    help="where the model runs: cpu (default), cuda or cuda:N; under torchrun, cuda is each "
                    "process's own GPU (LOCAL_RANK)")
@@ -763,6 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks, standard and alternating scoring (offline)",
                        description=cmd_lm_eval.__doc__)
     add_model_args(p, precision=True)
+    add_device_arg(p)
     p.add_argument("--tasks-dir", default="benchmarks/tasks",
                    help="directory of task YAML configs and JSONL data (default benchmarks/tasks)")
     p.add_argument("--tasks", nargs="+", default=None, help="task names (default: every config in --tasks-dir)")

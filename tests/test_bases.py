@@ -465,6 +465,7 @@ def test_device_option_is_checked_before_any_model_loads(tmp_path, capsys, monke
             ["attach", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "x")],
             ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "x")],
             ["eval", "--module", "default", "--prompts", str(tmp_path / "p.txt")],
+            ["lm-eval", "--module", "default", "--limit", "1"],
             ["copy-gate", "--module", "default", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "x")])
     for args in runs:
         assert main([*args, "--device", "cuda"]) == 2, args
