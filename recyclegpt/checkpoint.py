@@ -192,6 +192,52 @@ def load_module_file(path: str | Path) -> tuple[RecyclableModule, dict[str, Any]
     return module, json.loads(meta.get("base", "{}"))
 
 
+def average_modules(paths: list[str | Path], weights: list[float] | None = None
+                    ) -> tuple[RecyclableModule, dict[str, Any]]:
+    """Average the weights of modules trained for one base (a "model soup", as WiSE-FT averages a model
+    with its fine-tune): each parameter becomes the weighted mean of the files' parameters.
+
+    The modules must share their configs, base and draft vocabulary (fine-tunes made with ``attach --init``
+    do). Copy gates are dropped: a gate is fitted to one module's proposals, so refit the average's with
+    ``recyclegpt copy-gate``.
+
+    Args:
+        paths: two or more module files.
+        weights: one non-negative weight per file (normalised to sum 1); None = equal weights.
+
+    Returns:
+        The averaged module and the base identity the files record.
+    """
+    if len(paths) < 2:
+        raise CheckpointError(f"averaging needs two or more module files, got {len(paths)}")
+    weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(paths) or any(not w >= 0 for w in weights) or sum(weights) <= 0:
+        raise CheckpointError(
+            f"averaging needs one non-negative weight per module file ({len(paths)}), not all zero; got {weights}"
+        )
+    first, base = load_module_file(paths[0])
+    keep = [k for k in first.state_dict() if k not in RecyclableModule.OPTIONAL_BUFFERS]
+    total = {k: first.state_dict()[k].double() * weights[0] for k in keep}
+    for path, w in zip(paths[1:], weights[1:], strict=True):
+        module, other = load_module_file(path)
+        if (module.config, module.recycle_config) != (first.config, first.recycle_config):
+            raise CheckpointError(f"{path} has another shape or depth than {paths[0]}: only fine-tunes of one "
+                                  "module (same configs) can be averaged")
+        if other.get("name") != base.get("name"):
+            raise CheckpointError(f"{path} was trained for base {other.get('name')!r}, {paths[0]} for "
+                                  f"{base.get('name')!r}")
+        vocabs = (module.draft_vocab, first.draft_vocab)
+        if (vocabs[0] is None) != (vocabs[1] is None) or (vocabs[0] is not None and not torch.equal(*vocabs)):
+            raise CheckpointError(f"{path} has another draft vocabulary than {paths[0]}")
+        state = module.state_dict()
+        for k in keep:
+            total[k] += state[k].double() * w
+    state = first.state_dict()
+    first.load_state_dict({k: (total[k] / sum(weights)).to(state[k].dtype) for k in keep}, strict=False)
+    first.set_copy_gate(None)
+    return first, base
+
+
 def load_module(path: str | Path, backbone_config: ModelConfig) -> RecyclableModule:
     """Load a module file for a given backbone, refusing one whose widths do not fit it.
 

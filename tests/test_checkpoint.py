@@ -63,3 +63,57 @@ def test_atomic_write_leaves_no_partial_file(tiny, tmp_path, monkeypatch):
         save_module(path, tiny.module)
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["module.safetensors"]
+
+
+def test_average_modules_is_the_weighted_mean_and_refuses_misfits(tiny, tmp_path):
+    from recyclegpt.checkpoint import average_modules
+    from recyclegpt.config import RecycleConfig
+    from recyclegpt.recycle import RecyclableModule
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    tiny.module.set_draft_vocab(torch.arange(0, 256, 2))
+    tiny.module.set_copy_gate(torch.zeros(12))
+    save_module(a, tiny.module, base={"name": "tiny-test"})
+    other = RecyclableModule(tiny.module.config, tiny.module.recycle_config)  # fresh weights, same shapes
+    other.set_draft_vocab(torch.arange(0, 256, 2))
+    save_module(b, other, base={"name": "tiny-test"})
+
+    soup, base = average_modules([a, b], [3, 1])
+    assert base == {"name": "tiny-test"}
+    assert soup.copy_gate is None and torch.equal(soup.draft_vocab, torch.arange(0, 256, 2))
+    want = 0.75 * tiny.module.fuse.weight + 0.25 * other.fuse.weight
+    assert torch.allclose(soup.fuse.weight, want, atol=1e-6)
+    assert not torch.allclose(soup.fuse.weight, tiny.module.fuse.weight, atol=1e-3)
+
+    with pytest.raises(CheckpointError, match="two or more"):
+        average_modules([a])
+    with pytest.raises(CheckpointError, match="one non-negative weight per module"):
+        average_modules([a, b], [1, -1])
+    other.set_draft_vocab(torch.arange(0, 256, 3))
+    save_module(b, other, base={"name": "tiny-test"})
+    with pytest.raises(CheckpointError, match="another draft vocabulary"):
+        average_modules([a, b])
+    deeper = RecyclableModule(tiny.module.config, RecycleConfig(n_layers=2))
+    save_module(b, deeper, base={"name": "tiny-test"})
+    with pytest.raises(CheckpointError, match="another shape or depth"):
+        average_modules([a, b])
+
+
+def test_average_command_writes_the_mean_and_explains_bad_input(tiny, tmp_path, capsys):
+    from recyclegpt.checkpoint import load_module_file
+    from recyclegpt.cli import main
+    from recyclegpt.recycle import RecyclableModule
+
+    a, b, out = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "soup.safetensors"
+    save_module(a, tiny.module, base={"name": "tiny-test"})
+    save_module(b, RecyclableModule(tiny.module.config, tiny.module.recycle_config), base={"name": "tiny-test"})
+    assert main(["average", str(a), str(b), "--out", str(out)]) == 0
+    soup, base = load_module_file(out)
+    assert base["name"] == "tiny-test" and base["weights"] == [1.0, 1.0]
+    halves = 0.5 * (load_module_file(a)[0].fuse.weight + load_module_file(b)[0].fuse.weight)
+    assert torch.allclose(soup.fuse.weight, halves, atol=1e-6)
+
+    assert main(["average", str(a), str(tmp_path / "missing.safetensors"), "--out", str(out)]) == 2
+    assert "module file not found" in capsys.readouterr().err
+    assert main(["average", str(a), str(b), "--weights", "1", "--out", str(out)]) == 2
+    assert "one non-negative weight per module file (2)" in capsys.readouterr().err
