@@ -215,9 +215,10 @@ def average_modules(paths: list[str | Path], weights: list[float] | None = None
         raise CheckpointError(
             f"averaging needs one non-negative weight per module file ({len(paths)}), not all zero; got {weights}"
         )
+    weights = [w / sum(weights) for w in weights]
     first, base = load_module_file(paths[0])
-    keep = [k for k in first.state_dict() if k not in RecyclableModule.OPTIONAL_BUFFERS]
-    total = {k: first.state_dict()[k].double() * weights[0] for k in keep}
+    start = {k: t for k, t in first.state_dict().items() if k not in RecyclableModule.OPTIONAL_BUFFERS}
+    total = {k: t.double() * weights[0] for k, t in start.items()}
     for path, w in zip(paths[1:], weights[1:], strict=True):
         module, other = load_module_file(path)
         if (module.config, module.recycle_config) != (first.config, first.recycle_config):
@@ -230,10 +231,9 @@ def average_modules(paths: list[str | Path], weights: list[float] | None = None
         if (vocabs[0] is None) != (vocabs[1] is None) or (vocabs[0] is not None and not torch.equal(*vocabs)):
             raise CheckpointError(f"{path} has another draft vocabulary than {paths[0]}")
         state = module.state_dict()
-        for k in keep:
+        for k in total:
             total[k] += state[k].double() * w
-    state = first.state_dict()
-    first.load_state_dict({k: (total[k] / sum(weights)).to(state[k].dtype) for k in keep}, strict=False)
+    first.load_state_dict({k: t.to(start[k].dtype) for k, t in total.items()}, strict=False)
     first.set_copy_gate(None)
     return first, base
 

@@ -418,9 +418,9 @@ def cmd_average(args: argparse.Namespace) -> int:
 
     paths = [resolve_module(m, args.base) for m in args.modules]
     module, identity = average_modules(paths, args.weights)
-    save_module(args.out, module, {**identity, "averaged": [str(p) for p in paths],
-                                   "weights": args.weights or [1.0] * len(paths)})
-    _emit_json({"out": args.out, "modules": [str(p) for p in paths], "weights": args.weights}, None)
+    recipe = {"averaged": [str(p) for p in paths], "weights": args.weights or [1.0] * len(paths)}
+    save_module(args.out, module, {**identity, **recipe})
+    _emit_json({"out": args.out, **recipe}, None)
     return 0
 
 
