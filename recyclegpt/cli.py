@@ -413,12 +413,19 @@ def cmd_average(args: argparse.Namespace) -> int:
     """Average the weights of modules trained for one base, e.g. a module and its fine-tunes made with
     `attach --init` (a model soup: the average often predicts better than any one of them). The copy
     gates are dropped; refit the average's with copy-gate."""
+    import hashlib
+    from pathlib import Path
+
     from recyclegpt.checkpoint import average_modules, save_module
     from recyclegpt.modules import resolve_module
 
     paths = [resolve_module(m, args.base) for m in args.modules]
     module, identity = average_modules(paths, args.weights)
-    recipe = {"averaged": [str(p) for p in paths], "weights": args.weights or [1.0] * len(paths)}
+    # Each input as it was named on the command line, with its content's SHA-256: a path alone stops
+    # identifying a file once that file is replaced (as the shipped module is by an average of itself).
+    inputs = [{"file": m, "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest()}
+              for m, p in zip(args.modules, paths, strict=True)]
+    recipe = {"averaged": inputs, "weights": args.weights or [1.0] * len(paths)}
     save_module(args.out, module, {**identity, **recipe})
     _emit_json({"out": args.out, **recipe}, None)
     return 0

@@ -1,3 +1,5 @@
+import hashlib
+
 import pytest
 import torch
 
@@ -110,6 +112,9 @@ def test_average_command_writes_the_mean_and_explains_bad_input(tiny, tmp_path, 
     assert main(["average", str(a), str(b), "--out", str(out)]) == 0
     soup, base = load_module_file(out)
     assert base["name"] == "tiny-test" and base["weights"] == [1.0, 1.0]
+    # Inputs are recorded as named, with their contents' hashes, so they stay identifiable once replaced.
+    assert base["averaged"] == [{"file": str(f), "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+                                for f in (a, b)]
     halves = 0.5 * (load_module_file(a)[0].fuse.weight + load_module_file(b)[0].fuse.weight)
     assert torch.allclose(soup.fuse.weight, halves, atol=1e-6)
 
