@@ -511,6 +511,7 @@ def _emit_json(result: dict, path: str | None) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Perplexity of the base and under the alternating scheme, module agreement, and tau / acceptance of
     verified decoding: one JSON object (see recyclegpt/evaluate.py for the exact definitions)."""
+    from recyclegpt.bases import module_for
     from recyclegpt.data import distilled_answers, open_distilled, read_prompts
     from recyclegpt.evaluate import EvalError, answer_metrics, evaluate
 
@@ -519,6 +520,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise EvalError("eval needs a recyclable module: pass --module PATH (or 'default')")
     if not (args.data or args.prompts or args.answers):
         raise EvalError("eval needs something to score: --data TEXT, --prompts FILE or --answers DIR (or several)")
+    if args.compare_module and not args.answers:
+        raise EvalError("--compare-module scores a second module on stored answers: give --answers DIR too")
     prompts = read_prompts(args.prompts) if args.prompts else None
     stored = open_distilled(args.answers) if args.answers else None  # a bad directory fails before the base loads
     engine, base = load_engine(args)
@@ -526,7 +529,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       args.max_new_tokens, base.chat, args.draft_len, args.draft_width)
     if stored is not None:
         answers = distilled_answers(stored, engine.tokenizer, base.chat)
-        result["answers"] = {"dir": args.answers, **answer_metrics(engine.backbone, engine.module, answers)}
+        other = module_for(base, args.compare_module, args.dtype, args.prepack) if args.compare_module else None
+        metrics = answer_metrics(engine.backbone, engine.module, answers, compare=other)
+        if other is not None:
+            metrics["compare"] = {"module": args.compare_module, **metrics["compare"]}
+        result["answers"] = {"dir": args.answers, **metrics}
     _emit_json({"model": base.name, "module": args.module, "dtype": args.dtype, "prepack": args.prepack, **result},
                args.json)
     return 0
@@ -765,6 +772,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a `data distill` output made with this base: agreement on its stored greedy answers, "
                    "scored without decoding them again (thousands in minutes), with a 95%% bootstrap interval; "
                    "use prompts the module never trained on")
+    p.add_argument("--compare-module", default=None, metavar="PATH",
+                   help="with --answers: also score this module (same base) on the same answer slots and report "
+                   "the paired difference (it - --module) with a 95%% bootstrap interval, and the slots only one of "
+                   "the two gets right; the base runs once for both")
     p.add_argument("--max-tokens", type=int, default=20000, help="tokens of --data to score (default 20000)")
     p.add_argument("--seq-len", type=int, default=512, help="perplexity window in tokens (default 512)")
     p.add_argument("--batch-size", type=int, default=2, help="windows per forward (default 2)")

@@ -67,28 +67,35 @@ def score_tokens(backbone: torch.nn.Module, module: torch.nn.Module | None, toke
     """Score every position of token windows (B, T), T >= 3, by the base and (if given) by the module.
 
     The backbone reads x_0 .. x_{T-2} (the last token is only a target, so T may be the context + 1);
-    the module reads the pairs (h_t, x_{t+1}) of that forward, ``module(hidden, embed(tokens[:, 1:]))`` as
-    in training, and its logits are ``module.draft_logits``: what decoding samples from (``backbone.head``
-    of the module states when it has no draft vocabulary), mixed with in-context copies when the module
-    has a copy gate (``copy.mix_scores``, as decoding's ``copy_logits``).
+    the module reads the pairs (h_t, x_{t+1}) of that forward (``module_scores``).
     """
     if tokens.shape[1] < 3:
         raise EvalError(f"windows need at least 3 tokens (the module looks two ahead), got {tokens.shape[1]}")
     with torch.inference_mode():
         logits, hidden = backbone(tokens[:, :-1])  # (B, T-1, V), (B, T-1, d): position t predicts x_{t+1}
         base_nll, base_top = _nll_top(logits, tokens[:, 1:])
-        if module is None:
-            return TokenScores(base_nll, base_top)
+    if module is None:
+        return TokenScores(base_nll, base_top)
+    return TokenScores(base_nll, base_top, *module_scores(backbone, module, tokens, hidden))
+
+
+def module_scores(backbone: torch.nn.Module, module: torch.nn.Module, tokens: torch.Tensor, hidden: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's (nll, top-1), each (B, T-2), for targets x_2 .. x_{T-1} of windows (B, T), given the
+    backbone's final hidden states (B, T-1, d) over x_0 .. x_{T-2} (so several modules can share one base
+    pass). The module reads ``module(hidden, embed(tokens[:, 1:]))`` as in training; its logits are
+    ``module.draft_logits``, what decoding samples from (``backbone.head`` of the module states when it has
+    no draft vocabulary), mixed with in-context copies when the module has a copy gate
+    (``copy.mix_scores``, as decoding's ``copy_logits``).
+    """
+    with torch.inference_mode():
         g = module(hidden, backbone.embed(tokens[:, 1:]))  # pairs (h_t, x_{t+1}), t = 0 .. T-2
         # t = T-2 would predict x_T, past the window: dropped.
         module_logits = module.draft_logits(backbone, g[:, :-1])  # (B, T-2, V)
         if getattr(module, "copy_gate", None) is None:
-            module_nll, module_top = _nll_top(module_logits, tokens[:, 2:])
-        else:
-            cand, feats = window_proposals(tokens)
-            module_nll, module_top = mix_scores(module_logits, tokens[:, 2:], cand, feats, module.copy_gate,
-                                                module.draft_vocab)
-        return TokenScores(base_nll, base_top, module_nll, module_top)
+            return _nll_top(module_logits, tokens[:, 2:])
+        cand, feats = window_proposals(tokens)
+        return mix_scores(module_logits, tokens[:, 2:], cand, feats, module.copy_gate, module.draft_vocab)
 
 
 def _nll_top(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,8 +288,8 @@ def generation_metrics(
         ids = prompt_ids(tok, prompt, chat)
         std = engine.generate([ids], "standard", max_new_tokens=max_new_tokens)[0]
         generated += len(std.token_ids)
-        right, slots = _answer_agreement(engine.backbone, engine.module, ids, std.token_ids)
-        agree, pairs = agree + right, pairs + slots
+        hits = _answer_hits(engine.backbone, [engine.module], ids, std.token_ids)
+        agree, pairs = agree + int(hits.sum()), pairs + hits.shape[1]
         ver = engine.generate([ids], "verified", max_new_tokens=max_new_tokens, draft_len=draft_len,
                               draft_width=draft_width)[0]
         new += ver.stats.new_tokens
@@ -303,45 +310,73 @@ def generation_metrics(
     }
 
 
-def _answer_agreement(backbone, module, prompt: Sequence[int], answer: Sequence[int]) -> tuple[int, int]:
-    """(slots where the module's top-1 equals the base's greedy token, slots) over an answer, teacher forced:
-    every answer position the module would draft in alternating decoding (after the first answer token)."""
+def _answer_hits(backbone, modules: Sequence[torch.nn.Module], prompt: Sequence[int], answer: Sequence[int]
+                 ) -> torch.Tensor:
+    """Bool (len(modules), slots): whether each module's top-1 equals the base's greedy token, at every
+    answer position the module would draft in alternating decoding (after the first answer token), teacher
+    forced; the modules share one backbone pass."""
     if len(answer) < 2:
-        return 0, 0
+        return torch.zeros(len(modules), 0, dtype=torch.bool)
     device = next(backbone.parameters()).device
-    s = score_tokens(backbone, module, torch.tensor([[*prompt, *answer]], device=device))
-    p = len(prompt)  # module index p-1 predicts x_{p+1}, the second answer token
-    return int((s.module_top[:, p - 1 :] == s.base_top[:, p:]).sum()), s.module_top[:, p - 1 :].numel()
+    tokens = torch.tensor([[*prompt, *answer]], device=device)
+    with torch.inference_mode():
+        logits, hidden = backbone(tokens[:, :-1])  # position t predicts x_{t+1}
+    p = len(prompt)  # base index p predicts x_{p+1}, the second answer token; so does module index p-1
+    greedy = logits[0, p:].argmax(-1)
+    return torch.stack([module_scores(backbone, m, tokens, hidden)[1][0, p - 1 :] == greedy for m in modules]).cpu()
 
 
 def answer_metrics(backbone, module, answers: Sequence[tuple[Sequence[int], Sequence[int]]], resamples: int = 2000,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, compare: torch.nn.Module | None = None) -> dict:
     """Module agreement on stored greedy answers of the base (``data.distilled_answers``), as
     ``generation_metrics`` counts it, without decoding them again: thousands of answers in minutes.
+
+    Args:
+        compare: a second module for the same base, scored on the same slots for a paired comparison.
 
     Returns:
         ``prompts``, ``slots``, ``agreement`` and ``agreement_ci95``: the 2.5th and 97.5th percentiles of the
         agreement over ``resamples`` bootstrap resamples of the answers (the answers are the unit that varies).
+        With ``compare``, also ``compare``: its ``agreement`` and ``agreement_ci95``, the ``difference``
+        (compare - module) with its interval over the same resamples (paired: both modules are resampled
+        together, so the interval is far narrower than either agreement's), and the slots only one of the
+        two gets right (``only_module_right``, ``only_compare_right``).
     """
     if module is None:
         raise EvalError("answer agreement needs a recyclable module; pass --module PATH")
+    modules = [module] if compare is None else [module, compare]
     # The bar counts tokens, not answers: distilled answers come sorted by prompt length, so a count of
     # answers would run fast early and promise an end too soon.
-    rows = []
+    rows, only = [], torch.zeros(2, dtype=torch.long)
     with tqdm(total=sum(len(p) + len(a) for p, a in answers), desc="scoring answers", unit="tok",
               unit_scale=True) as bar:
         for p, a in answers:
-            rows.append(_answer_agreement(backbone, module, p, a))
+            hits = _answer_hits(backbone, modules, p, a)
+            if hits.shape[1]:
+                rows.append([*hits.sum(1).tolist(), hits.shape[1]])
+                if compare is not None:
+                    only += torch.stack([hits[0] & ~hits[1], hits[1] & ~hits[0]]).sum(1)
             bar.update(len(p) + len(a))
-    counts = torch.tensor(rows, dtype=torch.float64)
-    counts = counts.view(-1, 2)  # (answers, 2): slots right, slots
-    counts = counts[counts[:, 1] > 0]
-    if counts.shape[0] == 0:
+    if not rows:
         raise EvalError("no stored answer has the 2 tokens a module slot needs")
+    counts = torch.tensor(rows, dtype=torch.float64)  # (answers, modules + 1): slots right per module, slots
     draws = torch.randint(0, len(counts), (resamples, len(counts)), generator=torch.Generator().manual_seed(seed))
-    boot = counts[draws, 0].sum(1) / counts[draws, 1].sum(1)
-    return {"prompts": len(counts), "slots": int(counts[:, 1].sum()), "agreement": float(counts[:, 0].sum() /
-            counts[:, 1].sum()), "agreement_ci95": [float(boot.quantile(0.025)), float(boot.quantile(0.975))]}
+    sampled = counts[draws].sum(1)  # (resamples, modules + 1)
+    boot = sampled[:, :-1] / sampled[:, -1:]
+    agreement = counts[:, :-1].sum(0) / counts[:, -1].sum()
+
+    def ci(x: torch.Tensor) -> list[float]:
+        return [float(x.quantile(0.025)), float(x.quantile(0.975))]
+
+    out = {"prompts": len(counts), "slots": int(counts[:, -1].sum()), "agreement": float(agreement[0]),
+           "agreement_ci95": ci(boot[:, 0])}
+    if compare is not None:
+        out["compare"] = {
+            "agreement": float(agreement[1]), "agreement_ci95": ci(boot[:, 1]),
+            "difference": float(agreement[1] - agreement[0]), "difference_ci95": ci(boot[:, 1] - boot[:, 0]),
+            "only_module_right": int(only[0]), "only_compare_right": int(only[1]),
+        }
+    return out
 
 
 def evaluate(

@@ -363,11 +363,30 @@ def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp
     want = generation_metrics(engine, prompts, max_new_tokens=6, chat=True)
     assert got["prompts"] == 3 and got["agreement"] == pytest.approx(want["agreement"], abs=1e-12)
     assert got["agreement_ci95"][0] <= got["agreement"] <= got["agreement_ci95"][1]
+    # A paired comparison on the same slots: the shipped module against itself without its copy gate.
+    from recyclegpt.checkpoint import save_module
+    from recyclegpt.modules import resolve_module
+
+    plain, identity = load_module_file(resolve_module("default", "smollm2-135m"))
+    plain.set_copy_gate(None)
+    save_module(tmp_path / "plain.safetensors", plain, identity)
+    alone = answer_metrics(engine.backbone, plain, stored)
     out = tmp_path / "eval.json"
-    assert main(["eval", "--module", "default", "--answers", str(tmp_path / "f"), "--json", str(out)]) == 0
+    assert main(["eval", "--module", "default", "--answers", str(tmp_path / "f"), "--json", str(out),
+                 "--compare-module", str(tmp_path / "plain.safetensors")]) == 0
     result = json.loads(out.read_text())
     assert result["text"] is None and result["answers"]["agreement"] == pytest.approx(got["agreement"], abs=1e-12)
+    pair = result["answers"]["compare"]
+    assert pair["module"] == str(tmp_path / "plain.safetensors")
+    assert pair["agreement"] == pytest.approx(alone["agreement"], abs=1e-12)
+    assert pair["difference"] == pytest.approx(alone["agreement"] - got["agreement"], abs=1e-12)
+    assert pair["only_compare_right"] - pair["only_module_right"] == round(pair["difference"] * got["slots"])
+    assert pair["difference_ci95"][0] <= pair["difference"] <= pair["difference_ci95"][1]
+    same = answer_metrics(engine.backbone, engine.module, stored, compare=engine.module)["compare"]
+    assert same["difference_ci95"] == [0.0, 0.0] and same["only_module_right"] == same["only_compare_right"] == 0
     capsys.readouterr()
+    assert main(["eval", "--module", "default", "--data", str(tmp_path / "p.txt"), "--compare-module", "default"]) == 2
+    assert "give --answers DIR too" in capsys.readouterr().err
     assert main(["eval", "--module", "default", "--data", str(tmp_path / "p.txt"), "--answers",
                  str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
