@@ -496,3 +496,26 @@ def test_device_option_is_checked_before_any_model_loads(tmp_path, capsys, monke
     assert main(["data", "prepare", *files, "--out", str(tmp_path / "e"), "--device", "cuda"]) == 2
     assert "applies to data distill and data prompts only" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "e").exists()
+
+
+def test_profile_cycle_script_splits_each_strategy_by_part(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "profile_cycle.py"
+    spec = importlib.util.spec_from_file_location("profile_cycle", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--n", "1", "--max-new-tokens", "8", "--repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    head = lines[1].split()
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in lines[2:]}
+    assert head[:2] == ["strategy", "full"] and list(rows) == ["standard", "alternating"]
+    std, alt = rows["standard"], rows["alternating"]
+    # columns: full calls, module, draft head, copy mixture, rest, all, x first; the parts add up to all
+    assert std[1] == std[2] == std[3] == 0 and min(alt[1:4]) > 0  # only alternating runs the module
+    for r in (std, alt):
+        assert sum(r[:5]) == pytest.approx(r[5], abs=0.03) and r[0] > 0
+    assert std[6] == 1.0 and alt[6] == pytest.approx(std[5] / alt[5], abs=0.01)
+    with pytest.raises(SystemExit):
+        script.main(["--n", "0"])
