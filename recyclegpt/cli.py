@@ -25,10 +25,34 @@ def command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
 
 
 def _threads(n: int | None) -> None:
+    """CPU set-up of every command that computes: torch's thread count (None: torch's default) and an
+    allocator that keeps freed memory (``keep_freed_memory``)."""
     import torch
 
+    keep_freed_memory()
     if n:
         torch.set_num_threads(n)
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc serve large allocations from its heap and keep what is freed, for this process; returns
+    whether it could (False off glibc, which is then left as it is).
+
+    By default glibc maps every block over 32 MB (a training batch's logits and activations) freshly from
+    the kernel, which zero-fills it page by page, and unmaps it when freed: every step pays again. On the
+    2-core AMD EPYC virtual machine this was 86 of 131 s of system time over 10 steps of ``train --preset
+    small`` (batch 8 x 512); with this setting the same 10 steps took 79 s (30 s of it system time) and gave
+    the same losses. ``attach`` steps (batch 16 x 256, cached hidden states) ran 1.24x faster. The price is
+    resident memory that stays near its peak (7.9 against 4.9 GB for those training steps).
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def add_model_args(

@@ -155,3 +155,30 @@ def test_ddp_two_processes_match_one(data, tmp_path):
     model_two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["trainable"]
     for k in model_one:
         torch.testing.assert_close(model_one[k], model_two[k], atol=2e-5, rtol=1e-4)
+
+
+def test_keep_freed_memory_serves_large_blocks_from_the_heap():
+    # glibc maps a block over 32 MB freshly from the kernel (mallinfo2's hblkhd counts such bytes); after
+    # keep_freed_memory it comes from the heap. Each case runs in its own process: the setting is per process.
+    probe = """
+import ctypes, sys, torch
+from recyclegpt.cli import keep_freed_memory
+libc = ctypes.CDLL(None)
+if not hasattr(libc, "mallinfo2"):
+    print("skip"); sys.exit()
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+before = libc.mallinfo2().hblkhd
+x = torch.ones(64 * 2**20 // 4)  # 64 MB
+print(libc.mallinfo2().hblkhd - before)
+"""
+    mapped = {case: subprocess.run([sys.executable, "-c", probe, case], capture_output=True, text=True, check=True)
+              .stdout.strip() for case in ("default", "keep")}
+    if mapped["default"] == "skip":
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    assert int(mapped["default"]) >= 64 * 2**20  # a fresh mapping by default
+    assert int(mapped["keep"]) == 0  # from the heap
