@@ -21,11 +21,16 @@ from recyclegpt.evaluate import paired_summary
 
 MAIN, ABLATION = ("plain", "recycle"), ("depth1", "depth2", "depth4")
 # recycle weight 0 and 0.1 on the main pair's schedule, 0.1 with a 1-layer module, and the plain GPT and
-# the 1-layer lambda 0.1 run with seeds 1 and 2: how far runs differ by seed alone (run.sh sweep)
-SWEEP = ("w0", "w0.1", "w0.1d1", "w0s1", "w0.1d1s1", "w0s2", "w0.1d1s2")
+# the 1-layer lambda 0.1 run with seeds 1 and 2: how far runs differ by seed alone (run.sh sweep); then the
+# 1-layer lambda 0.1 run alone with seeds 3-5, for the task bar (run.sh seeds)
+SEEDS = ("w0.1d1s3", "w0.1d1s4", "w0.1d1s5")
+SWEEP = ("w0", "w0.1", "w0.1d1", "w0s1", "w0.1d1s1", "w0s2", "w0.1d1s2", *SEEDS)
 # runs that differ only by seed, whose standard-vs-alternating task flips add up into one paired test
 POOLED = {"lambda 0.1, 1 layer, seeds 0 + 1": ("w0.1d1", "w0.1d1s1"),
-          "lambda 0.1, 1 layer, seeds 0 + 1 + 2": ("w0.1d1", "w0.1d1s1", "w0.1d1s2")}
+          "lambda 0.1, 1 layer, seeds 0 + 1 + 2": ("w0.1d1", "w0.1d1s1", "w0.1d1s2"),
+          "lambda 0.1, 1 layer, seeds 0-3": ("w0.1d1", "w0.1d1s1", "w0.1d1s2", "w0.1d1s3"),
+          "lambda 0.1, 1 layer, seeds 0-4": ("w0.1d1", "w0.1d1s1", "w0.1d1s2", "w0.1d1s3", "w0.1d1s4"),
+          "lambda 0.1, 1 layer, seeds 0-5": ("w0.1d1", "w0.1d1s1", "w0.1d1s2", "w0.1d1s3", "w0.1d1s4", "w0.1d1s5")}
 BAR = 0.03  # issue #8: the main head's validation perplexity within 3 % of the plain GPT's
 TASKS = (("recycle_cloze_austen", "acc"), ("recycle_next_sentence_austen", "acc_norm"),
          ("recycle_next_verse_kjv", "acc_norm"), ("recycle_word_order_austen", "acc"))
@@ -114,6 +119,9 @@ def summarize(runs: Path, results: Path, names: tuple[str, ...], previous: dict[
             for task, metric in TASKS:  # item by item, standard against alternating (lm-eval with a module)
                 if task in lm.get("paired", {}):
                     record[f"{task}_paired"] = lm["paired"][task][metric]
+        every = _json(results / f"lm_eval_{name}_word_order_all.json")  # run.sh seeds: all 851 word-order pairs
+        if every:
+            record["word_order_all_paired"] = every["paired"]["recycle_word_order_austen"]["acc"]
         # run.sh eval: full and draft vocabulary; run.sh sweep: draft vocabulary with --prepack
         for module in ("module", "module_dv8192", "prepack"):
             for key, value in _bench(results / f"bench_{name}_{module}.json").items():
@@ -184,7 +192,10 @@ def tables(s: dict[str, dict]) -> str:
     if "recycle" in s:
         rows.append(("1 (main pair, above)", s["recycle"], s.get("plain")))
     for label, d, ref in rows:
-        vs = "-" if ref is None else f"{d['val_main_ppl'] / ref['val_main_ppl'] - 1:+.1%}"
+        # "n/a": a run with no plain GPT of its seed (run.sh seeds)
+        vs = "-" if d.get("recycle_weight") == 0 else "n/a"
+        if ref is not None:
+            vs = f"{d['val_main_ppl'] / ref['val_main_ppl'] - 1:+.1%}"
         lines.append(
             f"| {label} | {d['module_layers']} | {d.get('seed', 0)} | {d['val_main_ppl']:.2f} | {vs} | "
             f"{_fmt(d.get('heldout_ppl'), '.2f')} / {_fmt(d.get('heldout_ppl_alternating'), '.2f')} | "
@@ -207,6 +218,20 @@ def tables(s: dict[str, dict]) -> str:
             lines.append(f"| {label} (pooled) | | | | "
                          + " | ".join(_paired(_pool([s[n][f"{task}_paired"] for n in names])) for task, _ in TASKS)
                          + " |")
+    every = [n for n in SEEDS if "word_order_all_paired" in s.get(n, {})]
+    if every:
+        lines += ["", "| run | seed | recycle_word_order_austen acc on all held-out pairs: standard -> alternating "
+                  "(right->wrong / wrong->right, McNemar p) |", "|---|---|---|"]
+        lines += [f"| {n} | {s[n]['seed']} | {_paired(s[n]['word_order_all_paired'])} |" for n in every]
+        if len(every) > 1:
+            lines.append(f"| {' + '.join(every)} (pooled) | | "
+                         f"{_paired(_pool([s[n]['word_order_all_paired'] for n in every]))} |")
+        # every pair each 1-layer lambda 0.1 seed was scored on: the task's 300, or all 851 where there are
+        task = "recycle_word_order_austen_paired"
+        seeds = [n for n in POOLED["lambda 0.1, 1 layer, seeds 0-5"] if task in s.get(n, {})]
+        flips = [s[n].get("word_order_all_paired", s[n][task]) for n in seeds]
+        lines.append(f"| {' + '.join(seeds)}, every pair scored ({' + '.join(str(f['items']) for f in flips)}; "
+                     f"pooled) | | {_paired(_pool(flips))} |")
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@
 #   bash experiments/paper_small/run.sh train   # plain GPT vs RecycleGPT, then the module-depth ablation
 #   bash experiments/paper_small/run.sh eval    # perplexities, module accuracy, lm-eval tasks, decode speed
 #   bash experiments/paper_small/run.sh sweep   # recycle weight 0, 0.1, 0.1 with a 1-layer module; seeds 1 and 2 of 0 and 0.1/1-layer
+#   bash experiments/paper_small/run.sh seeds   # the 0.1/1-layer run with seeds 3-5 ($SEEDS), for the word-order bar
 # Runs go to $RUNS (default runs/paper_small); results to experiments/paper_small/results/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -46,11 +47,21 @@ stage_train() {
   done
 }
 
-heldout_text() {  # the last 10% of Austen and the KJV, which no run trained on
+heldout_text() {  # the last 10% of Austen and the KJV, which no run trained on, and the decode prompts
   for f in austen kjv; do
     n=$(wc -l < data/corpora/$f.txt); tail -n +$((n * 9 / 10 + 1)) data/corpora/$f.txt > "$RUNS/heldout_$f.txt"
   done
   cat "$RUNS/heldout_austen.txt" "$RUNS/heldout_kjv.txt" > "$RUNS/heldout.txt"
+  # Decode prompts: 24 words from 4 evenly spaced sentence starts of each held-out text.
+  $PY - "$RUNS/heldout_austen.txt" "$RUNS/heldout_kjv.txt" > "$RUNS/prompts.jsonl" <<'PY'
+import json, sys
+for path in sys.argv[1:]:
+    words = " ".join(ln for ln in open(path) if "====" not in ln).split()
+    starts = [i for i in range(1, len(words) - 24) if words[i - 1].endswith(".") and words[i][0].isupper()]
+    for k in range(4):
+        i = starts[(2 * k + 1) * len(starts) // 8]
+        print(json.dumps({"prompt": " ".join(words[i : i + 24])}))
+PY
 }
 
 eval_one() {  # name: held-out perplexities and module accuracy of one run
@@ -72,18 +83,16 @@ draft_vocab_one() {  # name: the same module proposing only the 8192 most freque
     --data "$RUNS/data" --size 8192 --out "$run/module_dv8192.safetensors"
 }
 
+bench_prepack_one() {  # name: decode speed with the draft-vocabulary module and --prepack (the sweep's setting)
+  draft_vocab_one "$1"
+  [[ -f "$RES/bench_$1_prepack.json" ]] || $RG bench --model "$RUNS/$1" \
+    --module "$RUNS/$1/module_dv8192.safetensors" --prompts "$RUNS/prompts.jsonl" --max-new-tokens 128 \
+    --repeats 5 --strategies standard alternating verified --draft-widths 1 4 --threads "$THREADS" --prepack \
+    --json "$RES/bench_$1_prepack.json"
+}
+
 stage_eval() {
   heldout_text
-  # Decode prompts: 24 words from 4 evenly spaced sentence starts of each held-out text.
-  $PY - "$RUNS/heldout_austen.txt" "$RUNS/heldout_kjv.txt" > "$RUNS/prompts.jsonl" <<'PY'
-import json, sys
-for path in sys.argv[1:]:
-    words = " ".join(ln for ln in open(path) if "====" not in ln).split()
-    starts = [i for i in range(1, len(words) - 24) if words[i - 1].endswith(".") and words[i][0].isupper()]
-    for k in range(4):
-        i = starts[(2 * k + 1) * len(starts) // 8]
-        print(json.dumps({"prompt": " ".join(words[i : i + 24])}))
-PY
   for name in recycle plain depth1 depth2 depth4; do
     eval_one "$name"
     draft_vocab_one "$name"  # a cheaper module step
@@ -118,14 +127,28 @@ stage_sweep() {
   for name in w0 w0.1 w0.1d1 w0s1 w0.1d1s1 w0s2 w0.1d1s2; do eval_one "$name"; done
   for name in w0 w0s1 w0s2; do lm_eval_one "$name" --scoring standard; done
   for name in w0.1 w0.1d1 w0.1d1s1 w0.1d1s2; do lm_eval_one "$name" --module "$RUNS/$name/module.safetensors"; done
-  for name in w0.1 w0.1d1 w0.1d1s1 w0.1d1s2; do
-    draft_vocab_one "$name"
-    [[ -f "$RES/bench_${name}_prepack.json" ]] || $RG bench --model "$RUNS/$name" \
-      --module "$RUNS/$name/module_dv8192.safetensors" --prompts "$RUNS/prompts.jsonl" --max-new-tokens 128 \
-      --repeats 5 --strategies standard alternating verified --draft-widths 1 4 --threads "$THREADS" --prepack \
-      --json "$RES/bench_${name}_prepack.json"
-  done
+  for name in w0.1 w0.1d1 w0.1d1s1 w0.1d1s2; do bench_prepack_one "$name"; done
   $PY experiments/paper_small/report.py --runs "$RUNS" --results "$RES" --update w0 w0.1 w0.1d1 w0s1 w0.1d1s1 w0s2 w0.1d1s2
+}
+
+stage_seeds() {
+  # w0.1d1sN: more seeds of the 1-layer lambda 0.1 run, for the task bar alone (standard against alternating
+  # scoring of one model needs no plain GPT of the same seed). Each is scored on the four tasks as above,
+  # and again on every word-order pair the held-out tail gives (851, of which the task's 300 come first).
+  $PY scripts/make_tasks.py --out "$RUNS/tasks_all" --n 100000 > /dev/null
+  heldout_text
+  for s in ${SEEDS:-3 4 5}; do
+    local name="w0.1d1s$s"
+    train_one "$name" --recycle-weight 0.1 --module-layers 1 --seed "$s"
+    lm_eval_one "$name" --module "$RUNS/$name/module.safetensors"
+    [[ -f "$RES/lm_eval_${name}_word_order_all.json" ]] || $RG lm-eval --model "$RUNS/$name" \
+      --module "$RUNS/$name/module.safetensors" --tasks-dir "$RUNS/tasks_all" --tasks recycle_word_order_austen \
+      --threads "$THREADS" --json "$RES/lm_eval_${name}_word_order_all.json"
+    eval_one "$name"
+    bench_prepack_one "$name"
+  done
+  # shellcheck disable=SC2046
+  $PY experiments/paper_small/report.py --runs "$RUNS" --results "$RES" --update $(printf 'w0.1d1s%s ' ${SEEDS:-3 4 5})
 }
 
 case "${1:-}" in
@@ -133,5 +156,6 @@ case "${1:-}" in
   train) stage_train ;;
   eval) stage_eval ;;
   sweep) stage_sweep ;;
-  *) echo "usage: $0 data|train|eval|sweep" >&2; exit 2 ;;
+  seeds) stage_seeds ;;
+  *) echo "usage: $0 data|train|eval|sweep|seeds" >&2; exit 2 ;;
 esac
