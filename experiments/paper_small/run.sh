@@ -137,7 +137,8 @@ stage_seeds() {
   # and again on every word-order pair the held-out tail gives (851, of which the task's 300 come first).
   $PY scripts/make_tasks.py --out "$RUNS/tasks_all" --n 100000 > /dev/null
   heldout_text
-  for s in ${SEEDS:-3 4 5}; do
+  local seeds=${SEEDS:-3 4 5}
+  for s in $seeds; do
     local name="w0.1d1s$s"
     train_one "$name" --recycle-weight 0.1 --module-layers 1 --seed "$s"
     lm_eval_one "$name" --module "$RUNS/$name/module.safetensors"
@@ -148,7 +149,7 @@ stage_seeds() {
     bench_prepack_one "$name"
   done
   # shellcheck disable=SC2046
-  $PY experiments/paper_small/report.py --runs "$RUNS" --results "$RES" --update $(printf 'w0.1d1s%s ' ${SEEDS:-3 4 5})
+  $PY experiments/paper_small/report.py --runs "$RUNS" --results "$RES" --update $(printf 'w0.1d1s%s ' $seeds)
 }
 
 case "${1:-}" in
