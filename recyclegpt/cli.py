@@ -284,20 +284,25 @@ def cmd_bases(args: argparse.Namespace) -> int:
 
 @command
 def cmd_data(args: argparse.Namespace) -> int:
-    """Prepare training data: tokenize text files, distill a base's own answers, or merge directories."""
+    """Prepare training data: tokenize text files, distill a base's own answers, merge directories, or split
+    corpus files into their held-in (training) and held-out (evaluation) parts."""
     from recyclegpt import data
 
     _threads(args.threads)
+    no_model = ("prepare", "merge", "split")
     for flag, what in (("bf16", "runs the base in bfloat16"), ("prepack", "packs the base's weights")):
-        if getattr(args, flag) and args.action in ("prepare", "merge"):
+        if getattr(args, flag) and args.action in no_model:
             raise ValueError(f"--{flag} {what}, so it applies to data distill and data prompts only; "
                              f"data {args.action} runs no model")
-    if args.device != "cpu" and args.action in ("prepare", "merge"):
+    if args.device != "cpu" and args.action in no_model:
         raise ValueError(f"--device places the base that generates, so it applies to data distill and data prompts "
                          f"only; data {args.action} runs no model")
-    if args.exclude and args.action in ("prepare", "merge"):
+    if args.exclude and args.action in no_model:
         raise ValueError(f"--exclude keeps prompts out, so it applies to data prompts and data distill only; "
                          f"data {args.action} reads no prompts")
+    if args.action == "split":
+        print(json.dumps(data.split_corpora(args.inputs, args.out)))
+        return 0
     if args.action == "merge":
         meta = data.merge(args.inputs, args.out)
     else:
@@ -669,12 +674,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object with text, token ids and stats")
 
     p = sub.add_parser("data", help="prepare training data", description=cmd_data.__doc__)
-    p.add_argument("action", choices=["prepare", "prompts", "distill", "merge"],
+    p.add_argument("action", choices=["prepare", "prompts", "distill", "merge", "split"],
                    help="prepare: tokenize text files; prompts: sample user prompts from a chat model itself "
                    "(JSONL at --out); distill: the base's own greedy answers to prompts; merge: concatenate "
-                   "prepared directories")
+                   "prepared directories; split: write corpus files' first 90 %% of lines to OUT/heldin and "
+                   "the held-out last 10 %% to OUT/heldout")
     p.add_argument("inputs", nargs="*", help="prepare: text files (.txt .md .rst .jsonl .parquet); "
-                   "merge: prepared directories")
+                   "merge: prepared directories; split: corpus files (scripts/fetch_corpora.py)")
     p.add_argument("--out", required=True, help="output directory (prompts: the JSONL file)")
     p.add_argument("--model", default=DEFAULT_BASE, help=f"whose tokenizer / generations (default {DEFAULT_BASE})")
     p.add_argument("--backend", default="auto", choices=["auto", "native", "hf"], help="backbone path")

@@ -77,6 +77,56 @@ def iter_text(path: Path) -> Iterator[str]:
                 yield buf
 
 
+HELD_OUT_TENTHS = 1  # the last tenth of the lines of every corpus file is held out from all training data
+
+
+def held_out_start(n_lines: int) -> int:
+    """Index of a corpus file's first held-out line: the file's last 10 % of lines are held out.
+
+    The one split of the project's corpora (``scripts/fetch_corpora.py``): everything that makes training
+    data (``scripts/make_prompts.py``, ``data split``'s ``heldin`` files) reads lines before this index,
+    evaluation (``scripts/make_tasks.py``, the ``heldout`` files) only lines from it on. Equal to
+    ``head -n $((n*9/10))`` in the shell.
+    """
+    return n_lines * (10 - HELD_OUT_TENTHS) // 10
+
+
+def corpus_lines(path: str | Path, part: str) -> list[str]:
+    """The lines of a corpus file on one side of the held-out split: ``part`` is ``heldin`` or ``heldout``.
+
+    Raises:
+        DataError: an unknown ``part``, or a missing, empty or binary file.
+    """
+    if part not in ("heldin", "heldout"):
+        raise DataError(f"unknown corpus part {part!r}; choose heldin (training data) or heldout (evaluation)")
+    p = Path(path)
+    check_file(p)
+    lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
+    cut = held_out_start(len(lines))
+    return lines[:cut] if part == "heldin" else lines[cut:]
+
+
+def split_corpora(paths: Sequence[str | Path], out_dir: str | Path) -> dict:
+    """Write each corpus file's two sides as ``OUT/heldin/NAME`` and ``OUT/heldout/NAME``.
+
+    Returns:
+        Per file name, the line counts of both sides.
+    """
+    if not paths:
+        raise DataError("no corpus files given: name the files to split (e.g. data/corpora/kjv.txt)")
+    out, counts = Path(out_dir), {}
+    for path in paths:
+        p = Path(path)
+        parts = {part: corpus_lines(p, part) for part in ("heldin", "heldout")}
+        for part, lines in parts.items():
+            (out / part).mkdir(parents=True, exist_ok=True)
+            tmp = out / part / f"{p.name}.tmp"
+            tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            tmp.replace(out / part / p.name)
+        counts[p.name] = {part: len(lines) for part, lines in parts.items()}
+    return counts
+
+
 class _SplitWriter:
     """``train.bin`` / ``val.bin`` written through temporary files, renamed into place by ``commit``."""
 

@@ -2,7 +2,10 @@
 
 Section titles of the Python and Linux documentation become questions ("Explain ...", "How do I ...");
 passages of Austen and the King James Bible become summarising, continuing and rewriting tasks.
-Prompts are shuffled with a fixed seed and written as JSONL ({"prompt": ...}), one per line.
+Prompts are shuffled with a fixed seed and written as JSONL ({"prompt": ...}), one per line. They are
+training data, so every corpus is read only before its held-out last 10 % (``recyclegpt.data.corpus_lines``),
+the part ``scripts/make_tasks.py`` and the evaluations draw from. (Until 2026-12-03 passages were drawn from
+whole files: the model card's step 2 counts what that leaked.)
 
     python scripts/make_prompts.py --corpora data/corpora --out data/prompts/train.jsonl --n 3000
 """
@@ -15,6 +18,8 @@ import random
 import re
 import sys
 from pathlib import Path
+
+from recyclegpt.data import corpus_lines
 
 TITLE_TEMPLATES = [
     "Explain {t} in simple terms.",
@@ -35,9 +40,9 @@ UNDERLINE = re.compile(r"^([=\-~^*#])\1{3,}\s*$")
 
 
 def titles(path: Path) -> list[str]:
-    """reST section titles: a line of words followed by an underline of = - ~ ^ * #."""
+    """reST section titles of the held-in part: a line of words followed by an underline of = - ~ ^ * #."""
     out = []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = corpus_lines(path, "heldin")
     for prev, line in zip(lines, lines[1:], strict=False):
         t = prev.strip()
         if UNDERLINE.match(line) and 3 <= len(t) <= 70 and t[0].isalpha() and not t.startswith("===="):
@@ -46,8 +51,8 @@ def titles(path: Path) -> list[str]:
 
 
 def passages(path: Path, rng: random.Random, n: int) -> list[str]:
-    """n passages of 2-4 consecutive non-empty lines (about one paragraph) at random places."""
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    """n passages of 2-4 consecutive non-empty lines (about one paragraph) at random places of the held-in part."""
+    lines = [ln.strip() for ln in corpus_lines(path, "heldin")]
     lines = [ln for ln in lines if ln and not ln.startswith("====")]
     out = []
     for _ in range(n):
@@ -57,13 +62,13 @@ def passages(path: Path, rng: random.Random, n: int) -> list[str]:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpora", default="data/corpora", help="directory written by fetch_corpora.py")
     ap.add_argument("--out", required=True, help="output JSONL file")
     ap.add_argument("--n", type=int, default=3000, help="number of prompts (default 3000)")
     ap.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     corpora = Path(args.corpora)
     needed = ["pythondoc.txt", "linuxdoc.txt", "austen.txt", "kjv.txt"]
     missing = [n for n in needed if not (corpora / n).is_file()]

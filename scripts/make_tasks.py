@@ -14,8 +14,8 @@ Four tasks, each a JSONL data file plus an lm-evaluation-harness YAML config in 
   same words and characters, so only word order separates them; a model trained on little text is well
   above chance here, unlike on the other three. Multiple choice (2 choices): acc.
 
-Items come only from the last ``--tail`` share of each corpus file (Persuasion and the end of the New
-Testament at the default 0.1), so a model trained on the beginning of the files has not seen them.
+Items come only from the held-out last 10 % of each corpus file (Persuasion and the end of the New
+Testament; ``recyclegpt.data.corpus_lines``), which nothing that makes training data reads.
 The same seed gives the same files.
 
     python scripts/make_tasks.py --corpora data/corpora --out benchmarks/tasks --n 300
@@ -29,6 +29,8 @@ import random
 import re
 import sys
 from pathlib import Path
+
+from recyclegpt.data import corpus_lines
 
 HEADER = re.compile(r"^==== .* ====$")
 SENTENCE_END = re.compile(r'(?<=[.!?])["\']?\s+(?=["\']?[A-Z])')
@@ -83,10 +85,9 @@ metadata:
 """
 
 
-def tail_lines(path: Path, tail: float) -> list[str]:
-    """The last ``tail`` share of a corpus file's lines, document headers blanked out."""
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    return ["" if HEADER.match(line.strip()) else line.rstrip() for line in lines[int(len(lines) * (1 - tail)) :]]
+def tail_lines(path: Path) -> list[str]:
+    """The held-out lines of a corpus file (its last 10 %, ``recyclegpt.data.corpus_lines``), headers blanked out."""
+    return ["" if HEADER.match(line.strip()) else line.rstrip() for line in corpus_lines(path, "heldout")]
 
 
 def paragraphs(lines: list[str]) -> list[str]:
@@ -200,7 +201,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpora", default="data/corpora", help="directory with austen.txt and kjv.txt")
     ap.add_argument("--out", default="benchmarks/tasks", help="where the YAML configs and JSONL files go")
     ap.add_argument("--n", type=int, default=300, help="items per task (default 300)")
-    ap.add_argument("--tail", type=float, default=0.1, help="share of each file, from its end, to draw from")
     ap.add_argument("--seed", type=int, default=1234, help="shuffling seed (default 1234)")
     args = ap.parse_args(argv)
     corpora, out = Path(args.corpora), Path(args.out)
@@ -208,12 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         if not (corpora / name).is_file():
             print(f"error: {corpora / name} not found; run scripts/fetch_corpora.py first", file=sys.stderr)
             return 2
-    if not 0 < args.tail <= 0.5:
-        print(f"error: --tail must be in (0, 0.5], got {args.tail}", file=sys.stderr)
-        return 2
     out.mkdir(parents=True, exist_ok=True)
-    austen = paragraphs(tail_lines(corpora / "austen.txt", args.tail))
-    kjv = tail_lines(corpora / "kjv.txt", args.tail)
+    austen = paragraphs(tail_lines(corpora / "austen.txt"))
+    kjv = tail_lines(corpora / "kjv.txt")
     austen_sentences = sentence_runs(austen)
     tasks = {
         "cloze_austen": cloze_items(austen, random.Random(args.seed), args.n),
