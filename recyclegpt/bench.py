@@ -7,12 +7,17 @@ token ids.
 
 Timing rules: each row first runs once on the first prompt (priming: weights paged in, lazy allocations
 made), then one warm-up pass (every row on every prompt); neither is timed. Then, for each repetition,
-for each prompt, every row runs once, so drifts of the machine hit all rows alike. A run's time covers
-the whole ``generate`` call (prefill included) and its speed is new tokens / seconds. Reported are
-medians over runs, and the ratio to ``standard`` is the median of per-run ratios taken side by side
-(same prompt, same repetition). Memory is the process RSS, sampled by a psutil thread every
-millisecond during the warm-up pass (so sampling never touches the timed runs): the peak, and the
-largest rise above the RSS at the start of a run (what decoding itself allocates).
+for each prompt, every row runs once, so drifts of the machine hit all rows alike; the row order rotates
+by one row per such pass (pass k starts at row k mod rows, see ``rotated``), so running first, or last,
+falls on every row in turn (a row keeps its neighbours, except where the list wraps). A run's time covers
+the whole ``generate`` call (prefill included) and its speed is the row's own new tokens / seconds: a row
+that stops early at EOS (a lossy one may) is divided by fewer tokens, so read tok/s beside the tokens
+column. Reported are medians over runs, and the ratio to ``standard`` is the median of per-run ratios
+taken side by side (same prompt, same repetition). The JSON keeps every timed run of every row
+(``samples``: its position in the pass, seconds, new tokens, tok/s, ratio) and the min / median / max of
+tok/s and of the ratio (``spread``), so a run-to-run spread can be checked. Memory is the process RSS,
+sampled by a psutil thread every millisecond during the warm-up pass (so sampling never touches the timed
+runs): the peak, and the largest rise above the RSS at the start of a run (what decoding itself allocates).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ HF_ROWS = ("hf-generate", "hf-prompt-lookup")
 MODULE_KINDS = ("alternating", "verified", "adaptive")
 ROW_KINDS = ("standard", *MODULE_KINDS, *HF_ROWS)
 PROMPT_LOOKUP_TOKENS = 10
+ROW_ORDER = ("rotated: timed pass k = repetition * prompts + prompt index runs the rows in list order "
+             "starting at row k mod rows")
+SAMPLE_DIGITS = {"position": 0, "seconds": 6, "new_tokens": 0, "tokens_per_s": 3, "ratio_to_standard": 4}
 
 
 class BenchError(ValueError):
@@ -195,12 +203,16 @@ def run_bench(rows: Sequence[Row], prompts: Sequence[list[int]], repeats: int = 
         progress: called with a short line after each pass, if given.
 
     Returns:
-        ``{"prompts", "repeats", "threads", "memory", "rows": [...]}``; per row: ``tokens_per_s``,
-        ``ms_per_token``, ``ratio_to_standard``, ``tau`` (RecycleGPT rows: tokens per full call) and
-        ``acceptance_rate`` (verified rows: drafts kept / drafted; null elsewhere), ``peak_rss_mb``,
-        ``rss_increase_mb``, ``new_tokens`` (mean per run), ``identical_prompts`` (prompts whose output
-        token ids equal ``standard``'s, compared on the warm-up pass: greedy decoding is deterministic)
-        and ``identical_to_standard`` (all of them).
+        ``{"prompts", "repeats", "row_order", "threads", "memory", "rows": [...]}``; per row:
+        ``tokens_per_s`` (the row's own new tokens / seconds), ``ms_per_token``, ``ratio_to_standard``,
+        ``tau`` (RecycleGPT rows: tokens per full call) and ``acceptance_rate`` (verified rows: drafts
+        kept / drafted; null elsewhere), ``peak_rss_mb``, ``rss_increase_mb``, ``new_tokens`` (mean per
+        timed run), ``identical_prompts`` (prompts whose output token ids equal ``standard``'s, compared
+        on the warm-up pass: greedy decoding is deterministic), ``identical_to_standard`` (all of them),
+        ``spread`` (``{"tokens_per_s", "ratio_to_standard"}``, each ``{"min", "median", "max"}`` over
+        the timed runs) and ``samples`` (lists with one entry per timed run, in pass order, repetition
+        then prompt: ``position`` in the pass, ``seconds``, ``new_tokens``, ``tokens_per_s``,
+        ``ratio_to_standard``; rounded).
     """
     if not prompts:
         raise BenchError("no prompts given")
@@ -228,29 +240,35 @@ def run_bench(rows: Sequence[Row], prompts: Sequence[list[int]], repeats: int = 
             rise[row.name] = max(rise[row.name], mem.peak - mem.start)
     if progress:
         progress("warm-up done")
-    # 3. Timed passes, interleaved: for each repetition, each prompt, each row.
-    speed: dict[str, list[float]] = {n: [] for n in names}
-    ratio: dict[str, list[float]] = {n: [] for n in names}
+    # 3. Timed passes, interleaved: for each repetition, each prompt, every row once, the row order
+    # rotated by one per pass so that each row takes every position in turn.
+    samples: dict[str, dict[str, list]] = {
+        n: {"position": [], "seconds": [], "new_tokens": [], "tokens_per_s": [], "ratio_to_standard": []}
+        for n in names
+    }
     stats = {n: DecodeStats() for n in names}
     for rep in range(repeats):
-        for ids in prompts:
+        for i, ids in enumerate(prompts):
             here = {}
-            for row in rows:
+            for position, row in enumerate(rotated(rows, rep * len(prompts) + i)):
                 t0 = time.perf_counter()
                 toks, st = row.run(list(ids))
                 seconds = time.perf_counter() - t0
-                here[row.name] = len(toks) / seconds
+                here[row.name] = (position, seconds, len(toks))
                 if st is not None:
                     _add(stats[row.name], st)
-            for n in names:
-                speed[n].append(here[n])
-                ratio[n].append(here[n] / here["standard"])
+            std_speed = here["standard"][2] / here["standard"][1]
+            for n, (position, seconds, new_tokens) in here.items():
+                speed = new_tokens / seconds
+                for key, value in (("position", position), ("seconds", seconds), ("new_tokens", new_tokens),
+                                   ("tokens_per_s", speed), ("ratio_to_standard", speed / std_speed)):
+                    samples[n][key].append(value)
         if progress:
             progress(f"pass {rep + 1}/{repeats} done")
     reference = outputs["standard"]
     table = []
     for row in rows:
-        s = stats[row.name]
+        s, runs = stats[row.name], samples[row.name]
         engine_row = row.kind not in HF_ROWS
         table.append({
             "name": row.name,
@@ -259,24 +277,38 @@ def run_bench(rows: Sequence[Row], prompts: Sequence[list[int]], repeats: int = 
             "draft_width": row.draft_width,
             "threshold": row.threshold,
             "module": row.module,
-            "tokens_per_s": statistics.median(speed[row.name]),
-            "ms_per_token": statistics.median(1000 / v for v in speed[row.name]),
-            "ratio_to_standard": statistics.median(ratio[row.name]),
+            "tokens_per_s": statistics.median(runs["tokens_per_s"]),
+            "ms_per_token": statistics.median(1000 / v for v in runs["tokens_per_s"]),
+            "ratio_to_standard": statistics.median(runs["ratio_to_standard"]),
             "tau": s.new_tokens / s.full_calls if engine_row and s.full_calls else None,
             "acceptance_rate": s.accepted / s.drafted if row.kind == "verified" and s.drafted else None,
             "peak_rss_mb": peak[row.name] / 2**20,
             "rss_increase_mb": rise[row.name] / 2**20,
-            "new_tokens": statistics.mean(len(t) for t in outputs[row.name]),
+            "new_tokens": statistics.mean(runs["new_tokens"]),
             "identical_prompts": sum(a == b for a, b in zip(outputs[row.name], reference, strict=True)),
             "identical_to_standard": outputs[row.name] == reference,
+            "spread": {k: _min_median_max(runs[k]) for k in ("tokens_per_s", "ratio_to_standard")},
+            "samples": {k: [round(v, SAMPLE_DIGITS[k]) for v in vs] for k, vs in runs.items()},
         })
     return {
         "prompts": len(prompts),
         "repeats": repeats,
+        "row_order": ROW_ORDER,
         "threads": torch.get_num_threads(),
         "memory": "process RSS (psutil, sampled every 1 ms during the warm-up pass)",
         "rows": table,
     }
+
+
+def rotated(rows: Sequence[Row], k: int) -> list[Row]:
+    """The rows in list order, started at row ``k`` modulo their number (the order of timed pass ``k``)."""
+    k %= len(rows)
+    return [*rows[k:], *rows[:k]]
+
+
+def _min_median_max(values: Sequence[float]) -> dict[str, float]:
+    """Smallest, median and largest of per-run values, rounded to 4 decimals."""
+    return {k: round(f(values), 4) for k, f in (("min", min), ("median", statistics.median), ("max", max))}
 
 
 def _add(total: DecodeStats, st: DecodeStats) -> None:
@@ -288,23 +320,25 @@ def _add(total: DecodeStats, st: DecodeStats) -> None:
 
 
 def format_table(result: dict) -> str:
-    """The rows as a fixed-width text table."""
+    """The rows as a fixed-width text table, with a footnote on what tok/s divides."""
 
     def num(v, fmt: str) -> str:
         return format(v, fmt) if v is not None else "-".rjust(int(fmt.split(".")[0]))
 
     w = max(18, *(len(r["name"]) for r in result["rows"]))
     n = result["prompts"]
-    head = f"{'row':{w}s} {'tok/s':>8s} {'ms/tok':>8s} {'x std':>6s} {'tau':>5s} {'accept':>6s} " \
-           f"{'RSS MB':>8s} {'+MB':>6s} {'tokens':>6s}  identical"
+    head = f"{'row':{w}s} {'tok/s':>8s} {'tokens':>6s} {'ms/tok':>8s} {'x std':>6s} {'tau':>5s} {'accept':>6s} " \
+           f"{'RSS MB':>8s} {'+MB':>6s}  identical"
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
         lines.append(
-            f"{r['name']:{w}s} {r['tokens_per_s']:8.1f} {r['ms_per_token']:8.2f} {r['ratio_to_standard']:6.2f} "
-            f"{num(r['tau'], '5.2f')} {num(r['acceptance_rate'], '6.2f')} {r['peak_rss_mb']:8.0f} "
-            f"{r['rss_increase_mb']:6.0f} {r['new_tokens']:6.1f}  "
+            f"{r['name']:{w}s} {r['tokens_per_s']:8.1f} {r['new_tokens']:6.1f} {r['ms_per_token']:8.2f} "
+            f"{r['ratio_to_standard']:6.2f} {num(r['tau'], '5.2f')} {num(r['acceptance_rate'], '6.2f')} "
+            f"{r['peak_rss_mb']:8.0f} {r['rss_increase_mb']:6.0f}  "
             f"{'yes' if r['identical_to_standard'] else 'no, ' + str(r['identical_prompts']) + ' of ' + str(n)}"
         )
+    lines.append("tok/s: each row's own new tokens (mean per run: tokens) / seconds, median over runs; "
+                 "row order rotated per pass")
     return "\n".join(lines)
 
 

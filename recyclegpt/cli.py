@@ -571,7 +571,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 @command
 def cmd_bench(args: argparse.Namespace) -> int:
     """Decode speed of every strategy and of transformers' generate (greedy, prompt lookup) on the same
-    weights and prompts: a table, then one JSON line (see recyclegpt/bench.py for the timing rules)."""
+    weights and prompts: a table, then one JSON line (see recyclegpt/bench.py for the timing rules). Rows
+    are interleaved and their order rotates from pass to pass; tok/s divides each row's own new tokens
+    (shown beside it), and the JSON keeps every timed run's seconds, tokens and tok/s per row."""
     from recyclegpt import bench
     from recyclegpt.data import prompt_ids, read_prompts
 
@@ -820,7 +822,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, compile=True)
     p.add_argument("--prompts", required=True, help="prompt file (one per line, or JSONL with a 'prompt' field)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer (default 128)")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes after the warm-up pass (default 3)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed passes after the warm-up pass, each running every row on every prompt, the row "
+                   "order rotated by one per prompt (default 3)")
     p.add_argument("--compare-module", dest="compare_modules", action="append", default=None, metavar="PATH",
                    help="another module for the same base (repeatable): its module rows are timed in the same "
                    "run, interleaved, named ROW@FILE_STEM, so two modules are compared side by side")

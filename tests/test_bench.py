@@ -1,6 +1,7 @@
 """The decode-speed benchmark end to end on a tiny Llama shared by transformers and the native backbone."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from recyclegpt import bench
 from recyclegpt.bases.convert import backbone_from_hf
 from recyclegpt.bases.tokenizer import ByteTokenizer
-from recyclegpt.bench import BenchError, PeakRSS, engine_rows, hf_rows, plan_kinds, run_bench
+from recyclegpt.bench import BenchError, PeakRSS, Row, engine_rows, hf_rows, plan_kinds, rotated, run_bench
 from recyclegpt.cli import main
 from recyclegpt.config import RecycleConfig
 from recyclegpt.generate import Engine
@@ -17,8 +18,9 @@ from recyclegpt.recycle import RecyclableModule
 ROW_FIELDS = {
     "name", "kind", "draft_len", "threshold", "tokens_per_s", "ms_per_token", "ratio_to_standard", "tau",
     "acceptance_rate", "peak_rss_mb", "rss_increase_mb", "new_tokens", "identical_prompts",
-    "identical_to_standard", "module", "draft_width",
+    "identical_to_standard", "module", "draft_width", "spread", "samples",
 }
+SAMPLE_FIELDS = {"position", "seconds", "new_tokens", "tokens_per_s", "ratio_to_standard"}
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +74,68 @@ def test_bench_end_to_end_on_the_same_weights(setup, tmp_path):
     assert by_name["hf-prompt-lookup"]["identical_to_standard"] is True
     assert by_name["hf-generate"]["tau"] is None
     assert by_name["alternating"]["tau"] > 1.5  # two tokens per full call after the prefill
+    for r in result["rows"]:  # every timed run kept; the reported figures are their medians
+        runs = r["samples"]
+        assert set(runs) == SAMPLE_FIELDS and all(len(v) == 2 * 2 for v in runs.values())
+        assert statistics.median(runs["tokens_per_s"]) == pytest.approx(r["tokens_per_s"], abs=1e-3)
+        assert statistics.median(runs["ratio_to_standard"]) == pytest.approx(r["ratio_to_standard"], abs=1e-4)
+        assert r["spread"]["tokens_per_s"]["median"] == pytest.approx(r["tokens_per_s"], abs=1e-4)
+        assert r["spread"]["tokens_per_s"]["min"] <= r["spread"]["tokens_per_s"]["max"]
+        assert runs["new_tokens"] == [12] * 4
+        for seconds, speed in zip(runs["seconds"], runs["tokens_per_s"], strict=True):
+            assert seconds == pytest.approx(12 / speed, abs=2e-6)  # tok/s = the row's own tokens / seconds
+    assert by_name["standard"]["samples"]["position"] == [0, 12, 11, 10]  # 13 rows, rotated by one per pass
     table = bench.format_table(result)
-    assert all(name in table for name in by_name)
+    assert all(name in table for name in by_name) and "own new tokens" in table
     pytest.importorskip("matplotlib")
     bench.plot(result, tmp_path / "speed.png")
     assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_identical_check_says_when_outputs_differ(setup):
+    """A lossy row (alternating with a random module) and a row that differs on one prompt are flagged."""
+    _, engine = setup
+    standard, alternating = engine_rows(engine, ["standard", "alternating"], 12)
+    prompts = [list(b"The cat sat on the mat"), list(b"Once upon a time")]
+
+    def differs_on_second_prompt(ids: list[int]):
+        toks, _ = standard.run(ids)
+        return (toks[:-1] + [toks[-1] ^ 1] if ids == prompts[1] else toks), None
+
+    stub = Row("differs-on-one", "hf-generate", differs_on_second_prompt)
+    result = run_bench([standard, alternating, stub], prompts, repeats=1)
+    by_name = {r["name"]: r for r in result["rows"]}
+    assert by_name["standard"]["identical_to_standard"] is True and by_name["standard"]["identical_prompts"] == 2
+    assert by_name["alternating"]["identical_to_standard"] is False
+    assert by_name["alternating"]["identical_prompts"] < 2
+    assert by_name["differs-on-one"]["identical_to_standard"] is False
+    assert by_name["differs-on-one"]["identical_prompts"] == 1
+    assert "no, 1 of 2" in bench.format_table(result)
+
+
+def test_row_order_rotates_between_passes():
+    """The rows run in a different order each pass (as recorded), and a row's tok/s uses its own tokens."""
+    calls: list[str] = []
+
+    def stub(name: str, n_tokens: int) -> Row:
+        def run(ids: list[int]):
+            calls.append(name)
+            return list(range(n_tokens)), None
+
+        return Row(name, "hf-generate", run)
+
+    rows = [stub("standard", 6), stub("b", 3), stub("c", 6)]
+    result = run_bench(rows, [[1], [2]], repeats=2)
+    timed = calls[3 * len(rows):]  # after priming (first prompt) and warm-up (two prompts), in list order
+    expected = [[r.name for r in rotated(rows, k)] for k in range(4)]
+    assert len(timed) == 12 and [timed[i:i + 3] for i in range(0, 12, 3)] == expected
+    assert expected[1] == ["b", "c", "standard"] and expected[2] == ["c", "standard", "b"]
+    by_name = {r["name"]: r for r in result["rows"]}
+    for k, order in enumerate(expected):  # the JSON records where each row ran in each pass
+        assert [by_name[name]["samples"]["position"][k] for name in order] == [0, 1, 2]
+    assert by_name["standard"]["samples"]["position"] != [0] * 4
+    assert "rotated" in result["row_order"]
+    assert by_name["b"]["new_tokens"] == 3 and by_name["b"]["samples"]["new_tokens"] == [3] * 4
 
 
 def test_plan_kinds():
