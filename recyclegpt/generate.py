@@ -224,8 +224,8 @@ class Engine:
 
     Args:
         backbone: native ``Backbone`` or a wrapped transformers model (same interface).
-        tokenizer: object with ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``eos_token_ids``
-            (a set) and ``pad_token_id``.
+        tokenizer: object with ``encode(text) -> list[int]`` (a model input: the model's BOS first where it
+            expects one), ``decode(ids) -> str``, ``eos_token_ids`` (a set) and ``pad_token_id``.
         module: a ``RecyclableModule`` trained for this backbone, or None (standard decoding only).
         compile: decode through ``torch.compile``d copies of a native backbone and its module (shapes
             dynamic, so one compilation serves every cache length). The first calls compile (tens of

@@ -190,7 +190,8 @@ def test_generic_path_on_gemma3_matches_transformers_generate(gemma):
     from recyclegpt.generate import Engine
 
     assert gemma.backend == "hf" and gemma.backbone.config.head_dim == 256
-    ids = gemma.tokenizer.tok("The capital of France is", return_tensors="pt").input_ids  # with <bos>
+    ids = torch.tensor([gemma.tokenizer.encode("The capital of France is")])  # our encoding, <bos> first
+    assert ids[0, 0].item() == 2
     hf = gemma.backbone.model
     with torch.no_grad():
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
@@ -201,6 +202,57 @@ def test_generic_path_on_gemma3_matches_transformers_generate(gemma):
     # An untrained module's drafts are rejected and transformers' cache is cropped back: still exact.
     verified = engine.generate([ids[0].tolist()], "verified", max_new_tokens=24, draft_len=2)[0]
     assert verified.token_ids == ours and verified.stats.rejected > 0
+
+
+GEMMA_TEMPLATE = (  # the shape of Gemma's chat template, which writes <bos> itself
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+    "{% endfor %}<start_of_turn>model\n"
+)
+
+
+def test_gemma_prompts_start_with_one_bos_as_its_tokenizer_encodes(gemma):
+    import copy
+
+    from recyclegpt.bases import HFTokenizer
+    from recyclegpt.data import prompt_ids
+
+    tok, text = gemma.tokenizer, "The capital of France is"
+    ids = tok.encode(text)
+    assert tok.bos_token_id == 2 and ids[:2] == [2, 818] and ids == tok.tok(text).input_ids
+    assert tok.encode(text, bos=False) == ids[1:] and tok.encode("<bos>" + text) == ids  # never two
+    assert prompt_ids(tok, text, chat=False) == ids
+    templated = copy.copy(tok.tok)
+    templated.chat_template = GEMMA_TEMPLATE
+    chat = HFTokenizer(templated)
+    rendered = chat.apply_chat([{"role": "user", "content": text}])
+    assert rendered.startswith("<bos><start_of_turn>user")
+    assert prompt_ids(chat, text, chat=True)[:3] == [2, 105, 2364]  # <bos> <start_of_turn> user: one <bos>
+
+
+def test_lm_eval_pairs_on_gemma_have_one_bos_before_the_context(gemma):
+    """The continuation's ids stay a suffix of the whole text's; an empty context is <bos> alone."""
+    adapter = pytest.importorskip("recyclegpt.lm_eval_adapter", exc_type=ImportError)
+    tok, text = gemma.tokenizer, "The capital of France is"
+    ids = tok.encode(text)
+    lm = adapter.RecycleLM(gemma.backbone, tok)
+    ctx, cont = lm._encode_pair(text, " Paris")
+    assert ctx == ids and ids[:2] == [2, 818] and ctx + cont == tok.encode(text + " Paris")
+    assert lm._encode_pair("", "Paris") == ([2], tok.encode("Paris", bos=False))
+
+
+def test_smollm2_prompts_get_no_bos(smol):
+    tok, text = smol.tokenizer, "The capital of France is"
+    ids = tok.encode(text)
+    assert tok.bos_token_id is None and ids == tok.tok(text).input_ids == tok.encode(text, bos=False)
+    assert ids[0] == 504  # "The", no <|im_start|> (id 1) in front
+
+
+def test_gemma_greedy_answer_to_a_raw_prompt_is_not_degenerate(gemma):
+    """Without <bos> Gemma answered " France. The The The The ..."; with it, a sentence about Paris."""
+    from recyclegpt.generate import Engine
+
+    g = Engine(gemma.backbone, gemma.tokenizer).generate(["The capital of France is"], max_new_tokens=12)[0]
+    assert len(g.token_ids) == 12 and len(set(g.token_ids)) >= 6 and "The The The" not in g.text
 
 
 def test_self_prompts_sample_user_turns_from_the_chat_model(smol, tmp_path):
@@ -512,10 +564,14 @@ def test_profile_cycle_script_splits_each_strategy_by_part(capsys):
     rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in lines[2:]}
     assert head[:2] == ["strategy", "full"] and list(rows) == ["standard", "alternating"]
     std, alt = rows["standard"], rows["alternating"]
-    # columns: full calls, module, draft head, copy mixture, rest, all, x first; the parts add up to all
+    # columns: full calls, module, draft head, copy mixture, rest (of the engine's own timing), all (wall clock
+    # around each generate call, measured apart), x first
     assert std[1] == std[2] == std[3] == 0 and min(alt[1:4]) > 0  # only alternating runs the module
     for r in (std, alt):
-        assert sum(r[:5]) == pytest.approx(r[5], abs=0.03) and r[0] > 0
+        # the parts nest inside the engine's timing without overlap (sampling and bookkeeping are left over), and
+        # that timing covers the whole call but for allocation and text decoding: within 10% of the wall clock
+        assert r[0] > 0 and r[4] > 0
+        assert 0.9 * r[5] <= sum(r[:5]) <= r[5] + 0.03  # 0.03: six columns rounded to 0.01
     assert std[6] == 1.0 and alt[6] == pytest.approx(std[5] / alt[5], abs=0.01)
     with pytest.raises(SystemExit):
         script.main(["--n", "0"])

@@ -1,6 +1,7 @@
 """In-context copying (recyclegpt/copy.py): the n-gram index, the mixture, its use in decoding and scoring."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -72,9 +73,16 @@ def test_mixture_is_a_distribution_with_the_stated_copy_weight(draft):
         if c < 0:
             assert torch.allclose(q[i], p[i], atol=1e-6)
             continue
-        a = 1 - q[i, (c + 1) % q.shape[1]] / p[i, (c + 1) % q.shape[1]] if p[i, (c + 1) % q.shape[1]] > 0 else None
-        if a is not None:  # every other token keeps (1 - a) of its module probability, c gets a on top
-            assert float(q[i, c]) == pytest.approx(float((1 - a) * p[i, c] + a), abs=1e-5)
+        # The copy weight by hand from the gate's parameters: a = sigmoid(w . f + b), f = the index features,
+        # log p(c) (clamped at -20) / 10, log p(top) / 10, c is the top-1, c in the draft vocabulary.
+        logp = [math.log(float(x)) if x > 0 else float("-inf") for x in p[i]]
+        f = [*map(float, feats[i]), max(logp[c], -20.0) / 10, max(logp) / 10, float(logp.index(max(logp)) == c),
+             float(dv is None or c < 15)]
+        w = [float(x) for x in weights]
+        a = 1 / (1 + math.exp(-(sum(wk * fk for wk, fk in zip(w[:-1], f, strict=True)) + w[-1])))
+        want = (1 - a) * p[i]  # every token keeps (1 - a) of its module probability, c gets a on top
+        want[c] += a
+        assert torch.allclose(q[i], want, atol=1e-5), (i, a)
     if draft:  # a copied token outside the draft vocabulary gets probability; others stay at 0
         outside = (cand >= 15)
         assert (q[outside, cand[outside]] > 0).all()
