@@ -628,10 +628,12 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 
     _threads(args.threads)
     engine, base = load_engine(args)
-    results, items = {}, {}
+    results, items, unreachable = {}, {}, {}
     for scoring in args.scoring or (["standard", "alternating"] if engine.module is not None else ["standard"]):
         lm = RecycleLM(engine.backbone, engine.tokenizer, engine.module, scoring, args.batch_size)
         results[scoring], items[scoring] = run_tasks(lm, args.tasks_dir, args.tasks, args.limit)
+        if scoring == "alternating":  # items with a choice alternating decoding cannot produce
+            unreachable = {task: len(lm.unreachable.get(task, ())) for task in items[scoring]}
     for scoring, tasks in results.items():
         for task, metrics in tasks.items():
             shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
@@ -647,7 +649,8 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
                       f"({f['diff_points']:+.1f} points; {f['right_to_wrong']} right->wrong, "
                       f"{f['wrong_to_right']} wrong->right; McNemar p {f['mcnemar_p']:.3f})", file=sys.stderr)
     _emit_json({"model": base.name, "module": args.module, "dtype": args.dtype, "prepack": args.prepack,
-                "limit": args.limit, "results": results, "paired": paired, "items": items}, args.json)
+                "limit": args.limit, "results": results, "paired": paired, "unreachable_items": unreachable,
+                "items": items}, args.json)
     return 0
 
 
@@ -696,7 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="prompts: sampling seed (default 0)")
     p.add_argument("--exclude", nargs="+", default=[], metavar="FILE",
                    help="prompts, distill: prompt files (one per line, or JSONL with a 'prompt' field) whose "
-                   "prompts are kept out, case and surrounding space ignored: benchmark and held-out prompts")
+                   "prompts are kept out, with their near-duplicates (equal ignoring case, punctuation and spacing, "
+                   "or sharing 80 %% of their word trigrams): benchmark and held-out prompts")
     p.add_argument("--bf16", action="store_true",
                    help="distill, prompts: run the base in bfloat16 (about 2x faster batched on a CPU with AMX; "
                    "greedy answers then follow the bfloat16 model, which parts from the float32 one after a few "

@@ -9,6 +9,7 @@ validation split: deterministic, and held out from training.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -153,6 +154,10 @@ def prepare(
     inputs: Sequence[str | Path], tokenizer, out_dir: str | Path, val_fraction: float = 0.01, name: str = ""
 ) -> dict:
     """Tokenize text files into ``out_dir/{train,val}.bin`` and ``meta.json``.
+
+    Each text of ``iter_text`` (a .jsonl/.parquet document, or a ~64k-character chunk of a plain file) is
+    one document: it starts with the model's BOS where the model expects one (Gemma; not SmolLM2) and ends
+    with its EOS, so training windows cut from the stream see documents as the model saw them.
 
     Args:
         inputs: text files (.txt .md .rst .jsonl .parquet).
@@ -382,30 +387,67 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     """The token ids a prompt is decoded from: the user turn in the tokenizer's chat template when ``chat``,
-    else the text itself. Distillation, evaluation, the copy gate's fit and the benchmark all encode this way,
-    so stored answers can be matched back to their prompts."""
+    else the text itself, with the model's BOS once where it expects one (a template that writes ``<bos>``
+    itself gets no second). Distillation, evaluation, the copy gate's fit and the benchmark all encode this
+    way, so stored answers can be matched back to their prompts."""
     return tokenizer.encode(tokenizer.apply_chat([{"role": "user", "content": prompt}]) if chat else prompt)
 
 
+NEAR_DUPLICATE_OVERLAP = 0.8  # Jaccard overlap of word trigram sets above which two prompts are one
+
+
+class PromptFilter:
+    """Recognises prompts that are, or nearly are, one of a set of excluded prompts.
+
+    The rule (``prompt in PromptFilter(excluded)``): a prompt matches an excluded one when the two are
+    equal after normalisation (case folded, punctuation dropped, runs of whitespace made one space), or,
+    for prompts of at least 3 words, when their sets of word trigrams (of the normalised text) overlap by
+    at least ``NEAR_DUPLICATE_OVERLAP`` (intersection over union): a long prompt with a word or two changed.
+    """
+
+    def __init__(self, excluded: Sequence[str]) -> None:
+        self.keys = {_normalise(q) for q in excluded}
+        self.grams: list[set[tuple[str, ...]]] = []
+        self.index: dict[tuple[str, ...], list[int]] = {}  # trigram -> excluded prompts that hold it
+        for key in self.keys:
+            grams = _trigrams(key)
+            if grams:
+                for g in grams:
+                    self.index.setdefault(g, []).append(len(self.grams))
+                self.grams.append(grams)
+
+    def __contains__(self, prompt: str) -> bool:
+        key = _normalise(prompt)
+        if key in self.keys:
+            return True
+        grams = _trigrams(key)
+        shared: dict[int, int] = {}
+        for g in grams:
+            for i in self.index.get(g, ()):
+                shared[i] = shared.get(i, 0) + 1
+        return any(n / (len(grams) + len(self.grams[i]) - n) >= NEAR_DUPLICATE_OVERLAP for i, n in shared.items())
+
+
+def _normalise(prompt: str) -> str:
+    """A prompt case folded, without punctuation, its words separated by single spaces."""
+    return " ".join(re.sub(r"[^\w\s]", " ", prompt.casefold()).split())
+
+
+def _trigrams(key: str) -> set[tuple[str, ...]]:
+    """The word trigrams of a normalised prompt (none under 3 words)."""
+    words = key.split()
+    return {tuple(words[i : i + 3]) for i in range(len(words) - 2)}
+
+
 def exclude_prompts(prompts: Sequence[str], excluded: Sequence[str]) -> tuple[list[str], int]:
-    """``prompts`` without those that equal one of ``excluded`` (case and surrounding space ignored).
+    """``prompts`` without those that equal or nearly equal one of ``excluded`` (:class:`PromptFilter`'s rule).
 
     Keeps benchmark and held-out prompts (``read_prompts`` of their files) out of training data. Returns the
     kept prompts, in order, and how many were dropped.
     """
-    banned = _prompt_keys(excluded)
-    kept = [p for p in prompts if _prompt_key(p) not in banned]
+    banned = PromptFilter(excluded)
+    kept = [p for p in prompts if p not in banned]
     return kept, len(prompts) - len(kept)
-
-
-def _prompt_key(prompt: str) -> str:
-    """What :func:`exclude_prompts` compares: the prompt stripped and case-folded."""
-    return prompt.strip().casefold()
-
-
-def _prompt_keys(prompts: Sequence[str]) -> set[str]:
-    """The keys of ``prompts``."""
-    return {_prompt_key(q) for q in prompts}
 
 
 def self_prompts(
@@ -446,7 +488,7 @@ def self_prompts(
     marker = "\u2063RECYCLEGPT\u2063"  # any text the template copies verbatim
     opening = tok.apply_chat([{"role": "user", "content": marker}]).split(marker)[0]
     prefix = tok.encode(opening)
-    banned = _prompt_keys(exclude)
+    banned = PromptFilter(exclude)
     kept: dict[str, None] = {}
     tried = excluded = 0
     with tqdm(total=n, desc="self-prompting", unit="prompt") as bar:
@@ -455,7 +497,7 @@ def self_prompts(
             cfg = SamplingConfig(temperature=temperature, top_p=top_p, seed=batch_seed)
             for g in engine.generate([prefix] * batch_size, max_new_tokens=max_new_tokens, sampling=cfg):
                 text = g.text.strip()
-                if _prompt_key(text) in banned:
+                if text in banned:
                     excluded += 1
                 elif g.finish_reason == "stop" and len(text.split()) >= min_words and text not in kept:
                     kept[text] = None

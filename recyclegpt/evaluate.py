@@ -10,11 +10,15 @@ forward per window, the module over the pairs (h_t, x_{t+1}) in the same pass.
 * **Perplexity of the base**: exp(mean_j -log p_base(x_j | x_<j)) over windows of ``seq_len`` tokens.
 * **Perplexity under the alternating scheme**: the same targets, but the odd positions j = 3, 5, 7 ...
   of each window are scored by the module instead of the base (the first two targets, j = 1 and 2,
-  and every even j stay with the base). This is the likelihood alternating decoding assigns to the
-  text: base token, module token, base token... ``ppl_relative_increase`` = alternating / base - 1.
-  A module with a draft vocabulary cannot emit a target outside it (probability 0, infinite
-  perplexity); such positions are left to the base and their share is reported as
-  ``1 - draft_vocab_coverage``, so with coverage below 1 ``ppl_alternating`` is a lower bound.
+  and every even j stay with the base): base token, module token, base token...
+  ``ppl_relative_increase`` = alternating / base - 1. Every module position is the module's. A module
+  with a draft vocabulary decodes from it and cannot emit a target outside it (probability 0 there), so
+  for likelihoods the module is scored with its **full-vocabulary head** (the same states through the
+  base's whole head, copy gate mixed as in decoding); ``draft_vocab_coverage`` is the share of module
+  positions whose target alternating decoding can emit at all (the rest are certain misses, which
+  ``agreement`` and the top-1 figures count as such). Until 2026-12-03 those positions were handed to
+  the base instead, which flatters the module: that figure is kept as ``ppl_alternating_base_fallback``
+  to compare with earlier results.
 * **Agreement**: how often the module's top-1 for x_{t+2} equals the base's greedy choice for x_{t+2}
   given the true x_{t+1} (argmax of recycle logits at t == argmax of base logits at t+1), on natural
   text and on the base's own greedy answers to prompts, where it is the chance that alternating
@@ -53,14 +57,18 @@ class TokenScores:
     Attributes:
         base_nll: (B, T-1) -log p_base(x_j | x_<j) for j = 1 .. T-1.
         base_top: (B, T-1) the base's greedy choice for position j.
-        module_nll: (B, T-2) -log p_mod(x_j | h_{j-2}, x_{j-1}) for j = 2 .. T-1; None without a module.
-        module_top: (B, T-2) the module's top-1 for position j; None without a module.
+        module_nll: (B, T-2) -log p_mod(x_j | h_{j-2}, x_{j-1}) for j = 2 .. T-1, the distribution decoding
+            draws from (inf where a draft vocabulary cannot emit x_j); None without a module.
+        module_top: (B, T-2) the module's top-1 for position j, as decoding proposes it; None without a module.
+        module_nll_full: (B, T-2) the same under the module's full-vocabulary head (always finite); equal to
+            ``module_nll`` for a module without a draft vocabulary; None without a module.
     """
 
     base_nll: torch.Tensor
     base_top: torch.Tensor
     module_nll: torch.Tensor | None = None
     module_top: torch.Tensor | None = None
+    module_nll_full: torch.Tensor | None = None
 
 
 def score_tokens(backbone: torch.nn.Module, module: torch.nn.Module | None, tokens: torch.Tensor) -> TokenScores:
@@ -76,22 +84,26 @@ def score_tokens(backbone: torch.nn.Module, module: torch.nn.Module | None, toke
         base_nll, base_top = _nll_top(logits, tokens[:, 1:])
     if module is None:
         return TokenScores(base_nll, base_top)
-    return TokenScores(base_nll, base_top, *module_scores(backbone, module, tokens, hidden))
+    nll, top = module_scores(backbone, module, tokens, hidden)
+    full = nll
+    if getattr(module, "draft_vocab", None) is not None:
+        full = module_scores(backbone, module, tokens, hidden, full_vocab=True)[0]
+    return TokenScores(base_nll, base_top, nll, top, full)
 
 
-def module_scores(backbone: torch.nn.Module, module: torch.nn.Module, tokens: torch.Tensor, hidden: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def module_scores(backbone: torch.nn.Module, module: torch.nn.Module, tokens: torch.Tensor, hidden: torch.Tensor,
+                  full_vocab: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The module's (nll, top-1), each (B, T-2), for targets x_2 .. x_{T-1} of windows (B, T), given the
     backbone's final hidden states (B, T-1, d) over x_0 .. x_{T-2} (so several modules can share one base
     pass). The module reads ``module(hidden, embed(tokens[:, 1:]))`` as in training; its logits are
     ``module.draft_logits``, what decoding samples from (``backbone.head`` of the module states when it has
-    no draft vocabulary), mixed with in-context copies when the module has a copy gate
-    (``copy.mix_scores``, as decoding's ``copy_logits``).
+    no draft vocabulary, or when ``full_vocab`` asks for the whole head), mixed with in-context copies when
+    the module has a copy gate (``copy.mix_scores``, as decoding's ``copy_logits``).
     """
     with torch.inference_mode():
-        g = module(hidden, backbone.embed(tokens[:, 1:]))  # pairs (h_t, x_{t+1}), t = 0 .. T-2
-        # t = T-2 would predict x_T, past the window: dropped.
-        module_logits = module.draft_logits(backbone, g[:, :-1])  # (B, T-2, V)
+        g = module(hidden, backbone.embed(tokens[:, 1:]))[:, :-1]  # pairs (h_t, x_{t+1}), t = 0 .. T-3
+        # (t = T-2 would predict x_T, past the window: dropped.)
+        module_logits = backbone.head(g) if full_vocab else module.draft_logits(backbone, g)  # (B, T-2, V)
         if getattr(module, "copy_gate", None) is None:
             return _nll_top(module_logits, tokens[:, 2:])
         cand, feats = window_proposals(tokens)
@@ -111,19 +123,31 @@ def module_positions(T: int, device: torch.device | str = "cpu") -> torch.Tensor
     return (j % 2 == 1) & (j >= 3)
 
 
-def mixed_scores(
-    scores: TokenScores, use_module: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-target NLL and top-1 when the targets marked in ``use_module`` are the module's.
+@dataclass
+class MixedScores:
+    """Per-target scores (B, T-1) of windows when some targets are the module's (``mixed_scores``).
+
+    Attributes:
+        nll: the module's full-vocabulary NLL at its targets, the base's elsewhere.
+        top: the module's top-1 as decoding proposes it at its targets, the base's greedy choice elsewhere.
+        emittable: the module's targets that alternating decoding can emit (inside the draft vocabulary or
+            the copy candidate); at the others the module misses for certain.
+        nll_base_fallback: the rule used until 2026-12-03: the module's draft NLL where ``emittable``, the
+            base's NLL everywhere else (flattering: decoding cannot hand such a target to the base).
+    """
+
+    nll: torch.Tensor
+    top: torch.Tensor
+    emittable: torch.Tensor
+    nll_base_fallback: torch.Tensor
+
+
+def mixed_scores(scores: TokenScores, use_module: torch.Tensor) -> MixedScores:
+    """Per-target scores when the targets marked in ``use_module`` are the module's, scored as decoded.
 
     Args:
         scores: base and module scores of windows (B, T).
         use_module: bool (B or 1, T-1) over targets j = 1 .. T-1; j = 1 cannot be the module's.
-
-    Returns:
-        (nll (B, T-1), top (B, T-1), from_module (B, T-1)): ``top`` is the module's top-1 at every marked
-        target; ``nll`` is the module's where it can emit the target and the base's elsewhere (a target
-        outside the module's draft vocabulary stays with the base); ``from_module`` marks the former.
     """
     if scores.module_nll is None:
         raise EvalError("mixed scoring needs module scores; pass a module to score_tokens")
@@ -133,10 +157,10 @@ def mixed_scores(
 
     use = use_module.clone()
     use[..., 0] = False
-    m_nll, m_top = realign(scores.module_nll), realign(scores.module_top)
-    from_module = use & m_nll.isfinite()
-    nll = torch.where(from_module, m_nll, scores.base_nll)
-    return nll, torch.where(use, m_top, scores.base_top), from_module
+    m_nll, m_top, m_full = realign(scores.module_nll), realign(scores.module_top), realign(scores.module_nll_full)
+    emittable = use & m_nll.isfinite()
+    return MixedScores(nll=torch.where(use, m_full, scores.base_nll), top=torch.where(use, m_top, scores.base_top),
+                       emittable=emittable, nll_base_fallback=torch.where(emittable, m_nll, scores.base_nll))
 
 
 def paired_flips(standard: Sequence[float], alternating: Sequence[float]) -> dict:
@@ -174,6 +198,10 @@ def paired_summary(items: int, right_standard: int, right_alternating: int, righ
 def read_tokens(path: str | Path, tokenizer, max_tokens: int) -> list[int]:
     """The first ``max_tokens`` tokens of a text file (.txt .md .rst .jsonl .parquet), read in chunks.
 
+    Each text of ``iter_text`` (a .jsonl/.parquet document, or a ~64k-character chunk of a plain file) is
+    encoded as ``data.prepare`` encodes it: starting with the model's BOS where the model expects one, so
+    the first window reads a document's start as the model was trained to (SmolLM2 adds none).
+
     Raises:
         DataError: a missing, empty, binary or unsupported file.
     """
@@ -197,12 +225,14 @@ def text_metrics(
     3 tokens is dropped.
 
     Returns:
-        ``tokens`` scored, ``windows``, ``ppl_base``, ``ppl_alternating``, ``ppl_relative_increase``,
-        ``module_positions`` (targets the alternating scheme gives the module), ``draft_vocab_coverage``
-        (share of those inside the module's draft vocabulary; 1 without one), ``ppl_base_at_module_positions``
-        and ``ppl_module_at_module_positions`` (the two models on the covered ones), ``agreement`` (module
-        top-1 == base greedy next-next token), ``module_top1_acc`` and ``base_top1_acc`` (against the text,
-        for the same targets x_{t+2}).
+        ``tokens`` scored, ``windows``, ``ppl_base``, ``ppl_alternating`` (module positions scored by the
+        module's full-vocabulary head, see the module docstring), ``ppl_relative_increase``,
+        ``ppl_alternating_base_fallback`` (the flattering rule used until 2026-12-03), ``module_positions``
+        (targets the alternating scheme gives the module), ``draft_vocab_coverage`` (share of those the
+        module can emit as it decodes; 1 without a draft vocabulary), ``ppl_base_at_module_positions`` and
+        ``ppl_module_at_module_positions`` (the two models on all module positions, the module by its
+        full-vocabulary head), ``agreement`` (module top-1 == base greedy next-next token),
+        ``module_top1_acc`` and ``base_top1_acc`` (against the text, for the same targets x_{t+2}).
     """
     limit = backbone.config.max_seq_len + 1  # the last token of a window is only a target
     if not 3 <= seq_len <= limit:
@@ -214,7 +244,8 @@ def text_metrics(
     if not windows:
         raise EvalError(f"too little text: {len(token_ids)} tokens, at least 3 are needed")
     device = next(backbone.parameters()).device
-    keys = ("base", "alt", "n", "mod_base", "mod_mod", "n_mod", "n_covered", "agree", "mod_ok", "base_ok", "n_pair")
+    keys = ("base", "alt", "alt_fallback", "n", "mod_base", "mod_mod", "n_mod", "n_covered", "agree", "mod_ok",
+            "base_ok", "n_pair")
     sums = dict.fromkeys(keys, 0.0)
     for lo in range(0, len(windows), batch_size):
         batch = windows[lo : lo + batch_size]
@@ -222,30 +253,34 @@ def text_metrics(
             tokens = torch.tensor([w for w in batch if len(w) == length], device=device)
             s = score_tokens(backbone, module, tokens)
             use_module = module_positions(length, device)[None].expand(len(tokens), -1)
-            alt, _, covered = mixed_scores(s, use_module)
+            mixed = mixed_scores(s, use_module)
+            use = use_module.clone()
+            use[:, 0] = False
             sums["base"] += float(s.base_nll.sum())
-            sums["alt"] += float(alt.sum())
+            sums["alt"] += float(mixed.nll.sum())
+            sums["alt_fallback"] += float(mixed.nll_base_fallback.sum())
             sums["n"] += s.base_nll.numel()
-            sums["mod_base"] += float(s.base_nll[covered].sum())
-            sums["mod_mod"] += float(alt[covered].sum())
-            sums["n_mod"] += int(use_module.sum())
-            sums["n_covered"] += int(covered.sum())
+            sums["mod_base"] += float(s.base_nll[use].sum())
+            sums["mod_mod"] += float(mixed.nll[use].sum())
+            sums["n_mod"] += int(use.sum())
+            sums["n_covered"] += int(mixed.emittable.sum())
             sums["agree"] += float((s.module_top == s.base_top[:, 1:]).sum())
             sums["mod_ok"] += float((s.module_top == tokens[:, 2:]).sum())
             sums["base_ok"] += float((s.base_top[:, 1:] == tokens[:, 2:]).sum())
             sums["n_pair"] += s.module_top.numel()
     ppl_base, ppl_alt = math.exp(sums["base"] / sums["n"]), math.exp(sums["alt"] / sums["n"])
-    n_covered = max(sums["n_covered"], 1)
+    n_mod = max(sums["n_mod"], 1)
     return {
         "tokens": int(sums["n"]),
         "windows": len(windows),
         "ppl_base": ppl_base,
         "ppl_alternating": ppl_alt,
         "ppl_relative_increase": ppl_alt / ppl_base - 1,
+        "ppl_alternating_base_fallback": math.exp(sums["alt_fallback"] / sums["n"]),
         "module_positions": int(sums["n_mod"]),
-        "draft_vocab_coverage": sums["n_covered"] / max(sums["n_mod"], 1),
-        "ppl_base_at_module_positions": math.exp(sums["mod_base"] / n_covered),
-        "ppl_module_at_module_positions": math.exp(sums["mod_mod"] / n_covered),
+        "draft_vocab_coverage": sums["n_covered"] / n_mod,
+        "ppl_base_at_module_positions": math.exp(sums["mod_base"] / n_mod),
+        "ppl_module_at_module_positions": math.exp(sums["mod_mod"] / n_mod),
         "agreement": sums["agree"] / sums["n_pair"],
         "module_top1_acc": sums["mod_ok"] / sums["n_pair"],
         "base_top1_acc": sums["base_ok"] / sums["n_pair"],

@@ -41,8 +41,11 @@ class RecycleLM(LM):
       log p_mod(y_2 | h of the last context token, y_1), y_3 by the base, y_4 by the module from
       (h of y_2, y_3), and so on: odd i by the base, even i by the module, always teacher forced with
       the true previous tokens. ``is_greedy`` asks, token by token, whether each y_i is the top-1 of the
-      model that scored it. A module with a draft vocabulary gives probability 0 to tokens outside it;
-      such a y_i is scored by the base instead (and is never the module's top-1), as in ``evaluate``.
+      model that scored it, the module's top-1 as decoding proposes it. A module with a draft vocabulary
+      decodes from it and cannot emit a token outside it: its y_i is scored by the module's
+      full-vocabulary head (as in ``evaluate``; until 2026-12-03 such a y_i went to the base) and is never
+      greedy. ``unreachable`` collects, per task, the items with such a token in some choice: alternating
+      decoding could not produce that choice at all.
 
     ``loglikelihood_rolling`` cuts the text into lm-eval's disjoint rolling windows (full context of
     ``max_length``) and scores each window's new tokens as one continuation, so under ``alternating``
@@ -74,8 +77,12 @@ class RecycleLM(LM):
         self.batch_size = int(batch_size)
         self.max_length = int(max_length or backbone.config.max_seq_len)
         eos = sorted(tokenizer.eos_token_ids)
-        self.prefix_token_id = eos[0] if eos else tokenizer.pad_token_id
+        # What an empty context (and the first rolling window) is conditioned on: the BOS where the model
+        # starts its inputs with one, else the end of a previous text.
+        bos = tokenizer.bos_token_id
+        self.prefix_token_id = bos if bos is not None else eos[0] if eos else tokenizer.pad_token_id
         self._device = next(backbone.parameters()).device
+        self.unreachable: dict[str, set[int]] = {}  # task -> doc ids with a token alternating cannot emit
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> RecycleLM:
@@ -100,19 +107,25 @@ class RecycleLM(LM):
         return cls(engine.backbone, engine.tokenizer, engine.module, **kwargs)
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """Token ids of (context, continuation); spaces ending the context move to the continuation."""
+        """Token ids of (context, continuation); spaces ending the context move to the continuation.
+
+        The context starts with the model's BOS where it expects one (an empty context is the prefix
+        token alone); the continuation's ids are the suffix of the whole text's, never with a BOS.
+        """
         stripped = context.rstrip()
         context, continuation = stripped, context[len(stripped) :] + continuation
         encode = self.engine.tokenizer.encode
         ctx = encode(context) if context else []
-        whole = encode(context + continuation)
+        whole = encode(context + continuation, bos=bool(context))
         cont = whole[len(ctx) :]
         return ([self.prefix_token_id] if not ctx else ctx), cont
 
-    def score_pairs(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """(log-likelihood, is_greedy) of each continuation after its context, token ids in, batched."""
+    def score_pairs(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool, bool]]:
+        """(log-likelihood, is_greedy, reachable) of each continuation after its context, token ids in,
+        batched; ``reachable`` is False where a module token of the continuation is one alternating decoding
+        cannot emit (always True under ``standard``)."""
         module = self.engine.module if self.scoring == "alternating" else None
-        results: list[tuple[float, bool] | None] = [None] * len(pairs)
+        results: list[tuple[float, bool, bool] | None] = [None] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         for lo in range(0, len(order), self.batch_size):
             idx = order[lo : lo + self.batch_size]
@@ -130,28 +143,35 @@ class RecycleLM(LM):
             pad = self.engine.tokenizer.pad_token_id
             tokens = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self._device)
             s = score_tokens(self.engine.backbone, module, tokens)
-            nll, top = s.base_nll, s.base_top
+            nll, top, miss = s.base_nll, s.base_top, torch.zeros_like(s.base_top, dtype=torch.bool)
             if module is not None:
                 j = torch.arange(1, width, device=self._device)  # target positions
                 start = torch.tensor(starts, device=self._device)[:, None]
-                nll, top, _ = mixed_scores(s, (j > start) & ((j - start) % 2 == 1))
+                use = (j > start) & ((j - start) % 2 == 1)
+                mixed = mixed_scores(s, use)
+                nll, top, miss = mixed.nll, mixed.top, use & ~mixed.emittable
             for row, (i, seq, n) in enumerate(zip(idx, seqs, starts, strict=True)):
                 k = slice(n - 1, len(seq) - 1)  # the continuation's targets (index = position - 1)
-                results[i] = (-float(nll[row, k].sum()), bool((top[row, k] == tokens[row, n:len(seq)]).all()))
+                greedy = bool((top[row, k] == tokens[row, n:len(seq)]).all())
+                results[i] = (-float(nll[row, k].sum()), greedy, not bool(miss[row, k].any()))
         return results
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """Log-probability of each continuation after its context, and whether it is the greedy continuation."""
-        return self.score_pairs([self._encode_pair(*r.args) for r in requests])
+        scored = self.score_pairs([self._encode_pair(*r.args) for r in requests])
+        for r, (_, _, reachable) in zip(requests, scored, strict=True):
+            if not reachable:
+                self.unreachable.setdefault(r.task_name, set()).add(r.doc_id)
+        return [(ll, greedy) for ll, greedy, _ in scored]
 
     def loglikelihood_rolling(self, requests: list[Instance]) -> list[float]:
         """Log-probability of each whole text, in disjoint rolling windows of ``max_length`` tokens."""
         out = []
         for r in requests:
-            ids = self.engine.tokenizer.encode(r.args[0])
+            ids = self.engine.tokenizer.encode(r.args[0], bos=False)  # the first window's context is the prefix
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
                 ids, self.prefix_token_id, self.max_length, context_len=1)]
-            out.append(sum(ll for ll, _ in self.score_pairs(windows)))
+            out.append(sum(ll for ll, _, _ in self.score_pairs(windows)))
         return out
 
     def generate_until(self, requests: list[Instance]) -> list[str]:

@@ -7,7 +7,9 @@ import pytest
 
 from recyclegpt.bases.tokenizer import ByteTokenizer
 from recyclegpt.data import (
+    NEAR_DUPLICATE_OVERLAP,
     DataError,
+    PromptFilter,
     TokenData,
     corpus_lines,
     exclude_prompts,
@@ -39,6 +41,40 @@ def test_prepare_splits_and_round_trips(tmp_path):
     assert bytes(a[0].tolist()).decode() in (TEXT * 3)
     with pytest.raises(DataError, match="is not a `data distill` output"):  # eval --answers needs distilled answers
         open_distilled(tmp_path / "out")
+
+
+def _word_tokenizer(prepends_bos: bool):
+    """A six-word transformers tokenizer built offline; ``prepends_bos``: ``tok(text)`` starts with <bos> (id 1),
+    as Gemma's does, else it adds nothing, as SmolLM2's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from recyclegpt.bases.tokenizer import HFTokenizer
+
+    words = Tokenizer(models.WordLevel({"<pad>": 0, "<bos>": 1, "<eos>": 2, "a": 3, "b": 4, "c": 5}, unk_token="<pad>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    if prepends_bos:
+        words.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<bos>", eos_token="<eos>",
+                                               pad_token="<pad>"))
+
+
+def test_documents_start_with_bos_only_where_the_tokenizer_prepends_one(tmp_path):
+    from recyclegpt.evaluate import read_tokens
+
+    bos, plain = _word_tokenizer(True), _word_tokenizer(False)
+    assert bos.bos_token_id == 1 and plain.bos_token_id is None  # both name a <bos>; only one prepends it
+    assert bos.encode("a b") == [1, 3, 4] == bos.encode("<bos> a b") and bos.encode("a b", bos=False) == [3, 4]
+    assert plain.encode("a b") == [3, 4]
+    src = tmp_path / "d.jsonl"
+    src.write_text("\n".join(json.dumps({"text": t}) for t in ["a b", "<bos> c", "b c a", "a"]))
+    for tok, name, docs in ((bos, "bos", [[1, 3, 4], [1, 5], [1, 4, 5, 3], [1, 3]]),
+                            (plain, "plain", [[3, 4], [1, 5], [4, 5, 3], [3]])):
+        prepare([src], tok, tmp_path / name, val_fraction=0.25)  # every 4th document is held out
+        data = TokenData(tmp_path / name)
+        assert data.splits["train"].tolist() == [t for d in docs[:3] for t in d + [2]]  # one <bos> a document
+        assert data.splits["val"].tolist() == docs[3] + [2]
+        assert read_tokens(src, tok, 100) == [t for d in docs for t in d]  # evaluation reads the same documents
 
 
 @pytest.mark.parametrize(
@@ -83,6 +119,27 @@ def test_merge_and_prompts(tmp_path):
     excluded = read_prompts(held) + read_prompts(lines)
     assert exclude_prompts(["first prompt", "second prompt", "third", "first prompt"], excluded) == (["third"], 3)
     assert exclude_prompts(["a", "Second prompt"], read_prompts(held)) == (["a"], 1)
+
+
+def test_exclude_drops_near_duplicates_by_the_stated_rule():
+    bench = ["Explain how a hash table handles collisions, with a short example in Python.",
+             "What is RAM?"]
+    near = [
+        "explain how a hash table handles collisions -- with a short example in python",  # punctuation, case
+        "Explain how a hash table handles  collisions, with a short example in Python!!",  # spacing
+        "Explain how a hash table handles collisions, with a short example in Python code.",  # one word added
+        "what is  RAM",
+    ]
+    far = [
+        "Explain how a hash table handles resizing, with a short example in Rust.",  # two words changed
+        "What is ROM?",
+        "Explain how a hash table works.",
+    ]
+    kept, dropped = exclude_prompts(near + far, bench)
+    assert (kept, dropped) == (far, len(near))
+    # by hand: 13 words (11 trigrams) against 14 (12): 11 shared, 12 in the union; two words changed: 7 of 15
+    assert 11 / 12 >= NEAR_DUPLICATE_OVERLAP > 7 / 15
+    assert "Explain how a hash table handles collisions, with a short example in Python code." in PromptFilter(bench)
 
 
 def _script(name: str):

@@ -81,15 +81,29 @@ def test_batching_does_not_change_the_numbers(tiny):
         assert many[k] == pytest.approx(one[k], rel=1e-5, abs=1e-6), k
 
 
-def test_draft_vocabulary_positions_outside_it_stay_with_the_base(tiny):
+def test_draft_vocabulary_targets_outside_it_are_the_modules_misses(tiny):
     tiny.module.set_draft_vocab(torch.arange(0, 256, 2))  # even ids only
-    ids = torch.randint(0, 256, (9,)).tolist()
+    ids = [11, 40, 7, 3, 9, 20, 21, 5, 8]  # module targets j = 3, 5, 7: ids 3 and 21 odd, 20 even
     out = text_metrics(tiny.backbone, tiny.module, ids, seq_len=9)
-    targets = [ids[j] for j in (3, 5, 7)]
-    assert out["draft_vocab_coverage"] == pytest.approx(sum(t % 2 == 0 for t in targets) / 3)
-    assert math.isfinite(out["ppl_alternating"])
-    s = score_tokens(tiny.backbone, tiny.module, torch.tensor([ids]))
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logits, hidden = tiny.backbone(x[:, :-1])
+        g = tiny.module(hidden[:, :-1], tiny.backbone.embed(x[:, 1:-1]))
+        full = tiny.backbone.head(g)  # the module's full-vocabulary head
+        draft = full.clone()
+        draft[..., 1::2] = float("-inf")  # what decoding draws from
+    base = [_log_softmax_at(logits[0, j - 1], ids[j]) for j in range(1, 9)]
+    honest = [_log_softmax_at(full[0, j - 2], ids[j]) if j in (3, 5, 7) else base[j - 1] for j in range(1, 9)]
+    fallback = [_log_softmax_at(draft[0, j - 2], ids[j]) if j == 5 else base[j - 1] for j in range(1, 9)]
+    assert out["draft_vocab_coverage"] == pytest.approx(1 / 3)  # only x_5 = 20 can be emitted
+    assert out["ppl_alternating"] == pytest.approx(math.exp(-sum(honest) / 8), rel=1e-5)
+    assert out["ppl_alternating_base_fallback"] == pytest.approx(math.exp(-sum(fallback) / 8), rel=1e-5)
+    assert out["ppl_module_at_module_positions"] == pytest.approx(math.exp(-sum(honest[j - 1] for j in (3, 5, 7)) / 3),
+                                                                   rel=1e-5)
+    s = score_tokens(tiny.backbone, tiny.module, x)
     assert bool((s.module_top % 2 == 0).all())  # the module's top-1 is always a draft token
+    assert not s.module_nll[0, 1].isfinite() and s.module_nll_full[0, 1].isfinite()  # x_3 = 3: a certain miss
+    assert out["module_top1_acc"] <= 2 / 7  # of the 7 targets x_2 .. x_8 only 20 and 8 are even
 
 
 def test_generation_metrics_verified_is_lossless(tiny):
@@ -198,10 +212,10 @@ def lm_eval_env(monkeypatch, tmp_path):
 
 
 class _Req:
-    """The one attribute of an lm-eval ``Instance`` the model reads."""
+    """The attributes of an lm-eval ``Instance`` the model reads."""
 
-    def __init__(self, *args):
-        self.args = args
+    def __init__(self, *args, task_name="task", doc_id=0):
+        self.args, self.task_name, self.doc_id = args, task_name, doc_id
 
 
 def test_adapter_alternating_scores_odd_continuation_tokens_with_the_module(tiny, lm_eval_env):
@@ -225,6 +239,21 @@ def test_adapter_alternating_scores_odd_continuation_tokens_with_the_module(tiny
     oracle = ShiftOracle(tiny.backbone.config, PRESETS["tiny"].recycle)
     lm_oracle = lm_eval_env.RecycleLM(tiny.backbone, ByteTokenizer(), oracle, scoring="alternating")
     assert [r[0] for r in lm_oracle.loglikelihood(reqs)] == pytest.approx([r[0] for r in got_std], rel=1e-6)
+    assert lm.unreachable == {}  # no draft vocabulary: every token can be emitted
+
+
+def test_adapter_scores_tokens_outside_the_draft_vocabulary_as_the_modules(tiny, lm_eval_env):
+    tiny.module.set_draft_vocab(torch.arange(0, 256, 2))  # even bytes only
+    lm = lm_eval_env.RecycleLM(tiny.backbone, ByteTokenizer(), tiny.module, scoring="alternating")
+    x = torch.tensor([list(b"abcdefg")])  # continuation "defg": d (base), e (module), f (base), g (module)
+    with torch.no_grad():
+        logits, hidden = tiny.backbone(x)
+        rec = tiny.backbone.head(tiny.module(hidden[:, :-1], tiny.backbone.embed(x[:, 1:])))
+    want = sum(_log_softmax_at(rec[0, j - 2], int(x[0, j])) if j in (4, 6) else
+               _log_softmax_at(logits[0, j - 1], int(x[0, j])) for j in range(3, 7))
+    (ll, greedy), (ll2, _) = lm.loglikelihood([_Req("abc", "defg", doc_id=4), _Req("abc", "dfdf", doc_id=5)])
+    assert ll == pytest.approx(want, rel=1e-5) and not greedy  # 'e' (101) is odd: never the module's top-1
+    assert lm.unreachable == {"task": {4}}  # 'f' (102) is even: the second item can be decoded
 
 
 def test_adapter_rolling_and_generation(tiny, lm_eval_env):
@@ -271,3 +300,89 @@ def test_word_order_pairs_differ_by_one_adjacent_swap():
         assert (a[diff[0]], a[diff[1]]) == (b[diff[1]], b[diff[0]])
     # the true sentence is drawn to either place, so neither position wins by itself
     assert 0.4 < sum(item["label"] for item in items) / len(items) < 0.6
+
+
+def test_generation_metrics_says_when_verified_output_differs_from_standard(tiny, monkeypatch):
+    from recyclegpt.strategies import Verified
+
+    with torch.no_grad():
+        tiny.backbone.embed_tokens.weight.mul_(20)  # no near-ties in greedy decoding
+    engine = Engine(tiny.backbone, ByteTokenizer(), tiny.module)
+    exact, generate = Verified._accept_chain, Engine.generate
+
+    def keep_every_draft(self, v, sampler):  # a broken verification: drafts kept unchecked
+        k = v.drafts.shape[1]
+        return k, sampler.token(v.target_logits[:, k], v.seen)
+
+    ids = list(b"The cat sat")  # precondition: the broken run really changes this prompt's answer
+    std = engine.generate([ids], "standard", max_new_tokens=12)[0].token_ids
+    monkeypatch.setattr(Verified, "_accept_chain", keep_every_draft)
+    assert engine.generate([ids], "verified", max_new_tokens=12, draft_len=2)[0].token_ids != std
+    runs = []
+
+    def break_the_second_verified_run(self, prompts, strategy, *args, **kwargs):
+        if strategy == "verified":
+            runs.append(prompts)
+            monkeypatch.setattr(Verified, "_accept_chain", keep_every_draft if len(runs) == 2 else exact)
+        return generate(self, prompts, strategy, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", break_the_second_verified_run)
+    out = generation_metrics(engine, ["Hello there", "The cat sat"], max_new_tokens=12, draft_len=2)
+    assert runs == [[list(b"Hello there")], [ids]]
+    assert out["verified_identical"] == 0.5  # the first prompt's verified answer is exact, the second's is not
+
+
+class _NextTokenBase(torch.nn.Module):
+    """A stub base over 8 tokens: its greedy token after x is x + 1 (mod 8); hidden state and embedding of a
+    token are its one-hot."""
+
+    V = 8
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # what ``parameters()`` reads the device from
+
+    def embed(self, x):
+        return torch.nn.functional.one_hot(x, self.V).float()
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        return 10 * h.roll(1, -1), h  # logits peak at x + 1
+
+
+class _PairModule(torch.nn.Module):
+    """A stub module: for the pair (h_t, x_{t+1}) its top-1 is x_{t+1} + 1 (the base's next greedy token) when
+    ``right`` says so for x_t, else x_{t+1} again (never the base's)."""
+
+    def __init__(self, right):
+        super().__init__()
+        self.right = right
+
+    def forward(self, hidden, emb, cache=None):
+        ok = self.right(hidden.argmax(-1))[..., None]
+        return torch.where(ok, emb.roll(1, -1), emb)
+
+    def draft_logits(self, backbone, g):
+        return g
+
+
+def test_answer_metrics_count_agreement_by_hand():
+    from recyclegpt.evaluate import answer_metrics
+
+    base = _NextTokenBase()
+    even = _PairModule(lambda x: x % 2 == 0)  # right exactly where the token before the pair's is even
+    oracle = _PairModule(lambda x: torch.ones_like(x, dtype=torch.bool))
+    # Slots are the answer's tokens but the last, each read with the token before it (x_t, x_{t+1}):
+    # answer 1: (2, 3) right, (3, 5) wrong, (5, 0) wrong; answer 2: (7, 4) wrong, (4, 2) right;
+    # answer 3 has one token, so no slot. The even module: 2 of 5; the oracle: 5 of 5.
+    answers = [([1, 2], [3, 5, 0, 6]), ([7], [4, 2, 1]), ([0], [5])]
+    out = answer_metrics(base, even, answers, resamples=200, compare=oracle)
+    assert (out["prompts"], out["slots"]) == (2, 5)
+    assert out["agreement"] == pytest.approx(2 / 5)
+    lo, hi = out["agreement_ci95"]  # every resample pools answers at 1/3 and 1/2
+    assert 1 / 3 - 1e-12 <= lo <= hi <= 1 / 2 + 1e-12
+    cmp = out["compare"]
+    assert cmp["agreement"] == 1.0 and cmp["difference"] == pytest.approx(3 / 5)
+    assert (cmp["only_module_right"], cmp["only_compare_right"]) == (0, 3)
+    with pytest.raises(EvalError, match="no stored answer has the 2 tokens"):
+        answer_metrics(base, even, [([1], [2])])
