@@ -142,17 +142,19 @@ def sampling_from(args: argparse.Namespace):
 
 @command
 def cmd_info(args: argparse.Namespace) -> int:
-    """Parameter counts of a preset's backbone and module."""
+    """Parameter counts of a preset's backbone and module, and this machine's CPU (model, vector features)."""
     import torch
 
+    from recyclegpt.hardware import cpu_info
     from recyclegpt.recycle import RecycleGPT
 
     preset = PRESETS[args.preset]
     with torch.device("meta"):
         model = RecycleGPT.from_config(preset.model, preset.recycle)
     c = model.parameter_counts()
+    cpu = cpu_info()
     info = {"preset": args.preset, "description": preset.description, "model": preset.model.to_dict(),
-            "recycle": preset.recycle.to_dict(), **c}
+            "recycle": preset.recycle.to_dict(), **c, "cpu": cpu.record()}
     if args.json:
         print(json.dumps(info))
         return 0
@@ -162,6 +164,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  module:   {c['module'] / 1e6:8.2f} M parameters ({preset.recycle.n_layers} layers + "
           f"fuse {2 * preset.model.d_model}->{preset.model.d_model}; embedding and head shared)")
     print(f"  module share: {100 * c['module_share']:.1f}% of the backbone")
+    print(f"cpu: {cpu.describe()}")
     return 0
 
 
@@ -526,8 +529,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(threads=args.threads, max_new_tokens=args.max_new_tokens)
 
 
-def _emit_json(result: dict, path: str | None) -> None:
-    """Print ``result`` as one JSON line and, if ``path`` is given, write it there too."""
+def _emit_json(result: dict, path: str | None, measured: bool = False) -> None:
+    """Print ``result`` as one JSON line and, if ``path`` is given, write it there too; a ``measured`` result
+    (bench, eval, lm-eval) also records the CPU, torch version and threads it ran with."""
+    if measured:
+        import torch
+
+        from recyclegpt.hardware import cpu_info
+
+        result = {**result, "cpu": cpu_info().record(), "torch": torch.__version__,
+                  "threads": torch.get_num_threads()}
     line = json.dumps(result)
     if path:
         from pathlib import Path
@@ -564,7 +575,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             metrics["compare"] = {"module": args.compare_module, **metrics["compare"]}
         result["answers"] = {"dir": args.answers, **metrics}
     _emit_json({"model": base.name, "module": args.module, "dtype": args.dtype, "prepack": args.prepack, **result},
-               args.json)
+               args.json, measured=True)
     return 0
 
 
@@ -608,7 +619,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
               "max_new_tokens": args.max_new_tokens, "compile": args.compile, "dtype": args.dtype,
               "prepack": args.prepack, **result}
     print(bench.format_table(result))
-    _emit_json(result, args.json)
+    _emit_json(result, args.json, measured=True)
     if args.plot:
         bench.plot(result, args.plot)
     return 0
@@ -650,7 +661,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
                       f"{f['wrong_to_right']} wrong->right; McNemar p {f['mcnemar_p']:.3f})", file=sys.stderr)
     _emit_json({"model": base.name, "module": args.module, "dtype": args.dtype, "prepack": args.prepack,
                 "limit": args.limit, "results": results, "paired": paired, "unreachable_items": unreachable,
-                "items": items}, args.json)
+                "items": items}, args.json, measured=True)
     return 0
 
 

@@ -428,6 +428,7 @@ def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp
                  "--compare-module", str(tmp_path / "plain.safetensors")]) == 0
     result = json.loads(out.read_text())
     assert result["text"] is None and result["answers"]["agreement"] == pytest.approx(got["agreement"], abs=1e-12)
+    assert result["cpu"]["kind"] and result["torch"] and result["threads"] >= 1  # what it was measured on
     pair = result["answers"]["compare"]
     assert pair["module"] == str(tmp_path / "plain.safetensors")
     assert pair["agreement"] == pytest.approx(alone["agreement"], abs=1e-12)
