@@ -38,7 +38,7 @@ from recyclegpt.strategies import make_strategy
 
 HF_ROWS = ("hf-generate", "hf-prompt-lookup")
 MODULE_KINDS = ("alternating", "verified", "adaptive")
-ROW_KINDS = ("standard", *MODULE_KINDS, *HF_ROWS)
+ROW_KINDS = ("standard", *MODULE_KINDS, "lookup", *HF_ROWS)
 PROMPT_LOOKUP_TOKENS = 10
 ROW_ORDER = ("rotated: timed pass k = repetition * prompts + prompt index runs the rows in list order "
              "starting at row k mod rows")
@@ -104,6 +104,9 @@ def engine_rows(
                      for t in thresholds]
         elif kind in ("standard", "alternating"):
             rows.append(Row(f"{kind}{at}", kind, runner(kind), module=module))
+        elif kind == "lookup":  # prompt lookup verified by the full model, as transformers' row drafts
+            rows.append(Row(f"lookup{at}", kind, runner(kind, draft_len=PROMPT_LOOKUP_TOKENS),
+                            draft_len=PROMPT_LOOKUP_TOKENS, module=module))
     return rows
 
 
@@ -368,7 +371,7 @@ def plot(result: dict, path: str | Path) -> None:
             series = kind + (f" width {width}" if width and width > 1 else "") + (f"@{module}" if module else "")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=series)
         for i, other in enumerate(rows):
-            if other["kind"] in ("alternating", *HF_ROWS):
+            if other["kind"] in ("alternating", "lookup", *HF_ROWS):
                 ax.axhline(other["ratio_to_standard"], ls="--", lw=0.8, color=f"C{i}", label=other["name"])
         ax.axhline(1.0, color="gray", lw=0.8, label="standard")
         ax.set_xticks(sorted({r[key] for r in rows if r["kind"] == kind}))

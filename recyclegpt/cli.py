@@ -102,8 +102,10 @@ def add_strategy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="standard", choices=list(STRATEGIES),
                    help="standard: plain decoding; alternating: the paper's full/module alternation (lossy); "
                    "verified: module drafts checked by the full model (lossless); adaptive: use the "
-                   "module's token only when it is confident")
-    p.add_argument("--draft-len", type=int, default=1, help="module steps per full call for verified (default 1)")
+                   "module's token only when it is confident; lookup: drafts copied from the context (prompt "
+                   "lookup) checked by the full model (lossless, no module)")
+    p.add_argument("--draft-len", type=int, default=None,
+                   help="drafts per full call: verified (default 1), lookup (default 10)")
     p.add_argument("--draft-width", type=int, default=1,
                    help="verified: the module's most likely tokens for the first draft's slot that one full call "
                    "checks side by side (default 1; native backend). Where a full call over a few tokens costs "
@@ -844,8 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another module for the same base (repeatable): its module rows are timed in the same "
                    "run, interleaved, named ROW@FILE_STEM, so two modules are compared side by side")
     p.add_argument("--strategies", nargs="+", default=None, metavar="ROW",
-                   help="rows to run, among: standard alternating verified adaptive hf-generate hf-prompt-lookup "
-                   "(default: all; the module ones need --module); standard always runs")
+                   help="rows to run, among: standard alternating verified adaptive lookup hf-generate "
+                   "hf-prompt-lookup (default: all; the module ones need --module); standard always runs")
     p.add_argument("--draft-lens", nargs="+", type=int, default=[1], help="verified: draft lengths (default 1)")
     p.add_argument("--draft-widths", nargs="+", type=int, default=[1],
                    help="verified: draft widths, one row per length and width (default 1; see --draft-width "

@@ -1,14 +1,14 @@
-"""The single decode loop: prefill, cycles of (draft, full call, accept), stop criteria, streaming, stats.
+"""The single decode loop: prefill, cycles of (draft, verify, commit), stop criteria, streaming, stats.
 
-Strategies (``strategies.py``) plug in; there is no second copy of this loop.
+Two seams plug in, and there is no second copy of this loop: a *drafter* (``drafters.py``) proposes
+tokens and owns its own state; a *strategy* (``strategies.py``) decides how many to ask for and what
+to keep.
 
-Cache invariant between cycles (positions are slots of the backbone cache):
-  * the backbone cache holds x_0 .. x_{p-1}; the *pending* token x_p is chosen but not yet ingested;
-  * the module cache holds the pairs (h_i, x_{i+1}) for i = 0 .. p-1, and its output at pair p-1 gives
-    the distribution of the first draft, for x_{p+1}.
-A cycle feeds the full model [x_p, d_1 .. d_k] in one call, keeps n drafts plus one full-model token,
-rolls the backbone cache back to p + n + 1 and the module cache back to p (the chained drafts used
-the module's own state in place of h), then lets the module ingest the n + 1 real pairs.
+Cache invariant between cycles (positions are slots of the backbone cache): the backbone cache holds
+x_0 .. x_{p-1}; the *pending* token x_p is chosen but not yet ingested. A cycle feeds the full model
+[x_p, d_1 .. d_k (, side drafts)] in one call, keeps n drafts plus one full-model token, rolls the
+backbone cache back to p + n + 1 (a kept side draft moves next to its root first), and hands the
+n + 1 real tokens with their hidden states to the drafter, which rolls back its own state.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from recyclegpt.cache import Tree
-from recyclegpt.copy import CopyIndex, proposal_tensors
+from recyclegpt.cache import KVCache, Tree
+from recyclegpt.drafters import Drafter, Proposal, make_drafter
 from recyclegpt.sampling import Sampler, SamplingConfig
-from recyclegpt.strategies import Strategy, Verify, make_strategy
+from recyclegpt.strategies import Accepted, Strategy, Verify, make_strategy
 
 
 class GenerationError(ValueError):
@@ -72,6 +72,37 @@ class Generation:
     stats: DecodeStats = field(repr=False)
 
 
+class _Rows:
+    """Each row's emitted tokens and whether it has finished (EOS, a stop string, or its length)."""
+
+    def __init__(self, batch: int, max_new_tokens: int, eos_ids: set[int],
+                 stop_fn: Callable[[int, list[int]], bool] | None, stats: DecodeStats) -> None:
+        self.out: list[list[int]] = [[] for _ in range(batch)]
+        self.done = [False] * batch
+        self.max_new_tokens, self.eos_ids, self.stop_fn, self.stats = max_new_tokens, eos_ids, stop_fn, stats
+        stats.finish_reasons = ["length"] * batch
+
+    @property
+    def finished(self) -> bool:
+        return all(self.done)
+
+    def emit(self, new: torch.Tensor) -> list[list[int]]:
+        """Append (B, n) tokens to unfinished rows, applying stop criteria; returns what was added."""
+        added: list[list[int]] = [[] for _ in self.out]
+        for row, ids in enumerate(new.tolist()):
+            for tok in ids:
+                if self.done[row]:
+                    break
+                self.out[row].append(tok)
+                added[row].append(tok)
+                if tok in self.eos_ids or (self.stop_fn and self.stop_fn(row, self.out[row])):
+                    self.done[row], self.stats.finish_reasons[row] = True, "stop"
+                elif len(self.out[row]) >= self.max_new_tokens:
+                    self.done[row] = True
+        self.stats.new_tokens += sum(len(a) for a in added)
+        return added
+
+
 @torch.inference_mode()  # also the prompt tensor: a compiled backbone then sees one kind of input
 def decode_ids(
     backbone: torch.nn.Module,
@@ -90,133 +121,116 @@ def decode_ids(
     Rows that have finished (EOS, ``max_new_tokens`` or ``stop_fn(row, ids)``) yield empty lists while
     the others go on. ``stats`` is filled in place.
     """
-    if strategy.uses_module and module is None:
-        raise GenerationError(f"strategy {strategy.name!r} needs a recyclable module; pass --module PATH")
-    B = len(prompts)
-    P = max(len(p) for p in prompts)
     device = next(backbone.parameters()).device
-    room = P + max_new_tokens + getattr(strategy, "k", 1) + getattr(strategy, "width", 1)
-    tree = strategy.tree
-    if tree is not None:
-        if not getattr(backbone, "supports_tree", False):
-            raise GenerationError(
-                f"a draft width above 1 needs the native backbone, not {type(backbone).__name__}: "
-                "use --backend native (Llama-family models) or a draft width of 1"
-            )
-        tree = Tree(tree.depth.to(device), tree.mask.to(device))
-    pads = [P - len(p) for p in prompts]
-    tokens = torch.tensor([[pad_id] * n + list(p) for n, p in zip(pads, prompts, strict=True)], device=device)
-    cache = backbone.new_cache(B, room)
-    mcache = module.new_cache(B, room) if strategy.uses_module else None
-    if any(pads):
-        cache.set_padding(pads)
-        if mcache is not None:
-            mcache.set_padding(pads)
-    vocab = backbone.config.vocab_size
-    seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
-    for row, p in enumerate(prompts):
-        seen[row, list(p)] = True
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-    # A module with a copy gate drafts from its mixture with tokens copied from each row's context (a module
-    # without the attribute, e.g. a test stub, has none).
-    copying = strategy.uses_module and getattr(module, "copy_gate", None) is not None
-    indices = [CopyIndex(p) for p in prompts] if copying else []
+    drafter, tree = _drafter_for(strategy, backbone, module), _tree_on(strategy, backbone, device)
+    B, room = len(prompts), max(len(p) for p in prompts) + max_new_tokens + 1 + strategy.max_drafts
+    tokens, cache, seen = _prompt_state(backbone, prompts, pad_id, room, device)
+    rows = _Rows(B, max_new_tokens, eos_ids, stop_fn, stats)
     stats.batch, stats.prompt_tokens = B, sum(len(p) for p in prompts)
-    stats.finish_reasons = ["length"] * B
+    keep_q = strategy.checks_drafts and not sampler.cfg.greedy  # only the sampled-draft test reads q
 
-    def emit(new: torch.Tensor) -> list[list[int]]:
-        """Append (B, n) tokens to unfinished rows, applying stop criteria; returns what was added."""
-        added: list[list[int]] = [[] for _ in range(B)]
-        for row, ids in enumerate(new.tolist()):
-            for tok in ids:
-                if done[row]:
-                    break
-                out[row].append(tok)
-                added[row].append(tok)
-                if copying:
-                    indices[row].extend([tok])
-                if tok in eos_ids or (stop_fn and stop_fn(row, out[row])):
-                    done[row], stats.finish_reasons[row] = True, "stop"
-                elif len(out[row]) >= max_new_tokens:
-                    done[row] = True
-        stats.new_tokens += sum(len(a) for a in added)
-        return added
-
-    def module_step(hidden: torch.Tensor, nxt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        g = module(hidden, backbone.embed(nxt), mcache)  # (B, T, d)
-        stats.module_calls += 1
-        return module.draft_logits(backbone, g[:, -1]), g[:, -1:]  # next draft's logits, state for chaining
-
-    def with_copies(logits: torch.Tensor, drafts: list[torch.Tensor]) -> torch.Tensor:
-        """The module's logits mixed with each row's copy candidate after its context and ``drafts``."""
-        suffix = torch.stack(drafts, 1).tolist() if drafts else [[]] * B
-        cand, feats = proposal_tensors([index.propose(s) for index, s in zip(indices, suffix, strict=True)], device)
-        return module.copy_logits(logits, cand, feats)
-
-    # 1. Prefill: one full call over the prompt; the module ingests every prompt pair.
+    # 1. Prefill: one full call over the prompt; the drafter ingests the prompt and the first token.
     t0 = time.perf_counter()
     logits, hidden = backbone(tokens, cache, logits_last=1)
     stats.full_calls += 1
     pending = sampler.token(logits[:, -1], seen)  # (B,)
-    if strategy.uses_module:
-        draft_logits, state = module_step(hidden, torch.cat([tokens[:, 1:], pending[:, None]], 1))
+    drafter.start(prompts, tokens, hidden, pending, room)
+    stats.module_calls = drafter.calls
     stats.prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    yield emit(pending[:, None])
+    yield rows.emit(pending[:, None])
     seen.scatter_(1, pending[:, None], True)
-    keep_q = strategy.checks_drafts and not sampler.cfg.greedy  # only the sampled-draft test reads q
 
-    while not all(done):
-        # 2. Draft: k module steps; the first reuses the logits from the last ingest. Side drafts
-        # (other candidates for the first slot) go along when the strategy lays the call out as a tree.
-        if copying:
-            draft_logits = with_copies(draft_logits, [])
-        k = strategy.draft_len(draft_logits if strategy.uses_module else None)
-        start, mstart = cache.length, (mcache.length if mcache is not None else 0)
-        drafts, qs, side = [], [], None
-        for j in range(k):
-            if j > 0:
-                draft_logits, state = module_step(state, drafts[-1][:, None])
-                if copying:
-                    draft_logits = with_copies(draft_logits, drafts)
-            if keep_q:
-                qs.append(sampler.probs(draft_logits, seen))
-                drafts.append(sampler.choose(qs[-1]))
-            else:
-                drafts.append(sampler.token(draft_logits, seen))
-            if j == 0 and tree is not None:
-                side = strategy.side_drafts(draft_logits, drafts[0])
-        drafts_t = torch.stack(drafts, 1) if drafts else pending.new_zeros(B, 0)
-        # 3. Full call over [pending, drafts, side drafts], then the strategy keeps n drafts and picks one token.
-        fed = torch.cat([pending[:, None], drafts_t, *([] if side is None else [side])], 1)
-        scored = fed.shape[1] if strategy.checks_drafts else 1
-        logits, hidden = backbone(fed, cache, logits_last=scored, **({} if side is None else {"tree": tree}))
-        stats.full_calls += 1
-        draft_probs = torch.stack(qs, 1) if qs else logits.new_zeros(B, k, 0)
-        n, nxt, path = strategy.accept(Verify(drafts_t, draft_probs, logits, seen, side), sampler)
-        stats.drafted += k * B
-        stats.accepted += n * B
-        stats.rejected += (k - n) * B
-        # 4. Roll back what was not kept (a side branch moves next to its root first); emit; the module
-        # ingests the n + 1 real pairs.
-        if path is None:
-            kept, hid = drafts_t[:, :n], hidden[:, : n + 1]
-        else:
-            cache.keep(start, path)
-            kept = fed.gather(1, path)
-            rows = torch.cat([torch.zeros_like(path[:, :1]), path], 1)  # (B, n + 1)
-            hid = hidden.gather(1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
-        cache.rollback(start + n + 1)
-        new = torch.cat([kept, nxt[:, None]], 1)  # (B, n + 1)
+    while not rows.finished:
+        # 2. Draft: the strategy sizes the request, the drafter proposes (side drafts with a tree).
+        k = strategy.draft_len(drafter.first_logits())
+        proposal = drafter.propose(k, sampler, seen, strategy.width, keep_q)
+        # 3. Verify: one full call over [pending, drafts, side drafts]; the strategy keeps n drafts
+        # and picks the full model's token after them.
+        start = cache.length
+        fed, logits, hidden = _full_call(backbone, cache, pending, proposal, tree, strategy.checks_drafts)
+        acc = strategy.accept(Verify(proposal.tokens, proposal.probs, logits, seen, proposal.side), sampler)
+        _count(stats, B, proposal.tokens.shape[1], acc.n)
+        # 4. Commit: roll the backbone back to what was kept; emit; the drafter ingests the n + 1 real tokens.
+        new, kept_hidden = _commit(cache, start, fed, hidden, acc)
         seen.scatter_(1, new, True)
-        added = emit(new)
-        if strategy.uses_module and not all(done):
-            mcache.rollback(mstart)
-            draft_logits, state = module_step(hid, new)
-        pending = nxt
+        added = rows.emit(new)
+        if not rows.finished:
+            drafter.commit(new, kept_hidden, added)
+        stats.module_calls = drafter.calls
+        pending = acc.token
         yield added
     stats.decode_s = time.perf_counter() - t0
+
+
+def _drafter_for(strategy: Strategy, backbone: torch.nn.Module, module: torch.nn.Module | None) -> Drafter:
+    """A fresh drafter of the kind the strategy asks for."""
+    if strategy.uses_module and module is None:
+        raise GenerationError(f"strategy {strategy.name!r} needs a recyclable module; pass --module PATH")
+    return make_drafter(strategy.drafter, backbone, module)
+
+
+def _tree_on(strategy: Strategy, backbone: torch.nn.Module, device: torch.device) -> Tree | None:
+    """The strategy's tree layout on ``device`` (None for a chain); checks the backbone can run one."""
+    if strategy.tree is None:
+        return None
+    if not getattr(backbone, "supports_tree", False):
+        raise GenerationError(
+            f"a draft width above 1 needs the native backbone, not {type(backbone).__name__}: "
+            "use --backend native (Llama-family models) or a draft width of 1"
+        )
+    return Tree(strategy.tree.depth.to(device), strategy.tree.mask.to(device))
+
+
+def _prompt_state(backbone: torch.nn.Module, prompts: Sequence[Sequence[int]], pad_id: int, room: int,
+                  device: torch.device) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
+    """The prompts left-padded with ``pad_id`` into one (B, P) tensor, a backbone cache of ``room`` slots
+    that knows the padding, and the (B, V) mask of the tokens each row has seen."""
+    P = max(len(p) for p in prompts)
+    tokens = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=device)
+    cache = backbone.new_cache(len(prompts), room)
+    if any(len(p) < P for p in prompts):
+        cache.set_padding([P - len(p) for p in prompts])
+    seen = torch.zeros(len(prompts), backbone.config.vocab_size, dtype=torch.bool, device=device)
+    for row, p in enumerate(prompts):
+        seen[row, list(p)] = True
+    return tokens, cache, seen
+
+
+def _full_call(backbone: torch.nn.Module, cache: KVCache, pending: torch.Tensor, proposal: Proposal,
+               tree: Tree | None, checks_drafts: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Feed [pending, drafts, side drafts] (a tree when side drafts go along); returns (fed (B, T),
+    logits (B, T or 1, V): every position when the strategy checks drafts, else the last; hidden (B, T, d))."""
+    side = [] if proposal.side is None else [proposal.side]
+    fed = torch.cat([pending[:, None], proposal.tokens, *side], 1)
+    layout = {"tree": tree} if side else {}
+    logits, hidden = backbone(fed, cache, logits_last=fed.shape[1] if checks_drafts else 1, **layout)
+    return fed, logits, hidden
+
+
+def _count(stats: DecodeStats, batch: int, drafted: int, kept: int) -> None:
+    """One cycle into the counters: a full call, its drafts kept and rejected (summed over rows)."""
+    stats.full_calls += 1
+    stats.drafted += drafted * batch
+    stats.accepted += kept * batch
+    stats.rejected += (drafted - kept) * batch
+
+
+def _commit(cache: KVCache, start: int, fed: torch.Tensor, hidden: torch.Tensor, acc: Accepted
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the accepted drafts in the backbone cache (from slot ``start``, the pending token's) and
+    forget the rest. Returns the new tokens (B, n + 1), kept drafts then the full model's token, and the
+    hidden states (B, n + 1, d) of the positions they follow (the pending token's, then each kept draft's)."""
+    n = acc.n
+    if acc.path is None:  # the first n chained drafts
+        kept, kept_hidden = fed[:, 1 : n + 1], hidden[:, : n + 1]
+    else:  # a branch of the tree: move its slots next to the root first
+        cache.keep(start, acc.path)
+        kept = fed.gather(1, acc.path)
+        rows = torch.cat([torch.zeros_like(acc.path[:, :1]), acc.path], 1)  # (B, n + 1)
+        kept_hidden = hidden.gather(1, rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
+    cache.rollback(start + n + 1)
+    return torch.cat([kept, acc.token[:, None]], 1), kept_hidden
 
 
 class Engine:
@@ -287,7 +301,7 @@ class Engine:
         max_new_tokens: int,
         sampling: SamplingConfig,
         stop: Sequence[str],
-        draft_len: int,
+        draft_len: int | None,
         threshold: float,
         draft_width: int,
     ) -> tuple[Iterator[list[list[int]]], DecodeStats]:
@@ -314,7 +328,7 @@ class Engine:
         max_new_tokens: int = 128,
         sampling: SamplingConfig | None = None,
         stop: Sequence[str] = (),
-        draft_len: int = 1,
+        draft_len: int | None = None,
         threshold: float = 0.5,
         draft_width: int = 1,
     ) -> list[Generation]:
@@ -322,11 +336,12 @@ class Engine:
 
         Args:
             prompts: texts (encoded as they are; apply a chat template first if wanted) or token ids.
-            strategy: ``standard``, ``alternating``, ``verified`` or ``adaptive`` (or a Strategy).
+            strategy: ``standard``, ``alternating``, ``verified``, ``adaptive`` or ``lookup`` (a key of
+                ``strategies.STRATEGIES``), or a Strategy.
             max_new_tokens: upper bound on new tokens per row.
             sampling: sampling options; greedy by default.
             stop: strings that end a row (the text is cut before them).
-            draft_len: module steps per cycle for ``verified``.
+            draft_len: drafts per cycle for ``verified`` (default 1) and ``lookup`` (default 10).
             threshold: module confidence needed by ``adaptive``.
             draft_width: candidates ``verified`` checks for the first draft's slot (native backbone).
 
@@ -354,7 +369,7 @@ class Engine:
         max_new_tokens: int = 128,
         sampling: SamplingConfig | None = None,
         stop: Sequence[str] = (),
-        draft_len: int = 1,
+        draft_len: int | None = None,
         threshold: float = 0.5,
         stats_out: list[DecodeStats] | None = None,
         draft_width: int = 1,

@@ -2,8 +2,8 @@
 
 Clients written for the OpenAI API work unchanged (point their base URL at ``http://HOST:PORT/v1``).
 Beyond the standard fields a request may carry ``strategy`` (standard / alternating / verified /
-adaptive), ``draft_len``, ``draft_width``, ``threshold``, ``top_k`` and ``repetition_penalty``; ``usage`` adds the
-recycling counters (``tokens_per_full_call``, ``full_calls``, ``module_calls``, ``accepted_drafts``,
+adaptive / lookup), ``draft_len``, ``draft_width``, ``threshold``, ``top_k`` and ``repetition_penalty``;
+``usage`` adds the recycling counters (``tokens_per_full_call``, ``full_calls``, ``module_calls``, ``accepted_drafts``,
 ``rejected_drafts``).
 
 The engine is not thread-safe, so every generation runs on one worker thread, in arrival order;
@@ -345,7 +345,7 @@ def create_app(
     default_strategy: str = "standard",
     api_key: str | None = None,
     chat: bool = True,
-    draft_len: int = 1,
+    draft_len: int | None = None,
     threshold: float = 0.5,
     draft_width: int = 1,
 ) -> FastAPI:
@@ -358,7 +358,7 @@ def create_app(
         api_key: if set, ``/v1/...`` requests need ``Authorization: Bearer <api_key>`` (``/health`` stays open).
         chat: serve ``/v1/chat/completions`` (the tokenizer's chat template, or plain joined turns);
             False for base models without chat tuning, which then answer 400 there.
-        draft_len: default drafts per full call for ``verified``.
+        draft_len: default drafts per full call for ``verified`` and ``lookup`` (None: the strategy's own).
         threshold: default module confidence for ``adaptive``.
         draft_width: default candidates for the first draft's slot for ``verified``.
 

@@ -1,16 +1,19 @@
-"""Decoding strategies. Each decides only what one cycle of the decode loop does:
+"""Decoding strategies. Each decides only what one cycle of the decode loop asks for and keeps:
 
-1. how many tokens the module drafts this cycle (``draft_len``), and which other candidates for the
-   first draft's position it sends along (``side_drafts``; the full call then runs as a ``Tree``), and
+1. which drafter proposes (``drafter``: the recyclable module, prompt lookup, none), how many drafts to
+   ask for this cycle (``draft_len``) and how many candidates for the first draft's slot (``width``;
+   the full call then runs as a ``Tree``), and
 2. given the full model's logits over [pending token, drafts..., side drafts...], which drafts to
-   keep and which token the full model contributes (``accept``).
+   keep and which token the full model contributes (``accept``, an ``Accepted``).
 
-The loop in ``generate.py`` owns caches, rollback, stop criteria and stats. The number of kept drafts
-is one integer for the whole batch, so every row's caches stay the same length.
+The drafter (``drafters.py``) owns the drafts' state; the loop in ``generate.py`` owns the backbone's
+cache, rollback, stop criteria and stats. The number of kept drafts is one integer for the whole
+batch, so every row's caches stay the same length.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,13 +21,15 @@ import torch
 from recyclegpt.cache import Tree
 from recyclegpt.sampling import Sampler, accept_draft, residual_distribution
 
+LOOKUP_DRAFT_LEN = 10  # prompt lookup's default drafts per cycle (transformers' prompt_lookup_num_tokens)
+
 
 @dataclass
 class Verify:
     """What a strategy sees after the full model scored the pending token and the drafts.
 
     Attributes:
-        drafts: (B, k) the module's draft tokens.
+        drafts: (B, k) the drafter's tokens (k may be fewer than asked for, down to 0).
         draft_probs: (B, k, V) the distributions they were drawn from (after sampling filters);
             (B, k, 0) when nothing reads them (greedy decoding, or a strategy that checks no draft).
         target_logits: (B, 1+k+s, V) full-model logits; position j <= k predicts the token after
@@ -32,7 +37,7 @@ class Verify:
             draft i. For a strategy that checks no draft (``checks_drafts`` False) only the last
             position's logits are computed: (B, 1, V).
         seen: (B, V) tokens already in the context (for the repetition penalty), drafts excluded.
-        side: (B, s) other candidates for the first draft's slot (empty without a tree).
+        side: (B, s) other candidates for the first draft's slot (None without a tree).
     """
 
     drafts: torch.Tensor
@@ -42,35 +47,64 @@ class Verify:
     side: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Accepted:
+    """A strategy's verdict on one cycle.
+
+    Attributes:
+        n: drafts kept, the same for every row.
+        token: (B,) the full model's token after them (sampled from its distribution there, or the
+            residual after a rejected sampled draft).
+        path: (B, n) per row, the positions of the kept drafts among the full call's new tokens (the
+            pending token is 0; a side draft i sits at k + i); None means the first n chained drafts
+            (positions 1 .. n).
+    """
+
+    n: int
+    token: torch.Tensor
+    path: torch.Tensor | None = None
+
+
 class Strategy:
-    """Base class: plain decoding, no drafts."""
+    """Base class: plain decoding, no drafts.
+
+    Attributes:
+        name: the name ``make_strategy`` knows it by.
+        drafter: which drafter proposes (``drafters.make_drafter``): ``"module"``, ``"lookup"``, None
+            (no drafts) or a factory ``(backbone, module) -> Drafter``.
+        width: candidates asked for the first draft's slot (1: a plain chain).
+        tree: the full call's layout when side drafts go along; None: a sequence.
+        checks_drafts: whether ``accept`` reads the full model's logits at every new position. When it
+            does not, the full call computes its head for the last position only (the head is the
+            largest matrix of a small model: a second row of it cost 0.4 ms, 5 % of a step, for
+            paper_small's model on the EPYC).
+    """
 
     name = "standard"
-    uses_module = False
-
-    tree: Tree | None = None  # the full call's layout when side drafts go along; None: a sequence
-    # Whether ``accept`` reads the full model's logits at every new position. When it does not, the
-    # full call computes its head for the last position only (the head is the largest matrix of a
-    # small model: a second row of it cost 0.4 ms, 5 % of a step, for paper_small's model on the EPYC).
+    drafter: str | Callable | None = None
+    width = 1
+    tree: Tree | None = None
     checks_drafts = False
 
-    def draft_len(self, draft_logits: torch.Tensor | None) -> int:
-        """Drafts to make this cycle, given the module's raw logits (B, V) for the first one."""
+    @property
+    def uses_module(self) -> bool:
+        """Whether decoding needs the engine's recyclable module."""
+        return self.drafter == "module"
+
+    @property
+    def max_drafts(self) -> int:
+        """The most tokens a cycle feeds the full model beside the pending one (drafts and side drafts);
+        the loop sizes the caches with it."""
         return 0
 
-    def side_drafts(self, first_logits: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-        """Other candidates (B, s) for the first draft's slot, given the module's logits for it and
-        the first draft (B,). The loop asks only strategies that set ``tree``."""
-        raise NotImplementedError(f"strategy {self.name!r} lays out no tree, so it has no side drafts")
+    def draft_len(self, first_logits: torch.Tensor | None) -> int:
+        """Drafts to ask for this cycle, given the drafter's logits (B, V) for the first one (None for a
+        drafter without a distribution)."""
+        return 0
 
-    def accept(self, v: Verify, sampler: Sampler) -> tuple[int, torch.Tensor, torch.Tensor | None]:
-        """(drafts kept n, next token (B,) chosen from the full model's distribution after them, path).
-
-        ``path`` (B, n) gives, per row, the positions of the kept drafts among the full call's new
-        tokens (the pending token is 0); None means the first n chained drafts (positions 1..n).
-        """
-        seen = _with(v.seen, v.drafts)
-        return v.drafts.shape[1], sampler.token(v.target_logits[:, -1], seen), None
+    def accept(self, v: Verify, sampler: Sampler) -> Accepted:
+        """Which drafts to keep, and the full model's token after them."""
+        return Accepted(v.drafts.shape[1], sampler.token(v.target_logits[:, -1], _with(v.seen, v.drafts)))
 
 
 class Standard(Strategy):
@@ -85,9 +119,13 @@ class Alternating(Strategy):
     """
 
     name = "alternating"
-    uses_module = True
+    drafter = "module"
 
-    def draft_len(self, draft_logits: torch.Tensor | None) -> int:
+    @property
+    def max_drafts(self) -> int:
+        return 1
+
+    def draft_len(self, first_logits: torch.Tensor | None) -> int:
         return 1
 
 
@@ -106,8 +144,8 @@ class Adaptive(Alternating):
             raise ValueError(f"adaptive threshold must be in [0, 1], got {threshold}")
         self.threshold = threshold
 
-    def draft_len(self, draft_logits: torch.Tensor | None) -> int:
-        conf = draft_logits.float().softmax(-1).max(-1).values
+    def draft_len(self, first_logits: torch.Tensor | None) -> int:
+        conf = first_logits.float().softmax(-1).max(-1).values
         return int(bool((conf >= self.threshold).all()))
 
 
@@ -117,8 +155,12 @@ class Verified(Strategy):
     Greedy: a draft is kept while it equals the full model's argmax; the first mismatch is replaced by
     the full model's token (plus the bonus token when every draft is kept). Sampling: the
     speculative-sampling test, so outputs are distributed exactly as the base model's. For a batch,
-    the rows keep the smallest accepted count; a row that would have kept more samples its next token
-    from the full model's distribution instead, which is still exact.
+    the rows keep the smallest accepted count n; a row that would have kept more emits its (accepted)
+    draft at n as the full model's token, which is still exact.
+
+    The drafts come from the recyclable module by default, or from any other drafter (``drafter``;
+    ``Lookup`` is this strategy with prompt lookup): exactness needs only that the drafts were drawn
+    from the distributions the drafter reports (one-hot for a deterministic drafter).
 
     With ``width`` w > 1 the full call also checks the module's next w - 1 most likely tokens for
     the first draft's slot, side by side (a ``Tree``: each candidate sees the context, not the other
@@ -128,42 +170,46 @@ class Verified(Strategy):
     exact for greedy and sampled decoding alike; the chain behind the first draft is checked as above.
 
     Args:
-        draft_len: module steps per cycle (k >= 1); steps after the first feed the module its own
-            output state in place of the backbone's hidden state.
-        width: candidates for the first draft's slot (w >= 1; 1 is a plain chain).
+        draft_len: drafts asked for per cycle (k >= 1); the module's steps after the first feed it its
+            own output state in place of the backbone's hidden state.
+        width: candidates for the first draft's slot (w >= 1; 1 is a plain chain; above 1 needs the
+            module drafter, whose next most likely tokens they are).
+        drafter: ``"module"``, ``"lookup"`` or a factory ``(backbone, module) -> Drafter``.
     """
 
     name = "verified"
-    uses_module = True
     checks_drafts = True
 
-    def __init__(self, draft_len: int = 1, width: int = 1) -> None:
+    def __init__(self, draft_len: int = 1, width: int = 1, drafter: str | Callable = "module") -> None:
         if draft_len < 1:
             raise ValueError(f"draft_len must be >= 1, got {draft_len}")
         if width < 1:
             raise ValueError(f"draft width must be >= 1, got {width}")
-        self.k, self.width = draft_len, width
+        if width > 1 and drafter != "module":
+            raise ValueError(f"a draft width above 1 needs the module drafter (its side candidates are the "
+                             f"module's next most likely tokens), not {drafter!r}; use a draft width of 1")
+        self.k, self.width, self.drafter = draft_len, width, drafter
         if width > 1:  # [pending, d_1 .. d_k, side_1 .. side_{w-1}]: side drafts hang off the pending token
             self.tree = Tree.from_parents([-1, *range(draft_len), *[0] * (width - 1)])
 
-    def draft_len(self, draft_logits: torch.Tensor | None) -> int:
+    @property
+    def max_drafts(self) -> int:
+        return self.k + self.width - 1
+
+    def draft_len(self, first_logits: torch.Tensor | None) -> int:
         return self.k
 
-    def side_drafts(self, first_logits: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-        others = first_logits.float().scatter(1, first[:, None], float("-inf"))  # the first draft is in the chain
-        return others.topk(self.width - 1, -1).indices  # (B, w-1)
-
-    def accept(self, v: Verify, sampler: Sampler) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+    def accept(self, v: Verify, sampler: Sampler) -> Accepted:
         if v.side is None:
             n, token = self._accept_chain(v, sampler)
-            return n, token, None
+            return Accepted(n, token)
         # 1. The first slot: the full model's own token there, matched against every candidate.
         B, k = v.drafts.shape
         y = sampler.token(v.target_logits[:, 0], v.seen)  # (B,)
         cands = torch.cat([v.drafts[:, :1], v.side], 1)  # (B, w)
         hit = cands == y[:, None]
         if not bool(hit.any(-1).all()):  # some row kept no candidate: y is its exact next token
-            return 0, y, None
+            return Accepted(0, y)
         col = hit.int().argmax(-1)  # (B,) the matching candidate (0 = the chain's first draft)
         # 2. Every row on the chain: check the drafts behind the first as a chain of k - 1 (for k = 1
         # an empty chain, which gives the bonus token).
@@ -171,16 +217,18 @@ class Verified(Strategy):
             rest = Verify(v.drafts[:, 1:], v.draft_probs[:, 1:], v.target_logits[:, 1 : k + 1],
                           _with(v.seen, v.drafts[:, :1]))
             n, token = self._accept_chain(rest, sampler)
-            return n + 1, token, None
+            return Accepted(n + 1, token)
         # 3. Some row kept a side draft: one draft kept per row; the next token from the full model
         # after each row's kept candidate (not tested further, so drawn from p: exact).
         path = torch.where(col == 0, 1, k + col)[:, None]  # (B, 1) position of the kept candidate
         logits = v.target_logits.gather(1, path[:, :, None].expand(-1, 1, v.target_logits.shape[-1]))[:, 0]
         seen = _with(v.seen, y[:, None])
-        return 1, sampler.token(logits, seen), path
+        return Accepted(1, sampler.token(logits, seen), path)
 
     def _accept_chain(self, v: Verify, sampler: Sampler) -> tuple[int, torch.Tensor]:
-        """Verify a plain chain of drafts (the tests above), returning (drafts kept, next token)."""
+        """Verify a plain chain of drafts (the tests above), returning (drafts kept, next token).
+
+        A private step of ``accept`` (a plain pair, which tests replace to break verification on purpose)."""
         B, k = v.drafts.shape
         rejected_at = torch.full((B,), k, dtype=torch.long, device=v.drafts.device)
         picked = []  # per draft: the full model's token there (greedy) or its distribution (sampling)
@@ -198,21 +246,65 @@ class Verified(Strategy):
             return n, sampler.token(v.target_logits[:, k], _with(v.seen, v.drafts))
         if sampler.cfg.greedy:
             return n, picked[n]
-        # Rows rejected at n resample from the residual; rows that accepted beyond n from p.
-        p = picked[n]
-        resid = residual_distribution(p, v.draft_probs[:, n])
-        return n, sampler.choose(torch.where((rejected_at == n)[:, None], resid, p))
+        # Rows rejected at n draw from the residual. A row that passed the test at n (another row set the
+        # batch's n lower) emits its draft there: keeping the draft with probability min(1, p/q), else
+        # drawing from the residual, is what makes the token p-distributed; a fresh draw from p after a
+        # pass would count p's share min(p, q) twice. (The draw covers every row, so the generator
+        # advances as it did when passing rows drew from p.)
+        rejected = rejected_at == n
+        resid = residual_distribution(picked[n], v.draft_probs[:, n])
+        drawn = sampler.choose(torch.where(rejected[:, None], resid, picked[n]))
+        return n, torch.where(rejected, drawn, v.drafts[:, n])
 
 
-STRATEGIES = {"standard": Standard, "alternating": Alternating, "verified": Verified, "adaptive": Adaptive}
+class Lookup(Verified):
+    """Verified decoding with prompt-lookup drafts (``drafters.PromptLookupDrafter``): no module needed.
+
+    Each cycle proposes the ``draft_len`` tokens that followed the latest earlier occurrence of the
+    context's last 3 (else 2, else 1) tokens (none without a match: a plain step), and the full model
+    checks them; exact like ``Verified``. It pays where the output repeats its context (quoting,
+    editing code, summaries, loops).
+
+    Args:
+        draft_len: drafts asked for per cycle (k >= 1; default ``LOOKUP_DRAFT_LEN``).
+        width: must be 1 (prompt lookup proposes no side candidates); taken so ``make_strategy``'s
+            arguments validate alike for every strategy.
+    """
+
+    name = "lookup"
+
+    def __init__(self, draft_len: int = LOOKUP_DRAFT_LEN, width: int = 1) -> None:
+        super().__init__(draft_len, width, "lookup")
 
 
-def make_strategy(name: str, draft_len: int = 1, threshold: float = 0.5, width: int = 1) -> Strategy:
-    """Build a strategy by name; unknown names list the known ones."""
+STRATEGIES = {"standard": Standard, "alternating": Alternating, "verified": Verified, "adaptive": Adaptive,
+              "lookup": Lookup}
+
+
+def make_strategy(name: str, draft_len: int | None = None, threshold: float = 0.5, width: int = 1,
+                  drafter: str | Callable | None = None) -> Strategy:
+    """Build a strategy by name; unknown names list the known ones.
+
+    Args:
+        name: a key of ``STRATEGIES``.
+        draft_len: drafts per cycle for ``verified`` (default 1) and ``lookup`` (default
+            ``LOOKUP_DRAFT_LEN``); None: the strategy's default.
+        threshold: the module confidence ``adaptive`` needs.
+        width: candidates for the first draft's slot (``verified`` with the module drafter).
+        drafter: for ``verified``, the drafter (``"module"``, the default, ``"lookup"`` or a factory);
+            ``make_strategy("verified", drafter="lookup")`` is ``make_strategy("lookup")``.
+
+    Raises:
+        ValueError: an unknown name, a setting out of range, or a drafter for a strategy that takes none.
+    """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; known strategies: {', '.join(STRATEGIES)}")
+    if drafter is not None and name != "verified":
+        raise ValueError(f"strategy {name!r} takes no drafter; give one to 'verified'")
+    if name == "lookup" or (name == "verified" and drafter == "lookup"):
+        return Lookup(LOOKUP_DRAFT_LEN if draft_len is None else draft_len, width)
     if name == "verified":
-        return Verified(draft_len, width)
+        return Verified(1 if draft_len is None else draft_len, width, drafter or "module")
     if name == "adaptive":
         return Adaptive(threshold)
     return STRATEGIES[name]()

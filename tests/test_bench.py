@@ -54,7 +54,7 @@ def test_bench_end_to_end_on_the_same_weights(setup, tmp_path):
     result = json.loads(json.dumps(result, allow_nan=False))
     by_name = {r["name"]: r for r in result["rows"]}
     assert list(by_name) == ["standard", "alternating", "verified-k1", "verified-k2", "verified-k1w3", "verified-k2w3",
-                             "adaptive-0", "adaptive-0.6",
+                             "adaptive-0", "adaptive-0.6", "lookup",
                              "hf-generate", "hf-prompt-lookup", "verified-k1@other", "verified-k2@other",
                              "adaptive-0.6@other"]
     assert {r["module"] for r in result["rows"]} == {"", "other"}
@@ -72,6 +72,7 @@ def test_bench_end_to_end_on_the_same_weights(setup, tmp_path):
         assert by_name[name]["tau"] >= 1.0 and 0.0 <= by_name[name]["acceptance_rate"] <= 1.0
     assert by_name["hf-generate"]["identical_to_standard"] is True  # same weights, same greedy tokens
     assert by_name["hf-prompt-lookup"]["identical_to_standard"] is True
+    assert by_name["lookup"]["identical_to_standard"] is True and by_name["lookup"]["tau"] >= 1.0  # ours, verified
     assert by_name["hf-generate"]["tau"] is None
     assert by_name["alternating"]["tau"] > 1.5  # two tokens per full call after the prefill
     for r in result["rows"]:  # every timed run kept; the reported figures are their medians
@@ -84,7 +85,7 @@ def test_bench_end_to_end_on_the_same_weights(setup, tmp_path):
         assert runs["new_tokens"] == [12] * 4
         for seconds, speed in zip(runs["seconds"], runs["tokens_per_s"], strict=True):
             assert seconds == pytest.approx(12 / speed, abs=2e-6)  # tok/s = the row's own tokens / seconds
-    assert by_name["standard"]["samples"]["position"] == [0, 12, 11, 10]  # 13 rows, rotated by one per pass
+    assert by_name["standard"]["samples"]["position"] == [0, 13, 12, 11]  # 14 rows, rotated by one per pass
     table = bench.format_table(result)
     assert all(name in table for name in by_name) and "own new tokens" in table
     pytest.importorskip("matplotlib")
@@ -139,7 +140,7 @@ def test_row_order_rotates_between_passes():
 
 
 def test_plan_kinds():
-    assert plan_kinds(None, has_module=False) == ["standard", *bench.HF_ROWS]
+    assert plan_kinds(None, has_module=False) == ["standard", "lookup", *bench.HF_ROWS]  # no module needed
     assert plan_kinds(None, has_module=True) == list(bench.ROW_KINDS)
     assert plan_kinds(["hf-generate", "verified"], has_module=True) == ["standard", "verified", "hf-generate"]
     with pytest.raises(BenchError, match="need a recyclable module"):

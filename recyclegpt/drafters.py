@@ -1,0 +1,312 @@
+"""Drafters: the sources of draft tokens the decode loop verifies (or, for lossy strategies, emits).
+
+A drafter proposes tokens and owns whatever state it needs to do so (a model cache, an n-gram index);
+the strategy (``strategies.py``) decides how many drafts to ask for and which to keep; the loop
+(``generate.py``) owns the backbone's cache, stop criteria and stats. One cycle of the loop reads::
+
+    k = strategy.draft_len(drafter.first_logits())
+    proposal = drafter.propose(k, sampler, seen, width, keep_probs)     # (B, k') drafts, k' <= k
+    ... full call over [pending, drafts, side drafts]; strategy.accept(...) keeps n drafts + 1 token ...
+    drafter.commit(new, hidden_of_new, emitted)                         # ingest the n + 1 real tokens
+
+Implementations: ``ModuleDrafter`` (the recyclable module, chaining on its own state, with its copy
+gate), ``PromptLookupDrafter`` (n-gram lookup in the context, no model) and ``NoDrafter`` (plain
+decoding). An early-exit drafter (SPEED, issue #35) plugs in the same way: it holds the backbone and a
+draft head, keeps a cache of its own for the first L layers (``start`` fills it from the prompt,
+``propose`` runs L layers and the head k times, ``commit`` rolls it back to the accepted length as
+``ModuleDrafter`` does); should it need more of the full call than the final hidden states of the kept
+tokens, the backbone hands them out beside ``hidden`` and ``commit`` takes them. Pass its factory as a
+strategy's drafter (``Verified(draft_len, drafter=factory)``, see ``make_drafter``); the loop does not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from recyclegpt.copy import CopyIndex, proposal_tensors
+from recyclegpt.sampling import Sampler
+
+LOOKUP_NGRAM = 3  # the longest context suffix prompt lookup matches (then 2, then 1)
+
+
+@dataclass
+class Proposal:
+    """What a drafter proposes for one cycle.
+
+    Attributes:
+        tokens: (B, k') draft tokens, a chain: draft j continues the context and drafts 1 .. j-1. Every
+            row has the same count k' <= k (a batch keeps one accepted count, so the caches stay aligned).
+        probs: (B, k', V) the distributions the drafts were drawn from (after the sampler's filters),
+            for the speculative-sampling test; (B, k', 0) when not asked for (greedy decoding, or a
+            strategy that checks no draft). A deterministic drafter gives one-hot rows.
+        side: (B, w - 1) other candidates for the first draft's slot, checked beside it as a tree;
+            None when none were asked for (width 1) or the drafter has none.
+    """
+
+    tokens: torch.Tensor
+    probs: torch.Tensor
+    side: torch.Tensor | None = None
+
+
+class Drafter:
+    """Interface: proposes draft tokens for the decode loop and owns the state it needs.
+
+    Lifecycle, per generate call (a drafter serves one call; make a new one for the next)::
+
+        start(prompts, tokens, hidden, first, room)    once, after the prefill
+        then per cycle: first_logits(), propose(k, ...), and, unless every row has finished,
+        commit(new, hidden, emitted)
+
+    Between cycles the drafter's view of each row is the prompt plus every token emitted so far (the
+    prefill's ``first`` included); drafts not kept must leave no trace after ``commit``.
+    """
+
+    calls = 0  # model calls the drafter made (DecodeStats.module_calls)
+
+    def start(self, prompts: Sequence[Sequence[int]], tokens: torch.Tensor, hidden: torch.Tensor,
+              first: torch.Tensor, room: int) -> None:
+        """Ingest the prompt.
+
+        Args:
+            prompts: each row's prompt ids, unpadded.
+            tokens: (B, P) the prompts left-padded together, as the backbone saw them.
+            hidden: (B, P, d) the backbone's final hidden states over ``tokens``.
+            first: (B,) the token the prefill chose after each prompt (emitted by every row).
+            room: slots a cache of the drafter's own needs (prompt, new tokens and one cycle's drafts).
+        """
+        raise NotImplementedError
+
+    def first_logits(self) -> torch.Tensor | None:
+        """Logits (B, V) the first draft will be drawn from (log-probabilities for a mixture), for a
+        strategy that sizes its request on the drafter's confidence; None for a drafter without a
+        distribution. Cheap to call twice in a cycle (computed once)."""
+        return None
+
+    def propose(self, k: int, sampler: Sampler, seen: torch.Tensor, width: int = 1,
+                keep_probs: bool = False) -> Proposal:
+        """Up to ``k`` chained drafts per row (the same count for every row; fewer, or none, when the
+        drafter has nothing to propose: the loop then verifies what it got, and 0 is a plain step).
+
+        Args:
+            k: drafts wanted.
+            sampler: draws the drafts from a drafter's distribution (and its generator keeps seeded
+                runs reproducible); a deterministic drafter ignores it.
+            seen: (B, V) tokens already in the context, for the repetition penalty.
+            width: candidates wanted for the first draft's slot (``width - 1`` side drafts), when k >= 1.
+            keep_probs: return the distributions the drafts were drawn from (sampled verification).
+        """
+        raise NotImplementedError
+
+    def commit(self, tokens: torch.Tensor, hidden: torch.Tensor, emitted: Sequence[Sequence[int]]) -> None:
+        """Ingest what the cycle kept and forget the rest of the proposal.
+
+        Args:
+            tokens: (B, n + 1) the kept drafts and the full model's token, per row.
+            hidden: (B, n + 1, d) the full call's hidden states at the positions those tokens follow
+                (the pending token's, then each kept draft's).
+            emitted: per row, the prefix of ``tokens`` the output kept (shorter once a row stops; empty
+                for a finished row): what a drafter reading the context indexes.
+        """
+        raise NotImplementedError
+
+
+class NoDrafter(Drafter):
+    """Proposes nothing: plain decoding (the ``standard`` strategy)."""
+
+    def start(self, prompts, tokens, hidden, first, room) -> None:
+        self._empty = first.new_zeros(first.shape[0], 0)
+
+    def propose(self, k, sampler, seen, width=1, keep_probs=False) -> Proposal:
+        return Proposal(self._empty, _no_probs(self._empty))
+
+    def commit(self, tokens, hidden, emitted) -> None:
+        pass
+
+
+class ModuleDrafter(Drafter):
+    """The recyclable module: drafts the token after next from (h_t, x_{t+1}), chaining on its own state.
+
+    Cache invariant between cycles: the module cache holds the pairs (h_i, x_{i+1}) for i = 0 .. p-1,
+    as long as the backbone's cache (x_0 .. x_{p-1}); its output at pair p-1 gives the first draft's
+    distribution, for x_{p+1}. Drafts after the first feed the module its own output state in place of
+    h; ``commit`` rolls those chained steps back and ingests the n + 1 real pairs.
+
+    A module with a copy gate (``module.copy_gate``) drafts from the mixture of its distribution with
+    the token copied from each row's context (``copy.CopyIndex``, the drafts so far matched as context).
+
+    Args:
+        backbone: the backbone (its embedding and head are the module's).
+        module: the recyclable module (or any object with its interface: ``new_cache``, ``forward``,
+            ``draft_logits`` and optionally ``copy_gate`` / ``copy_logits``).
+    """
+
+    def __init__(self, backbone: torch.nn.Module, module: torch.nn.Module) -> None:
+        self.backbone, self.module = backbone, module
+        self.copying = getattr(module, "copy_gate", None) is not None  # a test stub may have no attribute
+        self.calls = 0
+
+    def start(self, prompts, tokens, hidden, first, room) -> None:
+        B, P = tokens.shape
+        self.cache = self.module.new_cache(B, room)
+        pads = [P - len(p) for p in prompts]
+        if any(pads):
+            self.cache.set_padding(pads)
+        self.indices = [CopyIndex([*p, t]) for p, t in zip(prompts, first.tolist(), strict=True)] \
+            if self.copying else []
+        self._ingest(hidden, torch.cat([tokens[:, 1:], first[:, None]], 1))
+
+    def first_logits(self) -> torch.Tensor:
+        if self._first is None:
+            self._first = self._with_copies(self._logits, [])
+        return self._first
+
+    def propose(self, k, sampler, seen, width=1, keep_probs=False) -> Proposal:
+        logits, drafts, qs, side = self.first_logits(), [], [], None
+        for j in range(k):
+            if j > 0:
+                logits = self._with_copies(self._step(self._state, drafts[-1][:, None]), drafts)
+            if keep_probs:
+                qs.append(sampler.probs(logits, seen))
+                drafts.append(sampler.choose(qs[-1]))
+            else:
+                drafts.append(sampler.token(logits, seen))
+            if j == 0 and width > 1:  # the module's next most likely tokens (the first draft is in the chain)
+                others = logits.float().scatter(1, drafts[0][:, None], float("-inf"))
+                side = others.topk(width - 1, -1).indices  # (B, w-1)
+        tokens = torch.stack(drafts, 1) if drafts else seen.new_zeros(seen.shape[0], 0, dtype=torch.long)
+        return Proposal(tokens, torch.stack(qs, 1) if qs else _no_probs(tokens), side)
+
+    def commit(self, tokens, hidden, emitted) -> None:
+        for index, ids in zip(self.indices, emitted, strict=True) if self.copying else ():
+            index.extend(ids)
+        self.cache.rollback(self._length)  # forget the chained drafts' pairs
+        self._ingest(hidden, tokens)
+
+    def _ingest(self, hidden: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Real pairs (hidden (B, T, d), the tokens after them (B, T)) into the cache."""
+        self._logits = self._step(hidden, tokens)
+        self._length, self._first = self.cache.length, None
+
+    def _step(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """One module call; returns the next draft's raw logits (B, V) and keeps the state for chaining."""
+        g = self.module(hidden, self.backbone.embed(tokens), self.cache)  # (B, T, d)
+        self.calls += 1
+        self._state = g[:, -1:]
+        return self.module.draft_logits(self.backbone, g[:, -1])
+
+    def _with_copies(self, logits: torch.Tensor, drafts: list[torch.Tensor]) -> torch.Tensor:
+        """``logits`` mixed with each row's copy candidate after its context and ``drafts`` (no gate: as is)."""
+        if not self.copying:
+            return logits
+        suffix = torch.stack(drafts, 1).tolist() if drafts else [[]] * len(self.indices)
+        found = [index.propose(s) for index, s in zip(self.indices, suffix, strict=True)]
+        cand, feats = proposal_tensors(found, logits.device)
+        return self.module.copy_logits(logits, cand, feats)
+
+
+class PromptLookupDrafter(Drafter):
+    """Prompt lookup: no model; proposes what followed the latest earlier occurrence of the context's tail.
+
+    For each row it matches the last n tokens of the context (prompt and output so far), n = ``ngram``
+    down to 1, against every earlier position, takes the latest match and proposes the k tokens that
+    followed it. A match near the end of the context runs on into the tokens it proposes itself (the
+    copy overlaps, as in LZ77), so a repeating pattern is proposed for all k drafts. Greedy or sampled,
+    the proposal is deterministic: its distributions are one-hot, so the speculative-sampling test
+    keeps verified decoding exact.
+
+    A batch proposes as many drafts as its shortest row (k with a match, 0 without): a row without a
+    match makes the cycle a plain step for every row. The rows keep one accepted count, so the other
+    rows' drafts beyond that could only be kept if the short row were padded with guesses that happened
+    to be right: full-model work that would rarely pay.
+
+    Args:
+        ngram: the longest suffix matched (>= 1).
+    """
+
+    def __init__(self, ngram: int = LOOKUP_NGRAM) -> None:
+        if ngram < 1:
+            raise ValueError(f"prompt lookup n-gram length must be >= 1, got {ngram}")
+        self.ngram = ngram
+
+    def start(self, prompts, tokens, hidden, first, room) -> None:
+        self.contexts: list[list[int]] = []
+        self._latest: list[dict[tuple[int, ...], int]] = []  # per row: n-gram -> position after its latest end
+        for p, t in zip(prompts, first.tolist(), strict=True):
+            self.contexts.append([])
+            self._latest.append({})
+            self._extend(len(self.contexts) - 1, [*p, t])
+
+    def propose(self, k, sampler, seen, width=1, keep_probs=False) -> Proposal:
+        rows = [self.lookup(ctx, latest, k) for ctx, latest in zip(self.contexts, self._latest, strict=True)]
+        n = min(len(r) for r in rows)
+        tokens = torch.tensor([r[:n] for r in rows], dtype=torch.long, device=seen.device).view(len(rows), n)
+        if keep_probs:
+            probs = torch.nn.functional.one_hot(tokens, seen.shape[1]).float()  # (B, n, V)
+        else:
+            probs = _no_probs(tokens)
+        return Proposal(tokens, probs)
+
+    def commit(self, tokens, hidden, emitted) -> None:
+        for row, ids in enumerate(emitted):
+            self._extend(row, ids)
+
+    def lookup(self, ctx: Sequence[int], latest: dict[tuple[int, ...], int], k: int) -> list[int]:
+        """Up to ``k`` tokens continuing ``ctx`` from the latest earlier match of its tail ([] without one).
+
+        ``latest`` maps each n-gram (n <= ``ngram``) of ``ctx`` but its tail to the position just after
+        its latest occurrence (as ``_extend`` builds it).
+        """
+        for n in range(min(self.ngram, len(ctx) - 1), 0, -1):
+            after = latest.get(tuple(ctx[len(ctx) - n :]))
+            if after is not None:
+                out = list(ctx[after:after + k])
+                while len(out) < k:  # the match runs on into its own proposal
+                    out.append(out[len(out) - (len(ctx) - after)])
+                return out
+        return []
+
+    def _extend(self, row: int, ids: Sequence[int]) -> None:
+        """Append tokens to a row's context; the n-grams that stop being its tail become matchable."""
+        ctx, latest = self.contexts[row], self._latest[row]
+        for tok in ids:
+            p = len(ctx)  # every n-gram ending at p - 1 is now followed by tok
+            for n in range(1, min(self.ngram, p) + 1):
+                latest[tuple(ctx[p - n : p])] = p
+            ctx.append(tok)
+
+
+DRAFTERS = ("module", "lookup")
+
+
+def make_drafter(kind: str | Callable[[torch.nn.Module, torch.nn.Module | None], Drafter] | None,
+                 backbone: torch.nn.Module, module: torch.nn.Module | None) -> Drafter:
+    """The drafter a strategy asks for (``Strategy.drafter``), fresh for one generate call.
+
+    Args:
+        kind: ``"module"`` (the recyclable module), ``"lookup"`` (prompt lookup), None (no drafts) or a
+            factory ``(backbone, module) -> Drafter`` for a drafter of another kind.
+        backbone: the backbone the loop decodes with.
+        module: the engine's recyclable module, if any.
+
+    Raises:
+        ValueError: an unknown kind, or ``"module"`` without a module.
+    """
+    if kind is None:
+        return NoDrafter()
+    if callable(kind):
+        return kind(backbone, module)
+    if kind == "module":
+        if module is None:
+            raise ValueError("the module drafter needs a recyclable module")
+        return ModuleDrafter(backbone, module)
+    if kind == "lookup":
+        return PromptLookupDrafter()
+    raise ValueError(f"unknown drafter {kind!r}; known drafters: {', '.join(DRAFTERS)}")
+
+
+def _no_probs(tokens: torch.Tensor) -> torch.Tensor:
+    """The empty (B, k, 0) distributions of drafts whose distributions nobody reads."""
+    return torch.zeros(*tokens.shape, 0, device=tokens.device)
