@@ -291,7 +291,7 @@ def cmd_bases(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     """Prepare training data: tokenize text files, distill a base's own answers, merge directories, or split
     corpus files into their held-in (training) and held-out (evaluation) parts."""
-    from recyclegpt import data
+    from recyclegpt import data, workflows
 
     _threads(args.threads)
     no_model = ("prepare", "merge", "split")
@@ -330,12 +330,13 @@ def cmd_data(args: argparse.Namespace) -> int:
             engine, base = load_engine(args.model, None, args.backend, dtype="bfloat16" if args.bf16 else "float32",
                                        prepack=args.prepack, device=args.device)
             if args.action == "prompts":
-                meta = data.self_prompts(engine, args.n, args.out, args.batch_size, seed=args.seed, exclude=excluded)
+                meta = workflows.self_prompts(engine, args.n, args.out, args.batch_size, seed=args.seed,
+                                              exclude=excluded)
                 print(json.dumps(meta))
                 return 0
             prompts = prompts[: args.limit or None]
-            meta = data.distill(engine, prompts, args.out, args.max_new_tokens, args.batch_size, args.val_fraction,
-                                base.chat, base.name)
+            meta = workflows.distill(engine, prompts, args.out, args.max_new_tokens, args.batch_size,
+                                     args.val_fraction, base.chat, base.name)
     print(json.dumps(meta["tokens"]))
     return 0
 
@@ -417,13 +418,13 @@ def cmd_draft_vocab(args: argparse.Namespace) -> int:
 @command
 def cmd_copy_gate(args: argparse.Namespace) -> int:
     """Teach a trained module to copy from the context: fit the gate that mixes a token copied from an
-    earlier occurrence of the current n-gram into the module's proposals (recyclegpt/copy.py), on the
+    earlier occurrence of the current n-gram into the module's proposals (recyclegpt/copy_gate.py), on the
     base's greedy answers to --prompts and on --text, then save the module with it. Decoding and
     evaluation use the mixture from then on; verified decoding stays exact."""
     from recyclegpt.checkpoint import load_module_file, save_module
-    from recyclegpt.copy import fit_copy_gate
     from recyclegpt.data import read_prompts
     from recyclegpt.modules import resolve_module
+    from recyclegpt.workflows import fit_copy_gate
 
     _threads(args.threads)
     if args.module is None:

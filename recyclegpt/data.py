@@ -1,4 +1,11 @@
-"""Training data: text files -> token memmaps with a train/validation split, and windows to train on.
+"""Text and token files: text files -> token memmaps with a train/validation split, and windows to train on.
+
+Also the other files the package reads and writes: prompt files (``read_prompts``, ``prompt_ids``, the
+``PromptFilter`` that keeps excluded prompts out), the corpus split (``corpus_lines``, ``split_corpora``),
+the first tokens of a text file (``read_tokens``), the hidden-state cache for attach training
+(``HiddenData`` / ``cache_hidden``) and the output of ``workflows.distill`` read back (``open_distilled``,
+``distilled_answers``). Nothing here decodes; this module imports no other module of the package, so every
+layer may import it (the workflows that run an engine to make data are in ``workflows.py``).
 
 A prepared directory holds ``train.bin`` and ``val.bin`` (flat token ids, uint16 when the vocabulary
 fits, else uint32, documents separated by the tokenizer's EOS) and ``meta.json``. Text is read in
@@ -78,6 +85,26 @@ def iter_text(path: Path) -> Iterator[str]:
                 yield buf
 
 
+def read_tokens(path: str | Path, tokenizer, max_tokens: int) -> list[int]:
+    """The first ``max_tokens`` tokens of a text file (.txt .md .rst .jsonl .parquet), read in chunks.
+
+    Each text of ``iter_text`` (a .jsonl/.parquet document, or a ~64k-character chunk of a plain file) is
+    encoded as ``prepare`` encodes it: starting with the model's BOS where the model expects one, so
+    the first window reads a document's start as the model was trained to (SmolLM2 adds none).
+
+    Raises:
+        DataError: a missing, empty, binary or unsupported file.
+    """
+    p = Path(path)
+    check_file(p)
+    ids: list[int] = []
+    for text in iter_text(p):
+        ids.extend(tokenizer.encode(text))
+        if len(ids) >= max_tokens:
+            break
+    return ids[:max_tokens]
+
+
 HELD_OUT_TENTHS = 1  # the last tenth of the lines of every corpus file is held out from all training data
 
 
@@ -128,8 +155,9 @@ def split_corpora(paths: Sequence[str | Path], out_dir: str | Path) -> dict:
     return counts
 
 
-class _SplitWriter:
-    """``train.bin`` / ``val.bin`` written through temporary files, renamed into place by ``commit``."""
+class SplitWriter:
+    """``train.bin`` / ``val.bin`` written through temporary files, renamed into place by ``commit``
+    (``prepare`` here, ``workflows.distill``)."""
 
     def __init__(self, out: Path, vocab_size: int) -> None:
         self.out = out
@@ -180,7 +208,7 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     eos = min(tokenizer.eos_token_ids) if tokenizer.eos_token_ids else None
     every = max(round(1 / val_fraction), 2)
-    splits = _SplitWriter(out, tokenizer.vocab_size)
+    splits = SplitWriter(out, tokenizer.vocab_size)
     total = sum(p.stat().st_size for p in paths)
     chunk_index = 0
     try:
@@ -205,6 +233,13 @@ def prepare(
             "inputs": [str(p) for p in paths], "tokens": counts, "val_fraction": val_fraction}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def frequent_tokens(counts: torch.Tensor, size: int) -> torch.Tensor:
+    """Ids of the ``size`` most frequent tokens given per-id counts (V,): a draft vocabulary."""
+    if size <= 0 or size > counts.numel():
+        raise ValueError(f"draft vocabulary size must be in [1, {counts.numel()}], got {size}")
+    return torch.topk(counts.double(), size).indices.sort().values
 
 
 def _draws(seed: int, step: int, high: int, n: int) -> list[int]:
@@ -238,8 +273,6 @@ class TokenData:
     def draft_vocab(self, size: int) -> tuple[torch.Tensor, float]:
         """The ``size`` most frequent token ids of the train split (a module's draft vocabulary) and the
         share of the split's tokens they cover."""
-        from recyclegpt.recycle import frequent_tokens
-
         counts = torch.from_numpy(np.bincount(self.splits["train"], minlength=self.vocab_size))
         ids = frequent_tokens(counts, size)
         return ids, float(counts[ids].sum() / counts.sum())
@@ -450,124 +483,8 @@ def exclude_prompts(prompts: Sequence[str], excluded: Sequence[str]) -> tuple[li
     return kept, len(prompts) - len(kept)
 
 
-def self_prompts(
-    engine, n: int, out_path: str | Path, batch_size: int = 32, max_new_tokens: int = 64,
-    temperature: float = 1.0, top_p: float = 0.95, seed: int = 0, min_words: int = 3,
-    exclude: Sequence[str] = (),
-) -> dict:
-    """User prompts sampled from a chat model's own idea of a user turn, written as JSONL.
-
-    The chat template is opened up to the user's message and the model writes that message itself
-    (the idea of Magpie, Xu et al. 2024, arXiv 2406.08464): prompts of the kind the model was tuned to
-    answer, with no dataset download. Turns that run past ``max_new_tokens``, have fewer than
-    ``min_words`` words, or repeat an earlier one are dropped; sampling goes on until ``n`` are kept.
-
-    Args:
-        engine: a ``recyclegpt.generate.Engine`` on a chat model (its tokenizer must have a template).
-        n: prompts to keep.
-        out_path: the JSONL file to write (``{"prompt": ...}`` per line).
-        batch_size: turns sampled together.
-        max_new_tokens: longest turn.
-        temperature / top_p: sampling settings (diversity).
-        seed: sampling seed; batch i samples with seed ``seed * 1_000_000 + i``, so runs with different
-            seeds never share a batch (with ``seed + i``, seed 1 repeated seed 0's batches shifted by one).
-        min_words: shortest turn kept.
-        exclude: prompts that must not be kept (compared as in :func:`exclude_prompts`); sampling goes on
-            until ``n`` others are kept.
-
-    Raises:
-        DataError: the tokenizer has no chat template, or ``n`` < 1.
-    """
-    from recyclegpt.sampling import SamplingConfig
-
-    tok = engine.tokenizer
-    if not getattr(tok, "chat_template", None):
-        raise DataError("self-prompting needs a chat model (a tokenizer with a chat template)")
-    if n < 1:
-        raise DataError(f"number of prompts must be >= 1, got {n}")
-    marker = "\u2063RECYCLEGPT\u2063"  # any text the template copies verbatim
-    opening = tok.apply_chat([{"role": "user", "content": marker}]).split(marker)[0]
-    prefix = tok.encode(opening)
-    banned = PromptFilter(exclude)
-    kept: dict[str, None] = {}
-    tried = excluded = 0
-    with tqdm(total=n, desc="self-prompting", unit="prompt") as bar:
-        while len(kept) < n:
-            batch_seed = seed * 1_000_000 + tried // batch_size
-            cfg = SamplingConfig(temperature=temperature, top_p=top_p, seed=batch_seed)
-            for g in engine.generate([prefix] * batch_size, max_new_tokens=max_new_tokens, sampling=cfg):
-                text = g.text.strip()
-                if text in banned:
-                    excluded += 1
-                elif g.finish_reason == "stop" and len(text.split()) >= min_words and text not in kept:
-                    kept[text] = None
-            tried += batch_size
-            bar.update(min(len(kept), n) - bar.n)
-            bar.set_postfix(kept=f"{len(kept) / tried:.0%}")
-    prompts = list(kept)[:n]
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_path).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
-    return {"prompts": len(prompts), "sampled": tried, "excluded": excluded, "temperature": temperature,
-            "top_p": top_p, "seed": seed, "base_dtype": _dtype_name(engine)}
-
-
-def distill(
-    engine, prompts: Sequence[str], out_dir: str | Path, max_new_tokens: int = 128, batch_size: int = 16,
-    val_fraction: float = 0.05, chat: bool = True, name: str = "",
-) -> dict:
-    """Self-distillation data: the base's own greedy answers to prompts, as token memmaps.
-
-    Each sequence is (chat-templated) prompt + the base's greedy continuation + EOS, so a module trained
-    on it learns to predict what the base itself says. Prompts are batched by length; every
-    ``1/val_fraction``-th prompt goes to the validation split.
-
-    Args:
-        engine: a ``recyclegpt.generate.Engine`` on the base.
-        prompts: user prompts (the chat template is applied when ``chat``).
-        out_dir: destination (``train.bin``, ``val.bin``, ``meta.json``, ``samples.jsonl``).
-        max_new_tokens: answer length cap.
-        batch_size: prompts decoded together (left padding).
-        val_fraction: share of prompts held out.
-        chat: apply the tokenizer's chat template.
-        name: the base's name, recorded in the metadata.
-    """
-    if not prompts:
-        raise DataError("no prompts given")
-    tok = engine.tokenizer
-    ids = [prompt_ids(tok, p, chat) for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    every = max(round(1 / val_fraction), 2)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    eos = min(tok.eos_token_ids)
-    splits = _SplitWriter(out, tok.vocab_size)
-    samples = (out / "samples.jsonl").open("w")
-    try:
-        with tqdm(total=len(ids), desc="distilling", unit="prompt") as bar:
-            for lo in range(0, len(order), batch_size):
-                idx = order[lo : lo + batch_size]
-                gens = engine.generate([ids[i] for i in idx], max_new_tokens=max_new_tokens)
-                for i, g in zip(idx, gens, strict=True):
-                    seq = ids[i] + [t for t in g.token_ids if t not in tok.eos_token_ids] + [eos]
-                    split = "val" if i % every == every - 1 else "train"
-                    splits.write(split, seq)
-                    samples.write(json.dumps({"prompt": prompts[i], "split": split, "response": g.text}) + "\n")
-                bar.update(len(idx))
-                bar.set_postfix(tok_s=f"{gens[0].stats.tokens_per_s:.0f}")
-    finally:
-        splits.close()
-        samples.close()
-    splits.commit()
-    meta = {"dtype": np.dtype(splits.dtype).name, "vocab_size": tok.vocab_size, "tokenizer": name,
-            "tokens": splits.counts,
-            "kind": "self-distillation", "prompts": len(prompts), "max_new_tokens": max_new_tokens,
-            "val_fraction": val_fraction, "base_dtype": _dtype_name(engine)}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
-
-
 def open_distilled(out_dir: str | Path) -> TokenData:
-    """A :func:`distill` output directory, opened for :func:`distilled_answers`.
+    """A ``workflows.distill`` output directory, opened for :func:`distilled_answers`.
 
     Raises:
         DataError: not a prepared directory, or one that ``data distill`` did not write.
@@ -579,7 +496,7 @@ def open_distilled(out_dir: str | Path) -> TokenData:
 
 
 def distilled_answers(data: TokenData, tokenizer, chat: bool = True) -> list[tuple[list[int], list[int]]]:
-    """The (prompt ids, answer ids) pairs stored by :func:`distill`, in ``samples.jsonl`` order.
+    """The (prompt ids, answer ids) pairs stored by ``workflows.distill``, in ``samples.jsonl`` order.
 
     Each answer is the base's greedy output as ``Engine.generate`` returned it: ending in an end-of-sequence
     token when the base stopped, without one when it was cut at ``max_new_tokens``.
@@ -609,11 +526,6 @@ def distilled_answers(data: TokenData, tokenizer, chat: bool = True) -> list[tup
         pos[sample["split"]] = end + 1
         pairs.append((ids, answer[:-1] if len(answer) - 1 == cap else answer))  # cut: the stored eos was added
     return pairs
-
-
-def _dtype_name(engine) -> str:
-    """The precision the engine's base generated in (``float32``, ``bfloat16``), for the metadata."""
-    return str(next(engine.backbone.parameters()).dtype).removeprefix("torch.")
 
 
 def merge(sources: Sequence[str | Path], out_dir: str | Path) -> dict:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from recyclegpt.copy import CopyIndex, proposal_tensors
+from recyclegpt.copy_gate import CopyIndex, proposal_tensors
 from recyclegpt.sampling import Sampler
 
 LOOKUP_NGRAM = 3  # the longest context suffix prompt lookup matches (then 2, then 1)
@@ -135,7 +135,7 @@ class ModuleDrafter(Drafter):
     h; ``commit`` rolls those chained steps back and ingests the n + 1 real pairs.
 
     A module with a copy gate (``module.copy_gate``) drafts from the mixture of its distribution with
-    the token copied from each row's context (``copy.CopyIndex``, the drafts so far matched as context).
+    the token copied from each row's context (``copy_gate.CopyIndex``, the drafts so far matched as context).
 
     Args:
         backbone: the backbone (its embedding and head are the module's).

@@ -4,7 +4,7 @@ Notation (as in ``recycle.py``): in a window x_0 .. x_{T-1}, the base scores x_j
 p_base(x_j | x_<j), read from h_{j-1}; the module scores x_j (j >= 2) with p_mod(x_j | h_{j-2}, x_{j-1}),
 exactly the distribution alternating decoding draws the module's token from (``draft_logits``: with a
 draft vocabulary, tokens outside it have probability 0; with a copy gate, mixed with the token copied
-from the context, ``copy.py``, which may lie outside it). Everything is teacher forced: one backbone
+from the context, ``copy_gate.py``, which may lie outside it). Everything is teacher forced: one backbone
 forward per window, the module over the pairs (h_t, x_{t+1}) in the same pass.
 
 * **Perplexity of the base**: exp(mean_j -log p_base(x_j | x_<j)) over windows of ``seq_len`` tokens.
@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from recyclegpt.copy import mix_scores, window_proposals
-from recyclegpt.data import check_file, iter_text, prompt_ids
+from recyclegpt.copy_gate import mix_scores, window_proposals
+from recyclegpt.data import prompt_ids, read_tokens
 
 
 class EvalError(ValueError):
@@ -98,7 +98,7 @@ def module_scores(backbone: torch.nn.Module, module: torch.nn.Module, tokens: to
     pass). The module reads ``module(hidden, embed(tokens[:, 1:]))`` as in training; its logits are
     ``module.draft_logits``, what decoding samples from (``backbone.head`` of the module states when it has
     no draft vocabulary, or when ``full_vocab`` asks for the whole head), mixed with in-context copies when
-    the module has a copy gate (``copy.mix_scores``, as decoding's ``copy_logits``).
+    the module has a copy gate (``copy_gate.mix_scores``, as decoding's ``copy_logits``).
     """
     with torch.inference_mode():
         g = module(hidden, backbone.embed(tokens[:, 1:]))[:, :-1]  # pairs (h_t, x_{t+1}), t = 0 .. T-3
@@ -193,26 +193,6 @@ def paired_summary(items: int, right_standard: int, right_alternating: int, righ
     acc_std, acc_alt = right_standard / items, right_alternating / items
     return {"items": items, "standard": acc_std, "alternating": acc_alt, "diff_points": 100 * (acc_alt - acc_std),
             "right_to_wrong": right_to_wrong, "wrong_to_right": wrong_to_right, "mcnemar_p": p}
-
-
-def read_tokens(path: str | Path, tokenizer, max_tokens: int) -> list[int]:
-    """The first ``max_tokens`` tokens of a text file (.txt .md .rst .jsonl .parquet), read in chunks.
-
-    Each text of ``iter_text`` (a .jsonl/.parquet document, or a ~64k-character chunk of a plain file) is
-    encoded as ``data.prepare`` encodes it: starting with the model's BOS where the model expects one, so
-    the first window reads a document's start as the model was trained to (SmolLM2 adds none).
-
-    Raises:
-        DataError: a missing, empty, binary or unsupported file.
-    """
-    p = Path(path)
-    check_file(p)
-    ids: list[int] = []
-    for text in iter_text(p):
-        ids.extend(tokenizer.encode(text))
-        if len(ids) >= max_tokens:
-            break
-    return ids[:max_tokens]
 
 
 def text_metrics(

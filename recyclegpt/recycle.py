@@ -18,8 +18,8 @@ those rows only (``draft_logits``) and every other token gets -inf. Verified dec
 tokens from the module.
 
 Copy gate: a module may also carry ``copy_gate``, the weights of the in-context copy mixture of
-``copy.py``; decoding and evaluation then use the mixture q of the module's distribution and a token
-copied from the context (``copy_logits`` / ``copy.mix_scores``).
+``copy_gate.py``; decoding and evaluation then use the mixture q of the module's distribution and a token
+copied from the context (``copy_logits`` / ``copy_gate.mix_scores``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import nn
 
 from recyclegpt.cache import KVCache
 from recyclegpt.config import ModelConfig, RecycleConfig
-from recyclegpt.copy import N_FEATURES, mix_logits
+from recyclegpt.copy_gate import N_FEATURES, mix_logits
 from recyclegpt.model import Backbone, PackedLinear, RMSNorm, Stack, _init_weights, count_parameters
 
 
@@ -82,7 +82,7 @@ class RecyclableModule(nn.Module):
         self.draft_vocab = ids
 
     def set_copy_gate(self, weights: torch.Tensor | None) -> None:
-        """Mix in-context copies into the module's proposals with these gate weights (``copy.fit_gate``,
+        """Mix in-context copies into the module's proposals with these gate weights (``copy_gate.fit_gate``,
         saved with the module); None = the module alone."""
         if weights is not None:
             weights = torch.as_tensor(weights, dtype=torch.float32).flatten()
@@ -93,7 +93,7 @@ class RecyclableModule(nn.Module):
 
     def copy_logits(self, logits: torch.Tensor, cand: torch.Tensor, index_feats: torch.Tensor) -> torch.Tensor:
         """The draft distribution (B, V) as log-probabilities: ``logits`` mixed with each row's copy candidate
-        (``copy.CopyIndex.propose``; -1 for none); ``logits`` unchanged without a copy gate."""
+        (``copy_gate.CopyIndex.propose``; -1 for none); ``logits`` unchanged without a copy gate."""
         if self.copy_gate is None:
             return logits
         return mix_logits(logits, cand, index_feats, self.copy_gate, self.draft_vocab)
@@ -125,13 +125,6 @@ class RecyclableModule(nn.Module):
         remap = torch.full((self.config.vocab_size,), -100, dtype=torch.long, device=tokens.device)
         remap[self.draft_vocab] = torch.arange(self.draft_vocab.numel(), device=tokens.device)
         return remap[tokens]
-
-
-def frequent_tokens(counts: torch.Tensor, size: int) -> torch.Tensor:
-    """Ids of the ``size`` most frequent tokens given per-id counts (V,): a draft vocabulary."""
-    if size <= 0 or size > counts.numel():
-        raise ValueError(f"draft vocabulary size must be in [1, {counts.numel()}], got {size}")
-    return torch.topk(counts.double(), size).indices.sort().values
 
 
 class RecycleGPT(nn.Module):

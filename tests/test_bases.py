@@ -256,8 +256,9 @@ def test_gemma_greedy_answer_to_a_raw_prompt_is_not_degenerate(gemma):
 
 
 def test_self_prompts_sample_user_turns_from_the_chat_model(smol, tmp_path):
-    from recyclegpt.data import DataError, read_prompts, self_prompts
+    from recyclegpt.data import DataError, read_prompts
     from recyclegpt.generate import Engine
+    from recyclegpt.workflows import self_prompts
 
     meta = self_prompts(Engine(smol.backbone, smol.tokenizer), 6, tmp_path / "p.jsonl", batch_size=8, seed=3)
     prompts = read_prompts(tmp_path / "p.jsonl")

@@ -18,6 +18,7 @@ from recyclegpt.data import (
     open_distilled,
     prepare,
     read_prompts,
+    read_tokens,
     split_corpora,
 )
 
@@ -60,8 +61,6 @@ def _word_tokenizer(prepends_bos: bool):
 
 
 def test_documents_start_with_bos_only_where_the_tokenizer_prepends_one(tmp_path):
-    from recyclegpt.evaluate import read_tokens
-
     bos, plain = _word_tokenizer(True), _word_tokenizer(False)
     assert bos.bos_token_id == 1 and plain.bos_token_id is None  # both name a <bos>; only one prepends it
     assert bos.encode("a b") == [1, 3, 4] == bos.encode("<bos> a b") and bos.encode("a b", bos=False) == [3, 4]

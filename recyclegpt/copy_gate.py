@@ -14,6 +14,10 @@ the module is trained (``fit_gate``): they minimise KL(p_base || q) at the modul
 gate learns when the base itself would copy. Stored with the module (``RecyclableModule.copy_gate``), q is
 what decoding drafts from and what evaluation scores; verified decoding stays exact (drafts are drawn
 from q, and q is what the acceptance test reads).
+
+This file is the gate's math only: it imports nothing of the package and runs no model. Scoring a base and
+its module to fit the gate on (``gate_data``) and the whole fit on an engine (``fit_copy_gate``) are in
+``workflows.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm import tqdm
 
 MAX_N = 8  # the longest suffix the index matches
 BUCKETS = (1, 2, 3, 4, 6, 8)  # matched-length bins [1], [2], [3], [4, 5], [6, 7], [8]
@@ -93,7 +96,7 @@ def gate_features(index_feats: torch.Tensor, logp_c: torch.Tensor, logp_top: tor
                                                 in_draft.float()], -1)], -1)
 
 
-def _module_side(logp: torch.Tensor, cand: torch.Tensor, draft_vocab: torch.Tensor | None):
+def module_side(logp: torch.Tensor, cand: torch.Tensor, draft_vocab: torch.Tensor | None):
     """log p(c), log p(top), top-1 and whether c is in the draft vocabulary, from log-probs (N, V)."""
     logp_c = logp.gather(-1, cand[:, None])[:, 0]
     logp_top, top = logp.max(-1)
@@ -106,8 +109,8 @@ def gate(weights: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(feats @ weights[:-1].to(feats.dtype) + weights[-1].to(feats.dtype))
 
 
-def _mixed_top(a: torch.Tensor, logp_c: torch.Tensor, logp_top: torch.Tensor, cand: torch.Tensor, top: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mixed_top(a: torch.Tensor, logp_c: torch.Tensor, logp_top: torch.Tensor, cand: torch.Tensor, top: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """log(1 - a), log q(c) and argmax q from the copy weight a and the module's log p(c), log p(top), top."""
     keep = torch.log1p(-a)
     q_c = torch.logaddexp(logp_c + keep, a.log())
@@ -125,7 +128,7 @@ def mix_logits(logits: torch.Tensor, cand: torch.Tensor, index_feats: torch.Tens
     if rows.numel() == 0:
         return logp
     c, lp = cand[rows], logp[rows]
-    logp_c, logp_top, top, in_draft = _module_side(lp, c, draft_vocab)
+    logp_c, logp_top, top, in_draft = module_side(lp, c, draft_vocab)
     a = gate(weights, gate_features(index_feats[rows].to(lp), logp_c, logp_top, top == c, in_draft))
     mixed = lp + torch.log1p(-a)[:, None]  # (R, V): (1 - a) p
     mixed.scatter_(1, c[:, None], torch.logaddexp(mixed.gather(1, c[:, None]), a.log()[:, None]))
@@ -153,9 +156,9 @@ def mix_scores(logits: torch.Tensor, targets: torch.Tensor, cand: torch.Tensor, 
     in_draft = torch.ones_like(has) if draft_vocab is None else torch.isin(c, draft_vocab)
     feats = gate_features(index_feats.reshape(-1, N_INDEX).to(lse), logp_c, logp_top, top == c, in_draft)
     a = torch.where(has, gate(weights, feats), torch.zeros_like(lse))
-    keep, q_c, mixed_top = _mixed_top(a, logp_c, logp_top, c, top)
+    keep, q_c, q_top = mixed_top(a, logp_c, logp_top, c, top)
     nll = torch.where(has & (targets == c), -q_c, -(logp_y + keep))
-    top = torch.where(has, mixed_top, top)
+    top = torch.where(has, q_top, top)
     return nll.view(logits.shape[:-1]), top.view(logits.shape[:-1])
 
 
@@ -198,87 +201,3 @@ def window_proposals(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (h_i, x_{i+1})) proposes x_{i+2}. Returns ((B, T-2), (B, T-2, ``N_INDEX``)), on the windows' device."""
     cands, feats = zip(*(sequence_proposals(row) for row in tokens.tolist()), strict=True)
     return (torch.stack(cands)[:, 1:-1].to(tokens.device), torch.stack(feats)[:, 1:-1].to(tokens.device))
-
-
-@torch.no_grad()  # not inference mode: fit_gate differentiates through these tensors
-def gate_data(backbone: torch.nn.Module, module: torch.nn.Module, windows: Sequence[tuple[Sequence[int], int]]
-              ) -> dict[str, torch.Tensor]:
-    """What ``fit_gate`` reads, at every module slot that has a candidate.
-
-    Args:
-        windows: (token ids, first slot to use): e.g. a prompt and the base's answer with the first slot
-            of the answer, or a window of text with 0.
-
-    Returns:
-        ``fit_gate``'s keyword arguments, plus ``module_top`` / ``base_top`` / ``cand`` (N,) for reports and
-        ``slots`` (one count per window: its module slots, with a candidate or not).
-    """
-    out: dict[str, list[torch.Tensor]] = {}
-    device = next(backbone.parameters()).device
-    for ids, first in tqdm(windows, desc="scoring windows", unit="window"):
-        if len(ids) < 3:
-            continue
-        tokens = torch.tensor([list(ids)], device=device)
-        logits, hidden = backbone(tokens[:, :-1])  # position t predicts x_{t+1}
-        g = module(hidden, backbone.embed(tokens[:, 1:]))
-        logp = module.draft_logits(backbone, g[0, :-1]).float().log_softmax(-1)  # slot i -> x_{i+2}
-        base = logits[0, 1:].float()  # position i + 1 -> x_{i+2}
-        cand, feats = window_proposals(tokens)
-        sel = (cand[0] >= 0) & (torch.arange(cand.shape[1], device=device) >= first)
-        c = cand[0, sel]
-        logp_c, logp_top, top, in_draft = _module_side(logp[sel], c, module.draft_vocab)
-        rows = {"index_feats": feats[0, sel], "logp_c": logp_c, "logp_top": logp_top, "is_top": top == c,
-                "in_draft": in_draft, "base_p_c": base[sel].softmax(-1).gather(1, c[:, None])[:, 0],
-                "module_top": top, "base_top": base[sel].argmax(-1), "cand": c,
-                "slots": torch.tensor([cand.shape[1] - first])}
-        for k, v in rows.items():
-            out.setdefault(k, []).append(v.cpu())
-    if not out:
-        raise ValueError("no window of at least 3 tokens to fit the copy gate on")
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-def fit_copy_gate(engine, prompts: Sequence[str], text_files: Sequence[str], max_new_tokens: int = 128,
-                  text_tokens: int = 8192, seq_len: int = 512, chat: bool = True, batch_size: int = 8) -> dict:
-    """Fit the copy gate of ``engine.module`` on the base's greedy answers to prompts and on text, and set it.
-
-    The module's own distribution is read without a gate (any gate it had is replaced).
-
-    Args:
-        engine: ``Engine`` with the base and the module.
-        prompts: user prompts (chat template applied when ``chat``); the module slots of each answer count.
-        text_files: text files; the first ``text_tokens`` tokens of each, in windows of ``seq_len``.
-        max_new_tokens: answer length cap.
-        batch_size: prompts decoded together.
-
-    Returns:
-        A report: module slots, slots with a candidate, agreement of the module alone and with the copy
-        mixture (top-1 == the base's greedy token, over every slot), and the weights.
-    """
-    from recyclegpt.data import prompt_ids
-    from recyclegpt.evaluate import read_tokens
-
-    module, tok = engine.module, engine.tokenizer
-    module.set_copy_gate(None)
-    windows: list[tuple[list[int], int]] = []
-    ids = [prompt_ids(tok, p, chat) for p in prompts]
-    with tqdm(total=len(ids), desc="base answers", unit="prompt") as bar:
-        for lo in range(0, len(ids), batch_size):
-            gens = engine.generate(ids[lo : lo + batch_size], max_new_tokens=max_new_tokens)
-            windows += [(p + g.token_ids, len(p) - 1) for p, g in zip(ids[lo : lo + batch_size], gens, strict=True)]
-            bar.update(len(gens))
-    for path in text_files:
-        text = read_tokens(path, tok, text_tokens)
-        windows += [(text[i : i + seq_len], 0) for i in range(0, len(text), seq_len)]
-    data = gate_data(engine.backbone, module, windows)
-    weights = fit_gate(**{k: data[k] for k in ("index_feats", "logp_c", "logp_top", "is_top", "in_draft",
-                                               "base_p_c")})
-    feats = gate_features(data["index_feats"], data["logp_c"], data["logp_top"], data["is_top"], data["in_draft"])
-    chosen = _mixed_top(gate(weights, feats), data["logp_c"], data["logp_top"], data["cand"], data["module_top"])[2]
-    slots = int(data["slots"].sum())
-    module_right = int((data["module_top"] == data["base_top"]).sum())
-    mixed_right = int((chosen == data["base_top"]).sum())
-    module.set_copy_gate(weights)
-    return {"windows": len(windows), "module_slots": slots, "with_candidate": int(data["cand"].numel()),
-            "agreement_change": (mixed_right - module_right) / max(slots, 1),
-            "weights": [round(float(w), 4) for w in weights]}

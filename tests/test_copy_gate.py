@@ -1,4 +1,5 @@
-"""In-context copying (recyclegpt/copy.py): the n-gram index, the mixture, its use in decoding and scoring."""
+"""In-context copying (recyclegpt/copy_gate.py): the n-gram index, the mixture, its use in decoding and
+scoring; fitting the gate on a base (recyclegpt/workflows.py: gate_data, the copy-gate command)."""
 
 import copy
 import math
@@ -8,18 +9,18 @@ import torch
 
 from recyclegpt.bases.tokenizer import ByteTokenizer
 from recyclegpt.checkpoint import CheckpointError, load_module, save_module
-from recyclegpt.copy import (
+from recyclegpt.copy_gate import (
     N_FEATURES,
     N_INDEX,
     CopyIndex,
     fit_gate,
-    gate_data,
     mix_logits,
     mix_scores,
     sequence_proposals,
 )
 from recyclegpt.evaluate import score_tokens
 from recyclegpt.generate import Engine
+from recyclegpt.workflows import gate_data
 
 
 def test_index_proposes_the_follower_of_the_longest_earlier_match():
