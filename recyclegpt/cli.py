@@ -79,14 +79,11 @@ def add_model_args(
                        "requests compile for tens of seconds, later steps run faster")
     if compile or precision:
         p.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                       help="precision of base and module (default float32); bfloat16 reads half the bytes per "
-                       "step and is faster on CPUs with native bfloat16 products (AVX512-BF16, AMX): greedy "
-                       "answers then follow the bfloat16 model, and verified equals bfloat16 standard decoding "
-                       "only up to rounding (see the README)")
+                       help="precision of base and module (default float32); bfloat16 is faster only with native "
+                       "bfloat16 products, and verified is then exact only up to rounding (docs/decoding.md)")
         p.add_argument("--prepack", action="store_true",
-                       help="multiply through oneDNN with every weight packed once (native backend, not with "
-                       "--compile; more memory): on CPUs where the default float32 products are slow for a few "
-                       "rows at once (measured on an AMD EPYC) it speeds up every strategy, the module ones most")
+                       help="multiply through oneDNN with the weights packed once (native backend, not with "
+                       "--compile; a second copy of the weights; float32 results unchanged; docs/decoding.md)")
 
 
 def add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -107,9 +104,8 @@ def add_strategy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-len", type=int, default=None,
                    help="drafts per full call: verified (default 1), lookup (default 10)")
     p.add_argument("--draft-width", type=int, default=1,
-                   help="verified: the module's most likely tokens for the first draft's slot that one full call "
-                   "checks side by side (default 1; native backend). Where a full call over a few tokens costs "
-                   "what one does (e.g. with --prepack), 4 keeps far more drafts; see the README")
+                   help="verified: candidates for the first draft's slot checked in the same full call (default 1; "
+                   "native backend; docs/decoding.md)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="adaptive: module probability needed to use its token, in [0, 1] (default 0.5)")
 
@@ -514,7 +510,7 @@ def _add_train_args(p: argparse.ArgumentParser, lr: float, layers_help: str) -> 
     p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr}); cosine to lr/10")
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps (default 50)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster batched on this CPU)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--eval-every", type=int, default=100, help="validation every N steps (default 100)")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches (default 8)")
     p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps (default 100)")
@@ -716,14 +712,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "prompts are kept out, with their near-duplicates (equal ignoring case, punctuation and spacing, "
                    "or sharing 80 %% of their word trigrams): benchmark and held-out prompts")
     p.add_argument("--bf16", action="store_true",
-                   help="distill, prompts: run the base in bfloat16 (about 2x faster batched on a CPU with AMX; "
-                   "greedy answers then follow the bfloat16 model, which parts from the float32 one after a few "
-                   "dozen tokens on most prompts)")
+                   help="distill, prompts: run the base in bfloat16 (answers then follow the bfloat16 model; "
+                   "docs/training.md)")
     p.add_argument("--prepack", action="store_true",
                    help="distill, prompts: multiply through oneDNN with the base's weights packed once (native "
-                   "backend, CPU): 1.5x the answers per second (distill) and 1.2x the prompts (prompts) at batch 32 "
-                   "on a 2-core AMD EPYC; answers stay float32 greedy, rounded in another order (a near-tie can "
-                   "then go the other way)")
+                   "backend, CPU); answers stay float32 greedy")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_device_arg(p)
 
@@ -752,7 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(refit it with copy-gate)")
     p.add_argument("--hidden-cache", default=None, metavar="DIR",
                    help="compute the frozen base's hidden states over the data's windows once, store them in "
-                   "DIR (about 1.2 kB per token for a 576-wide base) and train from them: each step then costs "
+                   "DIR (bfloat16 hidden states, one per token) and train from them: each step then costs "
                    "the module alone; reused when DIR holds a cache for the same base, data and --seq-len")
     _add_train_args(p, 1e-3, "module depth (default 1)")
 
@@ -820,7 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "agreement on the base's own greedy answers, tau and acceptance of verified decoding")
     p.add_argument("--answers", default=None, metavar="DIR",
                    help="a `data distill` output made with this base: agreement on its stored greedy answers, "
-                   "scored without decoding them again (thousands in minutes), with a 95%% bootstrap interval; "
+                   "scored without decoding them again, with a 95%% bootstrap interval; "
                    "use prompts the module never trained on")
     p.add_argument("--compare-module", default=None, metavar="PATH",
                    help="with --answers: also score this module (same base) on the same answer slots and report "

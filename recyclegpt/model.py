@@ -233,8 +233,8 @@ class Backbone(nn.Module):
 class PackedLinear(nn.Module):
     """A linear map for decoding only: multiplied through oneDNN, its weight reordered (packed) once.
 
-    PyTorch's float32 products on a CPU are MKL's. On some CPUs (measured on an AMD EPYC, Zen 4: see the
-    README) MKL's product over two rows costs twice its one-row product, which takes away the module's
+    PyTorch's float32 products on a CPU are MKL's. On some CPUs (measured on an AMD EPYC with AVX-512:
+    docs/performance.md) MKL's product over two rows costs twice its one-row product, which takes away the module's
     gain, while oneDNN's packed product costs the same for 1 to 4 rows and less than MKL's for one. The
     original weight stays (tied weights, ``head_weight``); the packed copy is extra memory. No gradient,
     no ``torch.compile`` (inductor packs weights its own way), no ``.to()`` after packing.
