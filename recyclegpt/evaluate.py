@@ -84,30 +84,38 @@ def score_tokens(backbone: torch.nn.Module, module: torch.nn.Module | None, toke
         base_nll, base_top = _nll_top(logits, tokens[:, 1:])
     if module is None:
         return TokenScores(base_nll, base_top)
-    nll, top = module_scores(backbone, module, tokens, hidden)
-    full = nll
-    if getattr(module, "draft_vocab", None) is not None:
-        full = module_scores(backbone, module, tokens, hidden, full_vocab=True)[0]
-    return TokenScores(base_nll, base_top, nll, top, full)
+    nll, top, full = module_scores(backbone, module, tokens, hidden, full_vocab=True)
+    return TokenScores(base_nll, base_top, nll, top, nll if full is None else full)
 
 
 def module_scores(backbone: torch.nn.Module, module: torch.nn.Module, tokens: torch.Tensor, hidden: torch.Tensor,
-                  full_vocab: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The module's (nll, top-1), each (B, T-2), for targets x_2 .. x_{T-1} of windows (B, T), given the
-    backbone's final hidden states (B, T-1, d) over x_0 .. x_{T-2} (so several modules can share one base
-    pass). The module reads ``module(hidden, embed(tokens[:, 1:]))`` as in training; its logits are
+                  full_vocab: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The module's (nll, top-1, full-vocabulary nll), each (B, T-2), for targets x_2 .. x_{T-1} of windows
+    (B, T), given the backbone's final hidden states (B, T-1, d) over x_0 .. x_{T-2} (so several modules can
+    share one base pass).
+
+    The module reads ``module(hidden, embed(tokens[:, 1:]))`` as in training; its logits are
     ``module.draft_logits``, what decoding samples from (``backbone.head`` of the module states when it has
-    no draft vocabulary, or when ``full_vocab`` asks for the whole head), mixed with in-context copies when
-    the module has a copy gate (``copy_gate.mix_scores``, as decoding's ``copy_logits``).
+    no draft vocabulary), mixed with in-context copies when the module has a copy gate
+    (``copy_gate.mix_scores``, as decoding's ``copy_logits``). With ``full_vocab`` and a draft vocabulary the
+    same states also go through the whole head for the third element; otherwise it is None.
     """
     with torch.inference_mode():
         g = module(hidden, backbone.embed(tokens[:, 1:]))[:, :-1]  # pairs (h_t, x_{t+1}), t = 0 .. T-3
         # (t = T-2 would predict x_T, past the window: dropped.)
-        module_logits = backbone.head(g) if full_vocab else module.draft_logits(backbone, g)  # (B, T-2, V)
-        if getattr(module, "copy_gate", None) is None:
-            return _nll_top(module_logits, tokens[:, 2:])
-        cand, feats = window_proposals(tokens)
-        return mix_scores(module_logits, tokens[:, 2:], cand, feats, module.copy_gate, module.draft_vocab)
+        nll, top = _mixed_nll_top(module, module.draft_logits(backbone, g), tokens)  # (B, T-2) each
+        if not full_vocab or getattr(module, "draft_vocab", None) is None:
+            return nll, top, None
+        return nll, top, _mixed_nll_top(module, backbone.head(g), tokens)[0]
+
+
+def _mixed_nll_top(module: torch.nn.Module, logits: torch.Tensor, tokens: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL and top-1 of the module's logits (B, T-2, V) for targets x_2 .., with its copy gate if it has one."""
+    if getattr(module, "copy_gate", None) is None:
+        return _nll_top(logits, tokens[:, 2:])
+    cand, feats = window_proposals(tokens)
+    return mix_scores(logits, tokens[:, 2:], cand, feats, module.copy_gate, module.draft_vocab)
 
 
 def _nll_top(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
