@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 def load(
     model: str = "smollm2-135m", module: str | None = None, backend: str = "auto", compile: bool = False,
-    dtype: str = "float32", prepack: bool = False,
+    dtype: str = "float32", prepack: bool = False, quant: str = "none",
 ) -> Engine:
     """Load a base (registry name, HF directory or GGUF file) and optionally a module, ready to generate.
 
@@ -35,7 +35,10 @@ def load(
             answers then follow the bfloat16 model).
         prepack: multiply through oneDNN with weights packed once (native backbone, not with compile):
             faster where the default float32 products are slow for a few rows (e.g. AMD EPYC).
+        quant: ``none``, ``int8`` or ``int4``: weight-only quantized products for base and module (native
+            backbone, float32, eager); verified decoding stays exact against standard decoding of the same
+            quantized model.
     """
     from recyclegpt.bases import load_engine
 
-    return load_engine(model, module, backend, compile, dtype, prepack)[0]
+    return load_engine(model, module, backend, compile, dtype, prepack, quant=quant)[0]

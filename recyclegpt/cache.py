@@ -50,6 +50,26 @@ class Tree:
         return cls(torch.tensor(depth), mask)
 
 
+@dataclass(frozen=True)
+class RowViews:
+    """For each new token of a call, the keys it attends to laid out as a one-token call would see them.
+
+    A one-token call at the slot right after ``length`` keys reads the slice ``[:length + 1]`` of the cache
+    (with the padding mask, if any). Attending row by row through these views gives every new token
+    bit for bit that call's result, whatever the other tokens of the call; one call over all of them may
+    round differently (its kernel blocks the queries), which matters where the products round their inputs
+    to bfloat16 (``quant.py``).
+
+    Attributes:
+        keys: per new token, a slice of the cache (a chain) or the slot indices (a tree branch: the prefix,
+            then the token's ancestors and itself in order).
+        masks: per new token, the (batch, 1, 1, n) key mask, or None without padding.
+    """
+
+    keys: list[slice | torch.Tensor]
+    masks: list[torch.Tensor | None]
+
+
 class CacheFullError(ValueError):
     """Writing would run past the cache's preallocated length."""
 
@@ -126,6 +146,25 @@ class KVCache:
             mask = mask | _eye(n_new, end, start, mask.device)
             return mask
         return mask[None, None]
+
+    def row_views(self, n_new: int, tree: torch.Tensor | None = None) -> RowViews:
+        """``RowViews`` for queries at the next ``n_new`` slots, laid out as a chain or as ``tree`` (n_new, n_new)."""
+        start, keys, masks = self.length, [], []
+        seen = self._causal[:n_new, :n_new] if tree is None else tree
+        for i in range(n_new):
+            own = seen[i].nonzero().flatten()  # the new tokens query i sees: its ancestors and itself
+            if torch.equal(own, torch.arange(i + 1, device=own.device)):
+                keys.append(slice(0, start + i + 1))
+                slots = None
+            else:
+                slots = torch.cat([torch.arange(start, device=own.device), start + own])
+                keys.append(slots)
+            if self.has_padding:
+                valid = self.valid[:, : start + i + 1] if slots is None else self.valid[:, slots]
+                masks.append(valid[:, None, None, :])
+            else:
+                masks.append(None)
+        return RowViews(keys, masks)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new keys/values (B, kv_heads, T, head_dim) at slots [length, length+T).

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recyclegpt.cache import KVCache, Tree
+from recyclegpt.cache import KVCache, RowViews, Tree
 from recyclegpt.config import ModelConfig
 
 
@@ -90,7 +90,13 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             k, v = cache.write(layer, k, v)  # (B, KV, length + T, D)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            if isinstance(mask, RowViews):  # one query at a time, each as a one-token call would see it
+                out = torch.cat([
+                    F.scaled_dot_product_attention(q[:, :, i : i + 1], k[:, :, cols], v[:, :, cols], attn_mask=m,
+                                                   enable_gqa=True)
+                    for i, (cols, m) in enumerate(zip(mask.keys, mask.masks, strict=True))], 2)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -128,6 +134,9 @@ class Stack(nn.Module):
     def __init__(self, cfg: ModelConfig, n_layers: int) -> None:
         super().__init__()
         self.cfg = cfg
+        # Attend row by row in calls over several new tokens (``cache.RowViews``): set for quantized products,
+        # whose bfloat16 inputs turn a last-bit difference between one call and several into a flipped token.
+        self.row_invariant = False
         self.layers = nn.ModuleList(Block(cfg) for _ in range(n_layers))
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -150,6 +159,8 @@ class Stack(nn.Module):
                 raise ValueError(f"a tree of {tree.depth.shape[0]} tokens needs a cache and {T} new tokens")
             pos = start + tree.depth
             cos, sin, mask = self.rope_cos[pos], self.rope_sin[pos], cache.attn_mask(T, tree.mask)
+        if self.row_invariant and cache is not None and T > 1 and start > 0:  # a decode call, not a prefill
+            mask = cache.row_views(T, None if tree is None else tree.mask)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:

@@ -31,6 +31,7 @@ from recyclegpt.cache import KVCache
 from recyclegpt.config import ModelConfig, RecycleConfig
 from recyclegpt.copy_gate import N_FEATURES, mix_logits
 from recyclegpt.model import Backbone, PackedLinear, RMSNorm, Stack, _init_weights, count_parameters
+from recyclegpt.quant import Int8Linear, QuantLinear
 
 
 class RecyclableModule(nn.Module):
@@ -106,8 +107,10 @@ class RecyclableModule(nn.Module):
         key = (weight.data_ptr(), weight.dtype, self.draft_vocab.data_ptr())
         if getattr(self, "_rows_key", None) != key:
             self._rows = weight.detach()[self.draft_vocab].contiguous()  # (V_d, d), a copy: fast to read
-            # A module prepacked for decoding (``model.prepack_linears``) packs its draft head too.
-            self._rows_packed = PackedLinear(self._rows) if isinstance(self.fuse, PackedLinear) else None
+            # A module prepacked (``model.prepack_linears``) or quantized (``quant.quantize_linears``) for
+            # decoding packs its draft head too; quantized, in int8, as the backbone's head.
+            self._rows_packed = (PackedLinear(self._rows) if isinstance(self.fuse, PackedLinear)
+                                 else Int8Linear(self._rows) if isinstance(self.fuse, QuantLinear) else None)
             self._rows_key = key
         return self._rows
 

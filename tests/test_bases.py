@@ -5,6 +5,7 @@ it once into $RECYCLEGPT_HOME (about 15 s), later runs read the cache.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -577,3 +578,38 @@ def test_profile_cycle_script_splits_each_strategy_by_part(capsys):
     assert std[6] == 1.0 and alt[6] == pytest.approx(std[5] / alt[5], abs=0.01)
     with pytest.raises(SystemExit):
         script.main(["--n", "0"])
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_verified_decoding_equals_quantized_standard(quant):
+    """Verified decoding stays exact on a quantized model: a full call over several tokens gives each the logits
+    a one-token call would (quant.py's kernels do not depend on the rows sharing a call), on 20 real prompts."""
+    from recyclegpt.bases import load_engine
+    from recyclegpt.data import prompt_ids, read_prompts
+    from recyclegpt.quant import QuantLinear
+
+    torch.set_num_threads(2)
+    engine, base = load_engine("smollm2-135m", "default", quant=quant)
+    assert isinstance(engine.backbone.lm_head, QuantLinear) and engine.backbone.lm_head.mode == "int8"  # int4 too
+    assert engine.backbone.stack.layers[0].mlp.down_proj.mode == quant
+    prompts = read_prompts(Path(__file__).resolve().parent.parent / "benchmarks" / "prompts.jsonl")[:20]
+    drafted = accepted = 0
+    for p in prompts:
+        ids = prompt_ids(engine.tokenizer, p, base.chat)
+        standard = engine.generate([ids], max_new_tokens=24)[0]
+        verified = engine.generate([ids], "verified", max_new_tokens=24, draft_len=2, draft_width=4)[0]
+        assert verified.token_ids == standard.token_ids, p
+        drafted, accepted = drafted + verified.stats.drafted, accepted + verified.stats.accepted
+    assert accepted / drafted > 0.3  # the float32 module still drafts for the quantized base
+    torch.set_num_threads(1)
+
+
+def test_quant_options_are_refused_clearly():
+    from recyclegpt.bases import BaseError, load_engine
+
+    for kwargs, message in (({"quant": "int2"}, "unknown quant 'int2'; choose one of none, int8, int4"),
+                            ({"quant": "int8", "prepack": True}, "prepack and quant both replace the products"),
+                            ({"quant": "int4", "dtype": "bfloat16"}, "quant keeps float32 activations"),
+                            ({"quant": "int4", "compile": True}, "quant is for eager decoding")):
+        with pytest.raises(BaseError, match=message):
+            load_engine("smollm2-135m", **kwargs)

@@ -144,3 +144,42 @@ def test_tree_call_scores_each_branch_as_its_own_sequence():
 def test_tree_parents_are_checked(parents):
     with pytest.raises(ValueError, match="parents must start with -1 and name earlier tokens"):
         Tree.from_parents(parents)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_row_invariant_attention_equals_one_token_calls_bit_for_bit(padded):
+    """With ``row_invariant`` attention and quantized products (whose rows do not depend on the call), a call
+    over a chain, or a tree branch, gives each token exactly the hidden state a one-token call at its place
+    gives: ``RowViews`` lays out each token's keys (prefix, padding mask, its own branch) as that call does.
+    (On this tiny model one call over all rows happens to agree too; on SmolLM2 it does not, which
+    ``test_bases.py``'s quantized verified test catches: 15 of 20 prompts identical without row views.)"""
+    from recyclegpt.config import PRESETS
+    from recyclegpt.quant import quantize_linears
+
+    torch.manual_seed(0)
+    model = Backbone(PRESETS["tiny"].model).eval()
+    quantize_linears(model, "int8")
+    model.stack.row_invariant = True
+    prompts = torch.randint(0, 256, (2, 7))
+    pads = [2, 0] if padded else [0, 0]
+    new = torch.randint(0, 256, (2, 3))
+
+    def prefilled():
+        cache = model.new_cache(2, 32)
+        if padded:
+            cache.set_padding(pads)
+        model(prompts, cache)
+        return cache
+
+    with torch.no_grad():
+        one = prefilled()
+        singles = torch.cat([model(new[:, i : i + 1], one)[1] for i in range(3)], 1)  # three one-token calls
+        _, chain = model(new, prefilled())  # one call over the chain
+        assert torch.equal(chain, singles)
+        # a tree: [root, child a, sibling b of a]; b's branch, moved next to the prefix, is the chain [root, b]
+        tree = Tree.from_parents([-1, 0, 0])
+        _, branched = model(torch.stack([new[:, 0], new[:, 1], new[:, 2]], 1), prefilled(), tree=tree)
+        other = prefilled()
+        _, root = model(new[:, :1], other)
+        _, b = model(new[:, 2:3], other)
+        assert torch.equal(branched[:, 0], root[:, 0]) and torch.equal(branched[:, 2], b[:, 0])

@@ -19,10 +19,11 @@ from tqdm import tqdm
 
 from recyclegpt.bases.convert import NATIVE_ARCHITECTURES, UnsupportedArchitecture, backbone_from_hf
 from recyclegpt.bases.hf import HFBackbone
-from recyclegpt.bases.registry import DEFAULT_BASE, DTYPES, REGISTRY, BaseError, BaseSpec, home, resolve
+from recyclegpt.bases.registry import DEFAULT_BASE, DTYPES, QUANTS, REGISTRY, BaseError, BaseSpec, home, resolve
 from recyclegpt.bases.tokenizer import ByteTokenizer, HFTokenizer
 from recyclegpt.checkpoint import load_backbone, save_backbone
 from recyclegpt.model import Backbone, prepack_linears
+from recyclegpt.quant import quantize_linears
 
 __all__ = [
     "DEFAULT_BASE", "REGISTRY", "Base", "BaseError", "ByteTokenizer", "HFTokenizer", "UnsupportedArchitecture",
@@ -206,7 +207,7 @@ def resolve_device(name: str) -> torch.device:
 
 def load_engine(
     model: str = DEFAULT_BASE, module: str | None = None, backend: str = "auto", compile: bool = False,
-    dtype: str = "float32", prepack: bool = False, device: str = "cpu",
+    dtype: str = "float32", prepack: bool = False, device: str = "cpu", quant: str = "none",
 ):
     """A base plus (optionally) a module, as a ready ``Engine``; returns (engine, base).
 
@@ -219,42 +220,61 @@ def load_engine(
         prepack: multiply through oneDNN with weights packed once (``model.PackedLinear``; native
             backbone, eager decoding only, CPU only).
         device: where base and module run (``resolve_device``).
+        quant: ``none``, ``int8`` or ``int4``: weight-only quantized products for every linear layer of
+            base and module, the head included (``quant.quantize_linears``; native backbone, float32
+            activations, eager decoding, CPU only).
 
     Raises:
-        BaseError: an unknown dtype or device, or prepack with compile, a GPU or a non-native backbone.
+        BaseError: an unknown dtype, device or quant, or prepack / quant with compile, a GPU or a
+            non-native backbone, or quant with prepack or bfloat16.
         CheckpointError: the module does not fit the base (widths or vocabulary).
     """
     from recyclegpt.generate import Engine
 
     if dtype not in DTYPES:
         raise BaseError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if prepack and compile:
-        raise BaseError("prepack is for eager decoding (torch.compile packs weights its own way); "
-                        "choose one of prepack and compile")
+    if quant not in QUANTS:
+        raise BaseError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    packs = [name for name, on in (("prepack", prepack), ("quant", quant != "none")) if on]
+    if len(packs) == 2:
+        raise BaseError("prepack and quant both replace the products; choose one (quant reads 4-8x fewer bytes)")
+    if quant != "none" and dtype != "float32":
+        raise BaseError(f"quant keeps float32 activations (bfloat16 only at the products' inputs); leave out "
+                        f"--dtype {dtype}")
+    if packs and compile:
+        raise BaseError(f"{packs[0]} is for eager decoding (torch.compile lays out weights its own way); "
+                        f"choose one of {packs[0]} and compile")
     dev = resolve_device(device)
-    if prepack and dev.type != "cpu":
-        raise BaseError(f"prepack packs weights for oneDNN on the CPU; leave it out with --device {device}")
+    if packs and dev.type != "cpu":
+        raise BaseError(f"{packs[0]} lays out weights for CPU kernels; leave it out with --device {device}")
     base = load_base(model, backend=backend)
-    if prepack and not isinstance(base.backbone, Backbone):
-        raise BaseError(f"prepack needs the native backend; {base.name} runs on the {base.backend} one")
+    if packs and not isinstance(base.backbone, Backbone):
+        raise BaseError(f"{packs[0]} needs the native backend; {base.name} runs on the {base.backend} one")
     base.backbone.to(dev)
-    _ready(base.backbone, dtype, prepack)
-    mod = module_for(base, module, dtype, prepack)
+    _ready(base.backbone, dtype, prepack, quant)
+    mod = module_for(base, module, dtype, prepack, quant)
     return Engine(base.backbone, base.tokenizer, mod, compile=compile), base
 
 
-def _ready(part: torch.nn.Module, dtype: str, prepack: bool) -> None:
-    """Cast a backbone or module (already on its device) for decoding, then pack its products if asked
-    (packing comes last)."""
+def _ready(part: torch.nn.Module, dtype: str, prepack: bool, quant: str = "none") -> None:
+    """Cast a backbone or module (already on its device) for decoding, then pack or quantize its products if
+    asked (that comes last)."""
     part.to(getattr(torch, dtype))
     if prepack:
         prepack_linears(part)
+    if quant != "none":
+        try:
+            quantize_linears(part, quant, head_mode="int8")  # an int4 head costs most of int4's loss
+        except ValueError as exc:
+            raise BaseError(str(exc)) from None
+        if isinstance(part, Backbone):  # verified stays exact: its calls attend as one-token calls do
+            part.stack.row_invariant = True
 
 
-def module_for(base: Base, module: str | None, dtype: str = "float32", prepack: bool = False):
+def module_for(base: Base, module: str | None, dtype: str = "float32", prepack: bool = False, quant: str = "none"):
     """The recyclable module ``module`` (a file, ``"default"`` or None) loaded for ``base``, on the
-    backbone's device, ready to decode in ``dtype`` (and packed, with ``prepack``) beside a backbone
-    prepared the same way.
+    backbone's device, ready to decode in ``dtype`` (and packed with ``prepack``, or quantized with
+    ``quant``) beside a backbone prepared the same way.
 
     Raises:
         CheckpointError: the module does not fit the base (widths or vocabulary).
@@ -272,5 +292,5 @@ def module_for(base: Base, module: str | None, dtype: str = "float32", prepack: 
             f"has {base.tokenizer.vocab_size} tokens"
         )
     mod.to(next(base.backbone.parameters()).device)
-    _ready(mod, dtype, prepack)
+    _ready(mod, dtype, prepack, quant)
     return mod

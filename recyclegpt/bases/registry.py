@@ -15,6 +15,7 @@ from pathlib import Path
 # Precisions a base can decode in (torch dtype names). bfloat16 halves the bytes each step reads: faster
 # where the CPU multiplies bfloat16 natively (AVX512-BF16, AMX); greedy answers follow the bfloat16 model.
 DTYPES = ("float32", "bfloat16")
+QUANTS = ("none", "int8", "int4")  # weight-only quantized products (recyclegpt/quant.py)
 
 
 class BaseError(ValueError):

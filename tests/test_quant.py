@@ -1,0 +1,254 @@
+"""Weight-only int8 / int4 layers: kernel against a float reference, batch invariance, in-place replacement."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from recyclegpt import quant
+from recyclegpt.bases.tokenizer import ByteTokenizer
+from recyclegpt.config import PRESETS
+from recyclegpt.generate import Engine
+from recyclegpt.model import prepack_linears
+from recyclegpt.quant import (
+    Int4Linear,
+    Int8Linear,
+    QuantLinear,
+    dequantize_int4,
+    quantize_int4,
+    quantize_int8,
+    quantize_linears,
+)
+from recyclegpt.recycle import RecycleGPT
+
+# (mode, int4 group size); SmolLM2's K = 576 takes int4 groups of 32 or 64 only
+KINDS = [("int8", None), ("int4", 32), ("int4", 64)]
+SHAPES = [(192, 576), (64, 1536), (48, 64)]  # (N, K): k/v, down (fewer rows), tiny
+
+
+def _layer(w: torch.Tensor, mode: str, group: int | None) -> QuantLinear:
+    return Int8Linear(w) if mode == "int8" else Int4Linear(w, group_size=group)
+
+
+def _dequantized(w: torch.Tensor, mode: str, group: int | None) -> torch.Tensor:
+    if mode == "int8":
+        codes, scales = quantize_int8(w)
+        return codes.float() * scales.float()[:, None]
+    return dequantize_int4(*quantize_int4(w, group))
+
+
+def _fits(shape, mode, group) -> bool:
+    N, K = shape
+    return mode == "int8" or (K % group == 0 and N % 16 == 0)
+
+
+def test_int8_codes_and_scales():
+    w = torch.randn(10, 32)
+    w[3] = 0
+    codes, scales = quantize_int8(w)
+    assert codes.dtype == torch.int8 and scales.dtype == torch.bfloat16 and scales.shape == (10,)
+    peak = codes.int().abs().amax(1)  # 127, or 126 / 128 where the scale's bfloat16 rounding moved it
+    assert peak[3] == 0 and all(126 <= int(p) <= 128 for i, p in enumerate(peak) if i != 3)
+    deq = codes.float() * scales.float()[:, None]
+    # nearest point of the grid: at most half a step away (bfloat16 scale rounding can clip the extreme by < 1%)
+    assert ((deq - w).abs() <= scales.float()[:, None] * 0.51 + w.abs() * 2**-8).all()
+    assert torch.equal(deq[3], torch.zeros(32))
+
+
+def test_int4_codes_layout_and_grid():
+    w = torch.randn(16, 128)
+    w[0, :32] = 0.5  # a constant group
+    codes, scale, zero = quantize_int4(w, 32)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    assert scale.shape == zero.shape == (16, 4) and scale.dtype == zero.dtype == torch.bfloat16
+    deq = dequantize_int4(codes, scale, zero)
+    step = scale.float().repeat_interleave(32, dim=1)  # (N, K)
+    assert ((deq - w).abs() <= step * 0.51 + w.abs() * 2**-7).all()
+    assert torch.equal(deq[0, :32], torch.full((32,), 0.5))
+
+
+@pytest.mark.parametrize("mode,group", KINDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_equals_dequantized_product(shape, mode, group):
+    """Tight: the kernel's result is x (rounded to bfloat16) @ the dequantized weights, then rounded to
+    bfloat16: within half a bfloat16 step (2^-8 relative) plus float32 accumulation error."""
+    if not _fits(shape, mode, group):
+        pytest.skip("shape not taken by this kernel")
+    N, K = shape
+    w, x = torch.randn(N, K) * 0.05, torch.randn(8, K)
+    y = _layer(w, mode, group)(x)
+    assert y.dtype == torch.float32 and y.shape == (8, N)
+    deq = _dequantized(w, mode, group).double()
+    ref = x.bfloat16().double() @ deq.T
+    accumulation = (x.bfloat16().double().abs() @ deq.abs().T) * K * 2**-24
+    assert ((y.double() - ref).abs() <= ref.abs() * 2**-8 + accumulation).all()
+
+
+# Relative (Frobenius) error against the float32 product, Gaussian weights: int8 measures ~0.8% (bfloat16
+# activations ~0.3%, output rounding ~0.1%, weights ~0.6%); int4 min-max groups ~8% (g32) and ~9% (g64).
+LOOSE = {("int8", None): 0.015, ("int4", 32): 0.10, ("int4", 64): 0.12}
+
+
+@pytest.mark.parametrize("mode,group", KINDS)
+def test_close_to_float32_product(mode, group):
+    w, x = torch.randn(1536, 576) * 0.02, torch.randn(16, 576)
+    err = relative_error(_layer(w, mode, group)(x), x.double() @ w.double().T)
+    assert err < LOOSE[(mode, group)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode,group", KINDS)
+def test_a_row_does_not_depend_on_the_rows_beside_it(mode, group, threads):
+    """What verified decoding needs: scoring k tokens in one call gives each what a one-token call gives,
+    bit for bit, for 1..8 rows, 2-D and 3-D inputs, at 1 and 2 threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for N, K in [(192, 576), (576, 1536), (2048, 576)]:
+            layer = _layer(torch.randn(N, K) * 0.02, mode, group)
+            x = torch.randn(8, K)
+            single = torch.cat([layer(x[i : i + 1]) for i in range(8)])  # (8, N)
+            for m in range(1, 9):
+                assert torch.equal(layer(x[:m]), single[:m]), f"{m} rows"
+                assert torch.equal(layer(x[m - 1 :]), single[m - 1 :]), f"rows {m - 1}.."
+            for B, T in [(1, 2), (1, 5), (2, 3), (2, 4), (4, 2)]:
+                x3 = torch.randn(B, T, K)
+                y3 = layer(x3)  # (B, T, N)
+                assert y3.shape == (B, T, N)
+                for b in range(B):
+                    for t in range(T):
+                        assert torch.equal(y3[b, t], layer(x3[b : b + 1, t : t + 1])[0, 0]), (B, T, b, t)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bias_and_input_dtype_are_kept():
+    lin = nn.Linear(64, 32, bias=True)
+    for layer in (Int8Linear(lin.weight, lin.bias), Int4Linear(lin.weight, lin.bias, group_size=32)):
+        x = torch.randn(3, 64)
+        want = lin(x).detach()
+        got = layer(x)
+        assert got.dtype == torch.float32 and relative_error(got, want) < 0.1
+        assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+def _tiny() -> RecycleGPT:
+    torch.manual_seed(0)
+    preset = PRESETS["tiny"]
+    model = RecycleGPT.from_config(preset.model, preset.recycle).eval()
+    with torch.no_grad():
+        model.backbone.embed_tokens.weight.mul_(20)  # peaked logits: no greedy near-ties
+    return model
+
+
+@pytest.mark.parametrize("mode,group", KINDS)
+def test_quantize_linears_replaces_every_linear_and_keeps_the_embedding(mode, group):
+    model = _tiny()
+    reference = copy.deepcopy(model.backbone)
+    backbone = model.backbone
+    emb = backbone.embed_tokens.weight.detach().clone()
+    assert backbone.lm_head.weight is backbone.embed_tokens.weight  # tied
+    # 2 blocks x 7 matrices + the head; the module's fuse + 1 block x 7
+    assert quantize_linears(backbone, mode, group or 32) == 15
+    assert quantize_linears(model.module, mode, group or 32) == 8
+    assert not any(isinstance(m, nn.Linear) for m in backbone.modules())
+    assert isinstance(backbone.lm_head, QuantLinear) and backbone.head_weight() is backbone.embed_tokens.weight
+    assert torch.equal(backbone.embed_tokens.weight, emb)
+    tokens = torch.randint(0, 256, (2, 12))
+    with torch.inference_mode():
+        assert torch.equal(backbone.embed(tokens), reference.embed(tokens))
+        (got, h_got), (want, h_want) = backbone(tokens), reference(tokens)
+    assert got.dtype == h_got.dtype == torch.float32
+    assert relative_error(h_got, h_want) < LOOSE[(mode, group)] and relative_error(got, want) < LOOSE[(mode, group)]
+
+
+@pytest.mark.parametrize("mode,group", KINDS)
+def test_verified_equals_standard_on_a_quantized_model(mode, group):
+    model = _tiny()
+    quantize_linears(model.backbone, mode, group or 32)
+    quantize_linears(model.module, mode, group or 32)
+    engine = Engine(model.backbone, ByteTokenizer(), model.module)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        p = torch.randint(1, 256, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist()
+        std = engine.generate([p], "standard", max_new_tokens=16)[0].token_ids
+        assert engine.generate([p], "verified", max_new_tokens=16, draft_len=3)[0].token_ids == std
+        assert engine.generate([p], "verified", max_new_tokens=16, draft_len=2, draft_width=3)[0].token_ids == std
+
+
+class _Two(nn.Module):
+    def __init__(self, k: int, n: int = 64) -> None:
+        super().__init__()
+        self.ok = nn.Linear(64, 64)
+        self.odd = nn.Linear(k, n)
+
+
+@pytest.mark.parametrize("model,mode,group,message", [
+    (_Two(96), "int4", 64, "odd has K = 96 inputs, not a multiple of the int4 group size 64; "
+                           "group sizes that divide it: [32]"),
+    (_Two(40), "int4", 32, "odd has K = 40 inputs, not a multiple of the int4 group size 32; "
+                           "group sizes that divide it: none"),
+    (_Two(64, 40), "int4", 32, "odd has N = 40 outputs; the int4 kernel needs a multiple of 16"),
+    (_Two(40), "int8", 32, "odd has K = 40 inputs; the int8 kernel needs a multiple of 16"),
+    (_Two(64), "int4", 16, "int4 group size 16 is not accepted; the kernel takes (32, 64, 128, 256)"),
+    (_Two(64), "int2", 32, "unknown quantization mode 'int2'; choose one of int8, int4"),
+])
+def test_shapes_a_kernel_cannot_take_are_refused_before_any_change(model, mode, group, message):
+    with pytest.raises(ValueError) as err:
+        quantize_linears(model, mode, group)
+    assert message in str(err.value)
+    assert isinstance(model.ok, nn.Linear) and isinstance(model.odd, nn.Linear)  # nothing half-done
+
+
+def test_prepacked_or_quantized_layers_are_refused():
+    model = _Two(64)
+    prepack_linears(model)
+    with pytest.raises(ValueError, match="ok is a prepacked float32 layer; quantize instead of prepacking"):
+        quantize_linears(model, "int8")
+    model = _Two(64)
+    quantize_linears(model, "int8")
+    with pytest.raises(ValueError, match=r"ok is already quantized \(int8\)"):
+        quantize_linears(model, "int4")
+
+
+def test_a_missing_kernel_is_named(monkeypatch):
+    monkeypatch.setattr(quant, "_op", lambda name: None if name == "_weight_int4pack_mm_for_cpu" else object())
+    assert quant.missing_ops("int4") == ["_weight_int4pack_mm_for_cpu"] and quant.missing_ops("int8") == []
+    with pytest.raises(ValueError, match=r"int4 needs torch.ops.aten._weight_int4pack_mm_for_cpu, which torch"):
+        quantize_linears(_Two(64), "int4")
+
+
+def test_this_build_has_both_kernels():
+    assert quant.missing_ops("int8") == [] and quant.missing_ops("int4") == []
+
+
+def test_a_k_token_call_equals_k_one_token_calls_on_a_quantized_backbone():
+    """Verified decoding is exact only if scoring k tokens in one call gives each what a one-token call gives.
+    The quantized products hold that (above); one SDPA call over k queries does not: its float32 output
+    differs in the last bits, which the bfloat16 rounding at the next product turns into flipped greedy tokens
+    on SmolLM2. ``Stack.row_invariant`` (set for quantized backbones) attends query by query instead
+    (``cache.RowViews``); without it this comparison fails. Compared before ``o_proj``."""
+    backbone = _tiny().backbone
+    quantize_linears(backbone, "int8")
+    backbone.stack.row_invariant = True
+    seen = []
+    backbone.stack.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    tokens = torch.randint(0, 256, (1, 24))
+    with torch.inference_mode():
+        cache = backbone.new_cache(1, 32)
+        backbone(tokens[:, :20], cache)
+        seen.clear()
+        for t in range(20, 24):
+            backbone(tokens[:, t : t + 1], cache)
+        singles = torch.cat(seen, dim=1)  # (1, 4, H * D)
+        seen.clear()
+        cache.rollback(20)
+        backbone(tokens[:, 20:], cache)
+    assert torch.equal(seen[0], singles)
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """||y - ref|| / ||ref|| over all entries (Frobenius), in float64."""
+    y, ref = y.detach().double(), ref.detach().double()
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-300))
