@@ -1,12 +1,11 @@
-"""``make demo``: SmolLM2-135M with the shipped module, every strategy on the same chat prompts."""
+"""``make demo``: SmolLM2-135M with the shipped module, every strategy (prompt lookup too) on the same chat
+prompts."""
 
 from __future__ import annotations
 
 import torch
 
-from recyclegpt.bases import DEFAULT_BASE, load_base
-from recyclegpt.checkpoint import load_module
-from recyclegpt.generate import Engine
+from recyclegpt.bases import DEFAULT_BASE, load_engine
 from recyclegpt.modules import shipped_module
 
 PROMPTS = [
@@ -19,14 +18,14 @@ def run_demo(threads: int | None = None, max_new_tokens: int = 96) -> int:
     """Generate answers with each strategy and print text, speed and tokens per full-model call."""
     if threads:
         torch.set_num_threads(threads)
-    base = load_base(DEFAULT_BASE)
     path = shipped_module(DEFAULT_BASE)
-    module = load_module(path, base.backbone.config) if path is not None else None
-    engine = Engine(base.backbone, base.tokenizer, module)
-    strategies = ["standard", "alternating", "verified", "adaptive"] if module is not None else ["standard"]
+    engine, base = load_engine(DEFAULT_BASE, "default" if path is not None else None)
+    module = engine.module
+    strategies = ["standard", "alternating", "verified", "adaptive", "lookup"] if module is not None else [
+        "standard", "lookup"]
     print(f"base: {base.name} ({base.backend} backend)")
     if module is None:
-        print("module: none shipped yet for this base, so only standard decoding runs")
+        print("module: none shipped yet for this base, so only standard decoding and prompt lookup run")
     else:
         print(f"module: {path.name} ({module.recycle_config.n_layers} layers)")
     engine.generate(["warm-up"], max_new_tokens=4)  # first-call allocations excluded from timings
