@@ -33,13 +33,15 @@ N_FEATURES = N_INDEX + 4  # + log p(c), log p(top), c is top-1, c in the draft v
 
 
 class CopyIndex:
-    """The n-grams (n <= ``MAX_N``) of a growing token sequence, each with the followers it has had.
+    """The n-grams (n <= ``max_n``) of a growing token sequence, each with the followers it has had.
 
     Args:
         tokens: the sequence so far (e.g. a prompt).
+        max_n: the longest n-gram indexed and matched (the copy gate's features assume ``MAX_N``).
     """
 
-    def __init__(self, tokens: Sequence[int] = ()) -> None:
+    def __init__(self, tokens: Sequence[int] = (), max_n: int = MAX_N) -> None:
+        self.max_n = max_n
         self.tokens: list[int] = []
         # n-gram -> [position of its latest follower, times followed, {follower: count}]
         self._grams: dict[tuple[int, ...], list] = {}
@@ -49,23 +51,33 @@ class CopyIndex:
         """Append tokens; every n-gram ending just before each new token gets it as a follower."""
         for tok in tokens:
             p, seq = len(self.tokens), self.tokens
-            for n in range(1, min(MAX_N, p) + 1):
+            for n in range(1, min(self.max_n, p) + 1):
                 entry = self._grams.setdefault(tuple(seq[p - n : p]), [0, 0, {}])
                 entry[0], entry[1] = p, entry[1] + 1
                 entry[2][tok] = entry[2].get(tok, 0) + 1
             seq.append(tok)
 
-    def propose(self, suffix: Sequence[int] = ()) -> tuple[int, list[float]] | None:
-        """The copy candidate for the token after ``tokens + suffix``, and its index features; None
-        without a match. ``suffix`` (e.g. drafts not yet checked) is matched as context, never indexed."""
-        ctx = self.tokens[-MAX_N:] + list(suffix)
-        for n in range(min(MAX_N, len(ctx)), 0, -1):
+    def latest_follower(self, suffix: Sequence[int] = ()) -> tuple[int, int, float] | None:
+        """For the longest tail of ``tokens + suffix`` (at most ``max_n`` tokens) that occurred earlier: its
+        length n, the position in ``tokens`` of the token that followed its latest occurrence, and the share
+        of its occurrences that token followed; None without a match. ``suffix`` (e.g. drafts not yet
+        checked) is matched as context, never indexed."""
+        ctx = self.tokens[-self.max_n :] + list(suffix)
+        for n in range(min(self.max_n, len(ctx)), 0, -1):
             entry = self._grams.get(tuple(ctx[-n:]))
             if entry is not None:
-                cand = self.tokens[entry[0]]
-                onehot = [float(lo <= n < hi) for lo, hi in zip(BUCKETS, (*BUCKETS[1:], MAX_N + 1), strict=True)]
-                return cand, [*onehot, entry[2][cand] / entry[1]]
+                return n, entry[0], entry[2][self.tokens[entry[0]]] / entry[1]
         return None
+
+    def propose(self, suffix: Sequence[int] = ()) -> tuple[int, list[float]] | None:
+        """The copy candidate for the token after ``tokens + suffix``, and its index features; None
+        without a match (``latest_follower``)."""
+        found = self.latest_follower(suffix)
+        if found is None:
+            return None
+        n, after, share = found
+        onehot = [float(lo <= n < hi) for lo, hi in zip(BUCKETS, (*BUCKETS[1:], MAX_N + 1), strict=True)]
+        return self.tokens[after], [*onehot, share]
 
 
 def sequence_proposals(ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -212,8 +212,9 @@ class PromptLookupDrafter(Drafter):
 
     For each row it matches the last n tokens of the context (prompt and output so far), n = ``ngram``
     down to 1, against every earlier position, takes the latest match and proposes the k tokens that
-    followed it. A match near the end of the context runs on into the tokens it proposes itself (the
-    copy overlaps, as in LZ77), so a repeating pattern is proposed for all k drafts. Greedy or sampled,
+    followed it: the copy gate's n-gram index (``copy_gate.CopyIndex``) read k tokens on. A match near
+    the end of the context runs on into the tokens it proposes itself (the copy overlaps, as in LZ77), so
+    a repeating pattern is proposed for all k drafts. Greedy or sampled,
     the proposal is deterministic: its distributions are one-hot, so the speculative-sampling test
     keeps verified decoding exact.
 
@@ -232,15 +233,10 @@ class PromptLookupDrafter(Drafter):
         self.ngram = ngram
 
     def start(self, prompts, tokens, hidden, first, room) -> None:
-        self.contexts: list[list[int]] = []
-        self._latest: list[dict[tuple[int, ...], int]] = []  # per row: n-gram -> position after its latest end
-        for p, t in zip(prompts, first.tolist(), strict=True):
-            self.contexts.append([])
-            self._latest.append({})
-            self._extend(len(self.contexts) - 1, [*p, t])
+        self.indices = [CopyIndex([*p, t], max_n=self.ngram) for p, t in zip(prompts, first.tolist(), strict=True)]
 
     def propose(self, k, sampler, seen, width=1, keep_probs=False) -> Proposal:
-        rows = [self.lookup(ctx, latest, k) for ctx, latest in zip(self.contexts, self._latest, strict=True)]
+        rows = [self.lookup(index, k) for index in self.indices]
         n = min(len(r) for r in rows)
         tokens = torch.tensor([r[:n] for r in rows], dtype=torch.long, device=seen.device).view(len(rows), n)
         if keep_probs:
@@ -250,32 +246,21 @@ class PromptLookupDrafter(Drafter):
         return Proposal(tokens, probs)
 
     def commit(self, tokens, hidden, emitted) -> None:
-        for row, ids in enumerate(emitted):
-            self._extend(row, ids)
+        for index, ids in zip(self.indices, emitted, strict=True):
+            index.extend(ids)
 
-    def lookup(self, ctx: Sequence[int], latest: dict[tuple[int, ...], int], k: int) -> list[int]:
-        """Up to ``k`` tokens continuing ``ctx`` from the latest earlier match of its tail ([] without one).
-
-        ``latest`` maps each n-gram (n <= ``ngram``) of ``ctx`` but its tail to the position just after
-        its latest occurrence (as ``_extend`` builds it).
-        """
-        for n in range(min(self.ngram, len(ctx) - 1), 0, -1):
-            after = latest.get(tuple(ctx[len(ctx) - n :]))
-            if after is not None:
-                out = list(ctx[after:after + k])
-                while len(out) < k:  # the match runs on into its own proposal
-                    out.append(out[len(out) - (len(ctx) - after)])
-                return out
-        return []
-
-    def _extend(self, row: int, ids: Sequence[int]) -> None:
-        """Append tokens to a row's context; the n-grams that stop being its tail become matchable."""
-        ctx, latest = self.contexts[row], self._latest[row]
-        for tok in ids:
-            p = len(ctx)  # every n-gram ending at p - 1 is now followed by tok
-            for n in range(1, min(self.ngram, p) + 1):
-                latest[tuple(ctx[p - n : p])] = p
-            ctx.append(tok)
+    @staticmethod
+    def lookup(index: CopyIndex, k: int) -> list[int]:
+        """Up to ``k`` tokens continuing a row's context (``index.tokens``) from the latest earlier match of
+        its tail ([] without one)."""
+        found = index.latest_follower()
+        if found is None:
+            return []
+        ctx, after = index.tokens, found[1]
+        out = ctx[after : after + k]
+        while len(out) < k:  # the match runs on into its own proposal
+            out.append(out[len(out) - (len(ctx) - after)])
+        return out
 
 
 DRAFTERS = ("module", "lookup")

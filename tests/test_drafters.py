@@ -45,7 +45,7 @@ def _repetitive(n: int, seed: int) -> list[list[int]]:
 def test_prompt_lookup_proposes_what_followed_the_latest_match(ctx, k, want):
     drafter = PromptLookupDrafter()
     drafter.start([ctx[:-1]], torch.tensor([ctx[:-1]]), torch.zeros(1, len(ctx) - 1, 4), torch.tensor(ctx[-1:]), 0)
-    assert drafter.lookup(drafter.contexts[0], drafter._latest[0], k) == want
+    assert drafter.lookup(drafter.indices[0], k) == want
     seen = torch.zeros(1, 16, dtype=torch.bool)
     p = drafter.propose(k, GREEDY, seen, keep_probs=True)
     assert p.tokens.tolist() == [want] and p.side is None
@@ -63,7 +63,7 @@ def test_prompt_lookup_batch_commit_and_finished_rows():
     assert drafter.propose(2, GREEDY, seen).probs.shape == (2, 2, 0)  # nobody reads q: none built
     # The cycle kept (3, 5) for row 0; row 1 stopped after its first token (e.g. EOS): its context stops there.
     drafter.commit(torch.tensor([[3, 5], [8, 6]]), torch.zeros(2, 2, 4), [[3, 5], [8]])
-    assert drafter.contexts == [[1, 2, 3, 1, 2, 3, 5], [7, 8, 9, 7, 8]]
+    assert [index.tokens for index in drafter.indices] == [[1, 2, 3, 1, 2, 3, 5], [7, 8, 9, 7, 8]]
     # Row 0's tail (3, 5) never occurred, nor (5): no match, so the batch proposes nothing this cycle.
     assert drafter.propose(3, GREEDY, seen).tokens.shape == (2, 0)
     with pytest.raises(ValueError, match="n-gram length must be >= 1"):
