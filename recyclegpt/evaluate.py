@@ -138,6 +138,7 @@ class MixedScores:
     Attributes:
         nll: the module's full-vocabulary NLL at its targets, the base's elsewhere.
         top: the module's top-1 as decoding proposes it at its targets, the base's greedy choice elsewhere.
+        from_module: the module's targets (``use_module`` without j = 1).
         emittable: the module's targets that alternating decoding can emit (inside the draft vocabulary or
             the copy candidate); at the others the module misses for certain.
         nll_base_fallback: the rule used until 2026-12-03: the module's draft NLL where ``emittable``, the
@@ -146,6 +147,7 @@ class MixedScores:
 
     nll: torch.Tensor
     top: torch.Tensor
+    from_module: torch.Tensor
     emittable: torch.Tensor
     nll_base_fallback: torch.Tensor
 
@@ -168,7 +170,8 @@ def mixed_scores(scores: TokenScores, use_module: torch.Tensor) -> MixedScores:
     m_nll, m_top, m_full = realign(scores.module_nll), realign(scores.module_top), realign(scores.module_nll_full)
     emittable = use & m_nll.isfinite()
     return MixedScores(nll=torch.where(use, m_full, scores.base_nll), top=torch.where(use, m_top, scores.base_top),
-                       emittable=emittable, nll_base_fallback=torch.where(emittable, m_nll, scores.base_nll))
+                       from_module=use, emittable=emittable,
+                       nll_base_fallback=torch.where(emittable, m_nll, scores.base_nll))
 
 
 def paired_flips(standard: Sequence[float], alternating: Sequence[float]) -> dict:
@@ -242,8 +245,7 @@ def text_metrics(
             s = score_tokens(backbone, module, tokens)
             use_module = module_positions(length, device)[None].expand(len(tokens), -1)
             mixed = mixed_scores(s, use_module)
-            use = use_module.clone()
-            use[:, 0] = False
+            use = mixed.from_module
             sums["base"] += float(s.base_nll.sum())
             sums["alt"] += float(mixed.nll.sum())
             sums["alt_fallback"] += float(mixed.nll_base_fallback.sum())

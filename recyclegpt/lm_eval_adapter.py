@@ -147,9 +147,8 @@ class RecycleLM(LM):
             if module is not None:
                 j = torch.arange(1, width, device=self._device)  # target positions
                 start = torch.tensor(starts, device=self._device)[:, None]
-                use = (j > start) & ((j - start) % 2 == 1)
-                mixed = mixed_scores(s, use)
-                nll, top, miss = mixed.nll, mixed.top, use & ~mixed.emittable
+                mixed = mixed_scores(s, (j > start) & ((j - start) % 2 == 1))
+                nll, top, miss = mixed.nll, mixed.top, mixed.from_module & ~mixed.emittable
             for row, (i, seq, n) in enumerate(zip(idx, seqs, starts, strict=True)):
                 k = slice(n - 1, len(seq) - 1)  # the continuation's targets (index = position - 1)
                 greedy = bool((top[row, k] == tokens[row, n:len(seq)]).all())
