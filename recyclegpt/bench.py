@@ -34,12 +34,11 @@ import torch
 
 from recyclegpt.bases.hf import HFBackbone
 from recyclegpt.generate import DecodeStats, Engine
-from recyclegpt.strategies import make_strategy
+from recyclegpt.strategies import LOOKUP_DRAFT_LEN, make_strategy
 
 HF_ROWS = ("hf-generate", "hf-prompt-lookup")
 MODULE_KINDS = ("alternating", "verified", "adaptive")
 ROW_KINDS = ("standard", *MODULE_KINDS, "lookup", *HF_ROWS)
-PROMPT_LOOKUP_TOKENS = 10
 ROW_ORDER = ("rotated: timed pass k = repetition * prompts + prompt index runs the rows in list order "
              "starting at row k mod rows")
 SAMPLE_DIGITS = {"position": 0, "seconds": 6, "new_tokens": 0, "tokens_per_s": 3, "ratio_to_standard": 4}
@@ -105,8 +104,8 @@ def engine_rows(
         elif kind in ("standard", "alternating"):
             rows.append(Row(f"{kind}{at}", kind, runner(kind), module=module))
         elif kind == "lookup":  # prompt lookup verified by the full model, as transformers' row drafts
-            rows.append(Row(f"lookup{at}", kind, runner(kind, draft_len=PROMPT_LOOKUP_TOKENS),
-                            draft_len=PROMPT_LOOKUP_TOKENS, module=module))
+            rows.append(Row(f"lookup{at}", kind, runner(kind, draft_len=LOOKUP_DRAFT_LEN),
+                            draft_len=LOOKUP_DRAFT_LEN, module=module))
     return rows
 
 
@@ -132,7 +131,7 @@ def hf_rows(hf_model: torch.nn.Module, kinds: Sequence[str], max_new_tokens: int
     if "hf-generate" in kinds:
         rows.append(Row("hf-generate", "hf-generate", runner(None)))
     if "hf-prompt-lookup" in kinds:
-        rows.append(Row("hf-prompt-lookup", "hf-prompt-lookup", runner(PROMPT_LOOKUP_TOKENS)))
+        rows.append(Row("hf-prompt-lookup", "hf-prompt-lookup", runner(LOOKUP_DRAFT_LEN)))
     return rows
 
 
