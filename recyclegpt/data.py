@@ -105,6 +105,7 @@ def read_tokens(path: str | Path, tokenizer, max_tokens: int) -> list[int]:
     return ids[:max_tokens]
 
 
+CORPUS_PARTS = ("heldin", "heldout")  # the two sides of a corpus file (held_out_start)
 HELD_OUT_TENTHS = 1  # the last tenth of the lines of every corpus file is held out from all training data
 
 
@@ -125,13 +126,22 @@ def corpus_lines(path: str | Path, part: str) -> list[str]:
     Raises:
         DataError: an unknown ``part``, or a missing, empty or binary file.
     """
-    if part not in ("heldin", "heldout"):
+    if part not in CORPUS_PARTS:
         raise DataError(f"unknown corpus part {part!r}; choose heldin (training data) or heldout (evaluation)")
+    return corpus_parts(path)[part]
+
+
+def corpus_parts(path: str | Path) -> dict[str, list[str]]:
+    """Both sides of a corpus file's held-out split, from one read: ``{"heldin": lines, "heldout": lines}``.
+
+    Raises:
+        DataError: a missing, empty or binary file.
+    """
     p = Path(path)
     check_file(p)
     lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
     cut = held_out_start(len(lines))
-    return lines[:cut] if part == "heldin" else lines[cut:]
+    return {"heldin": lines[:cut], "heldout": lines[cut:]}
 
 
 def split_corpora(paths: Sequence[str | Path], out_dir: str | Path) -> dict:
@@ -145,7 +155,7 @@ def split_corpora(paths: Sequence[str | Path], out_dir: str | Path) -> dict:
     out, counts = Path(out_dir), {}
     for path in paths:
         p = Path(path)
-        parts = {part: corpus_lines(p, part) for part in ("heldin", "heldout")}
+        parts = corpus_parts(p)
         for part, lines in parts.items():
             (out / part).mkdir(parents=True, exist_ok=True)
             tmp = out / part / f"{p.name}.tmp"
