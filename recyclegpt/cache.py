@@ -7,8 +7,14 @@ the whole cache on every write); rolling a rejected draft back is ``rollback(new
 arithmetic, no reallocation. Slots beyond ``length`` hold stale values that the attention mask never
 reads.
 
-Left padding (batched prompts of different lengths) is recorded in ``valid``: a (batch, max_len)
-bool tensor, False for padding slots, which the attention mask excludes as keys.
+Rows need not hold the same number of tokens. ``valid``, a (batch, max_len) bool tensor, is False
+for the slots of a row that hold nothing of it: left padding (batched prompts of different lengths),
+drafts one row kept and another did not (``commit_rows``), filler in front of a row's tokens
+(``skip``), or the slots before a row that joined a running batch (``extend``). The attention mask
+excludes them as keys, and ``shift`` (batch,) keeps every row's positions its own: the token in slot s
+of row b sits at position s - shift[b], the count of its tokens before it, so each row is positioned as
+if it were decoded alone. ``compact`` squeezes the holes out when they pile up. Slots at or beyond
+``length`` are always valid (rollback restores them).
 
 A call's new tokens may also form a tree (``Tree``): several candidates for the same position, each
 seeing the cache and its own ancestors only. After verification ``keep`` moves the slots of the kept
@@ -87,6 +93,8 @@ class KVCache:
         device: where the tensors live.
     """
 
+    ragged = True  # rows may hold different lengths (``commit_rows``, ``skip``, ``select``, ``extend``)
+
     def __init__(
         self,
         n_layers: int,
@@ -101,10 +109,11 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
-        self.has_padding = False
+        self.shift = torch.zeros(batch, dtype=torch.long, device=device)
+        self.has_padding = False  # some slot below ``length`` is not valid (and ``shift`` is not all zero)
         self.length = 0
         self.max_len = max_len
-        # causal[i, j]: slot i may attend to slot j. Sliced per forward, never rebuilt.
+        # causal[i, j]: slot i may attend to slot j. Sliced per forward, rebuilt only when the cache grows.
         self._causal = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
 
     @property
@@ -118,7 +127,16 @@ class KVCache:
         self.valid.fill_(True)
         for row, n in enumerate(pad_lengths):
             self.valid[row, :n] = False
+        self.shift.copy_(torch.tensor(pad_lengths))
         self.has_padding = any(n > 0 for n in pad_lengths)
+
+    def positions(self, offsets: torch.Tensor) -> torch.Tensor:
+        """Positions of new tokens at slots ``length + offsets`` (offsets (T,)): (T,) when no row is
+        shifted, else (batch, T), each row's own (clamped at 0 for filler slots, which nothing reads)."""
+        pos = self.length + offsets
+        if not self.has_padding:
+            return pos
+        return (pos[None] - self.shift[:, None]).clamp(min=0)
 
     def check_room(self, n_new: int) -> None:
         """Raise a clear error if ``n_new`` more tokens do not fit."""
@@ -196,12 +214,118 @@ class KVCache:
         """Forget every slot from ``length`` on (e.g. a rejected draft token)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot roll back to {length}: cache length is {self.length}")
+        if self.has_padding:
+            self.valid[:, length : self.length] = True
         self.length = length
+
+    def commit_rows(self, start: int, kept: torch.Tensor) -> None:
+        """After a call that wrote slots from ``start``, keep the first ``kept[b]`` of them in row b
+        (kept (batch,) >= 1) and forget the rest: the cache ends at ``start + max(kept)``, and a row that
+        kept fewer has holes there."""
+        width = int(kept.max())
+        short = width - kept
+        if bool(short.any()):
+            hole = torch.arange(width, device=kept.device)[None] >= kept[:, None]  # (B, width)
+            self.valid[:, start : start + width] &= ~hole
+            self.shift += short
+            self.has_padding = True
+        self.rollback(start + width)
+
+    def skip(self, short: torch.Tensor, width: int) -> None:
+        """The next call writes ``width`` slots of which, in row b, the first ``short[b]`` are filler (a
+        row with fewer tokens than others, right-aligned): make them holes before the call."""
+        if not bool(short.any()):
+            return
+        self.check_room(width)
+        hole = torch.arange(width, device=short.device)[None] < short[:, None]
+        self.valid[:, self.length : self.length + width] &= ~hole
+        self.shift += short
+        self.has_padding = True
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only these rows, in this order (rows that left a running batch are dropped)."""
+        idx = torch.tensor(list(rows), dtype=torch.long, device=self.valid.device)
+        self.k = [t.index_select(0, idx) for t in self.k]
+        self.v = [t.index_select(0, idx) for t in self.v]
+        self.valid, self.shift = self.valid.index_select(0, idx), self.shift.index_select(0, idx)
+
+    def extend(self, other: KVCache) -> None:
+        """Append ``other``'s rows (e.g. prompts just prefilled) after this cache's, aligned on the end:
+        the shorter side gets holes in front, so both continue at the same next slot."""
+        if other.batch == 0:
+            return
+        if self.batch == 0:
+            self.length = 0
+        if other.length > self.length:  # this cache's rows skip ahead: holes at [length, other.length)
+            self.grow(other.length - self.length)
+            self.valid[:, self.length : other.length] = False
+            self.shift += other.length - self.length
+            self.has_padding = self.has_padding or self.batch > 0
+            self.length = other.length
+        gap = self.length - other.length
+        self.grow(other.max_len - other.length)  # at least the room the newcomers had
+        moved = [self._placed(t, gap, other.length) for t in other.k], [self._placed(t, gap, other.length)
+                                                                          for t in other.v]
+        valid = torch.ones(other.batch, self.max_len, dtype=torch.bool, device=self.valid.device)
+        valid[:, :gap] = False
+        valid[:, gap : self.length] = other.valid[:, : other.length]
+        self.k = [torch.cat([a, b]) for a, b in zip(self.k, moved[0], strict=True)]
+        self.v = [torch.cat([a, b]) for a, b in zip(self.v, moved[1], strict=True)]
+        self.valid = torch.cat([self.valid, valid])
+        self.shift = torch.cat([self.shift, other.shift + gap])
+        self.has_padding = self.has_padding or gap > 0 or other.has_padding
+
+    def _placed(self, t: torch.Tensor, gap: int, n: int) -> torch.Tensor:
+        """``t``'s first n slots at slots [gap, gap + n) of a tensor as long as this cache's."""
+        out = t.new_zeros(t.shape[0], t.shape[1], self.max_len, t.shape[3])
+        out[:, :, gap : gap + n] = t[:, :, :n]
+        return out
+
+    def grow(self, n_more: int) -> None:
+        """Make room for ``n_more`` slots after ``length`` (reallocating, at least 1.5 times as long)."""
+        need = self.length + n_more
+        if need <= self.max_len:
+            return
+        size = max(need, self.max_len * 3 // 2)
+        pad = size - self.max_len
+        self.k = [torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in self.k]
+        self.v = [torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in self.v]
+        self.valid = torch.nn.functional.pad(self.valid, (0, pad), value=True)
+        self.max_len = size
+        self._causal = torch.ones(size, size, dtype=torch.bool, device=self.valid.device).tril()
+
+    def compact(self) -> None:
+        """Squeeze out every hole: each row's tokens move, in order, to the end of the shortest prefix
+        that holds the longest row (the shorter rows left-padded), positions unchanged."""
+        if not self.has_padding:
+            return
+        L = self.length
+        valid = self.valid[:, :L]
+        counts = valid.sum(1)  # (B,)
+        new = int(counts.max())
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # each row's token slots first
+        offset = torch.arange(new, device=valid.device)[None] - (new - counts)[:, None]  # < 0: padding
+        src = order.gather(1, offset.clamp(min=0))  # (B, new)
+        for cache in (self.k, self.v):
+            for t in cache:
+                idx = src[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
+                t[:, :, :new] = t.gather(2, idx)
+        self.valid[:, :new] = offset >= 0
+        self.valid[:, new:] = True
+        self.shift = new - counts
+        self.has_padding = bool((self.shift > 0).any())
+        self.length = new
+
+    @property
+    def holes(self) -> int:
+        """Slots below ``length`` that hold nothing, over all rows (what ``compact`` would free)."""
+        return int((~self.valid[:, : self.length]).sum()) if self.has_padding else 0
 
     def reset(self) -> None:
         """Empty the cache for a new sequence (keeps the allocation)."""
         self.length = 0
         self.valid.fill_(True)
+        self.shift.zero_()
         self.has_padding = False
 
 

@@ -7,15 +7,19 @@ the strategy (``strategies.py``) decides how many drafts to ask for and which to
     k = strategy.draft_len(drafter.first_logits())
     proposal = drafter.propose(k, sampler, seen, width, keep_probs)     # (B, k') drafts, k' <= k
     ... full call over [pending, drafts, side drafts]; strategy.accept(...) keeps n drafts + 1 token ...
-    drafter.commit(new, hidden_of_new, emitted)                         # ingest the n + 1 real tokens
+    drafter.commit(new, hidden_of_new, counts, emitted)                 # ingest each row's n + 1 real tokens
+
+Between cycles rows may leave (``select``) and join (``extend``: the rows of a drafter started on new
+prompts), as the server's batching needs.
 
 Implementations: ``ModuleDrafter`` (the recyclable module, chaining on its own state, with its copy
 gate), ``PromptLookupDrafter`` (n-gram lookup in the context, no model) and ``NoDrafter`` (plain
 decoding). An early-exit drafter (SPEED, issue #35) plugs in the same way: it holds the backbone and a
 draft head, keeps a cache of its own for the first L layers (``start`` fills it from the prompt,
 ``propose`` runs L layers and the head k times, ``commit`` rolls it back to the accepted length as
-``ModuleDrafter`` does); should it need more of the full call than the final hidden states of the kept
-tokens, the backbone hands them out beside ``hidden`` and ``commit`` takes them. Pass its factory as a
+``ModuleDrafter`` does, and ``caches`` hands it to the loop, which grows and compacts it with the
+backbone's); should it need more of the full call than the final hidden states of the kept tokens,
+the backbone hands them out beside ``hidden`` and ``commit`` takes them. Pass its factory as a
 strategy's drafter (``Verified(draft_len, drafter=factory)``, see ``make_drafter``); the loop does not change.
 """
 
@@ -37,8 +41,8 @@ class Proposal:
     """What a drafter proposes for one cycle.
 
     Attributes:
-        tokens: (B, k') draft tokens, a chain: draft j continues the context and drafts 1 .. j-1. Every
-            row has the same count k' <= k (a batch keeps one accepted count, so the caches stay aligned).
+        tokens: (B, k') draft tokens, a chain: draft j continues the context and drafts 1 .. j-1, k' <= k
+            (a row with fewer drafts fills its chain with guesses, which verification rejects).
         probs: (B, k', V) the distributions the drafts were drawn from (after the sampler's filters),
             for the speculative-sampling test; (B, k', 0) when not asked for (greedy decoding, or a
             strategy that checks no draft). A deterministic drafter gives one-hot rows.
@@ -54,11 +58,11 @@ class Proposal:
 class Drafter:
     """Interface: proposes draft tokens for the decode loop and owns the state it needs.
 
-    Lifecycle, per generate call (a drafter serves one call; make a new one for the next)::
+    Lifecycle, per batch (a drafter serves one batch; make a new one for the next)::
 
         start(prompts, tokens, hidden, first, room)    once, after the prefill
         then per cycle: first_logits(), propose(k, ...), and, unless every row has finished,
-        commit(new, hidden, emitted)
+        commit(new, hidden, counts, emitted); between cycles select(rows), extend(other)
 
     Between cycles the drafter's view of each row is the prompt plus every token emitted so far (the
     prefill's ``first`` included); drafts not kept must leave no trace after ``commit``.
@@ -100,29 +104,51 @@ class Drafter:
         """
         raise NotImplementedError
 
-    def commit(self, tokens: torch.Tensor, hidden: torch.Tensor, emitted: Sequence[Sequence[int]]) -> None:
+    def commit(self, tokens: torch.Tensor, hidden: torch.Tensor, counts: torch.Tensor,
+               emitted: Sequence[Sequence[int]]) -> None:
         """Ingest what the cycle kept and forget the rest of the proposal.
 
         Args:
-            tokens: (B, n + 1) the kept drafts and the full model's token, per row.
-            hidden: (B, n + 1, d) the full call's hidden states at the positions those tokens follow
+            tokens: (B, m + 1) per row its kept drafts and the full model's token (the first
+                ``counts[b]`` entries; the rest unused).
+            hidden: (B, m + 1, d) the full call's hidden states at the positions those tokens follow
                 (the pending token's, then each kept draft's).
-            emitted: per row, the prefix of ``tokens`` the output kept (shorter once a row stops; empty
+            counts: (B,) real tokens per row (drafts kept + 1).
+            emitted: per row, the prefix of its tokens the output kept (shorter once a row stops; empty
                 for a finished row): what a drafter reading the context indexes.
         """
         raise NotImplementedError
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only these rows, in this order."""
+        raise NotImplementedError
+
+    def extend(self, other: Drafter) -> None:
+        """Append the rows of ``other``, a drafter of the same kind started on new prompts."""
+        raise NotImplementedError
+
+    def caches(self) -> list:
+        """The drafter's caches that follow the backbone's slot for slot (grown and compacted with it)."""
+        return []
 
 
 class NoDrafter(Drafter):
     """Proposes nothing: plain decoding (the ``standard`` strategy)."""
 
     def start(self, prompts, tokens, hidden, first, room) -> None:
-        self._empty = first.new_zeros(first.shape[0], 0)
+        pass
 
     def propose(self, k, sampler, seen, width=1, keep_probs=False) -> Proposal:
-        return Proposal(self._empty, _no_probs(self._empty))
+        empty = seen.new_zeros(seen.shape[0], 0, dtype=torch.long)
+        return Proposal(empty, _no_probs(empty))
 
-    def commit(self, tokens, hidden, emitted) -> None:
+    def commit(self, tokens, hidden, counts, emitted) -> None:
+        pass
+
+    def select(self, rows) -> None:
+        pass
+
+    def extend(self, other) -> None:
         pass
 
 
@@ -158,6 +184,22 @@ class ModuleDrafter(Drafter):
             if self.copying else []
         self._ingest(hidden, torch.cat([tokens[:, 1:], first[:, None]], 1))
 
+    def select(self, rows) -> None:
+        idx = torch.tensor(list(rows), dtype=torch.long, device=self._logits.device)
+        self.cache.select(rows)
+        self.indices = [self.indices[i] for i in rows] if self.copying else []
+        self._logits, self._state, self._first = self._logits[idx], self._state[idx], None
+
+    def extend(self, other: ModuleDrafter) -> None:
+        self.cache.extend(other.cache)
+        self.indices += other.indices
+        self._logits, self._first = torch.cat([self._logits, other._logits]), None
+        self._state = torch.cat([self._state, other._state])
+        self.calls += other.calls
+
+    def caches(self) -> list:
+        return [self.cache]
+
     def first_logits(self) -> torch.Tensor:
         if self._first is None:
             self._first = self._with_copies(self._logits, [])
@@ -165,6 +207,7 @@ class ModuleDrafter(Drafter):
 
     def propose(self, k, sampler, seen, width=1, keep_probs=False) -> Proposal:
         logits, drafts, qs, side = self.first_logits(), [], [], None
+        self._length = self.cache.length  # where commit rolls the chained drafts' pairs back to
         for j in range(k):
             if j > 0:
                 logits = self._with_copies(self._step(self._state, drafts[-1][:, None]), drafts)
@@ -179,16 +222,22 @@ class ModuleDrafter(Drafter):
         tokens = torch.stack(drafts, 1) if drafts else seen.new_zeros(seen.shape[0], 0, dtype=torch.long)
         return Proposal(tokens, torch.stack(qs, 1) if qs else _no_probs(tokens), side)
 
-    def commit(self, tokens, hidden, emitted) -> None:
+    def commit(self, tokens, hidden, counts, emitted) -> None:
         for index, ids in zip(self.indices, emitted, strict=True) if self.copying else ():
             index.extend(ids)
         self.cache.rollback(self._length)  # forget the chained drafts' pairs
+        width = tokens.shape[1]
+        short = width - counts  # rows with fewer real pairs put filler (holes) in front of them
+        if bool(short.any()):
+            at = (torch.arange(width, device=tokens.device)[None] - short[:, None]).clamp(min=0)
+            tokens, hidden = tokens.gather(1, at), hidden.gather(1, at[:, :, None].expand(-1, -1, hidden.shape[-1]))
+            self.cache.skip(short, width)
         self._ingest(hidden, tokens)
 
     def _ingest(self, hidden: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Real pairs (hidden (B, T, d), the tokens after them (B, T)) into the cache."""
-        self._logits = self._step(hidden, tokens)
-        self._length, self._first = self.cache.length, None
+        """Real pairs (hidden (B, T, d), the tokens after them (B, T)) into the cache; each row's last
+        pair gives its next draft."""
+        self._logits, self._first = self._step(hidden, tokens), None
 
     def _step(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """One module call; returns the next draft's raw logits (B, V) and keeps the state for chaining."""
@@ -218,10 +267,9 @@ class PromptLookupDrafter(Drafter):
     the proposal is deterministic: its distributions are one-hot, so the speculative-sampling test
     keeps verified decoding exact.
 
-    A batch proposes as many drafts as its shortest row (k with a match, 0 without): a row without a
-    match makes the cycle a plain step for every row. The rows keep one accepted count, so the other
-    rows' drafts beyond that could only be kept if the short row were padded with guesses that happened
-    to be right: full-model work that would rarely pay.
+    In a batch, a row with a shorter proposal (or none) fills its chain with its last token repeated,
+    a guess that verification keeps only where it is right; with no match in any row the cycle is a
+    plain step.
 
     Args:
         ngram: the longest suffix matched (>= 1).
@@ -237,17 +285,24 @@ class PromptLookupDrafter(Drafter):
 
     def propose(self, k, sampler, seen, width=1, keep_probs=False) -> Proposal:
         rows = [self.lookup(index, k) for index in self.indices]
-        n = min(len(r) for r in rows)
-        tokens = torch.tensor([r[:n] for r in rows], dtype=torch.long, device=seen.device).view(len(rows), n)
+        n = max(len(r) for r in rows)
+        filled = [r + [index.tokens[-1]] * (n - len(r)) for r, index in zip(rows, self.indices, strict=True)]
+        tokens = torch.tensor(filled, dtype=torch.long, device=seen.device).view(len(rows), n)
         if keep_probs:
             probs = torch.nn.functional.one_hot(tokens, seen.shape[1]).float()  # (B, n, V)
         else:
             probs = _no_probs(tokens)
         return Proposal(tokens, probs)
 
-    def commit(self, tokens, hidden, emitted) -> None:
+    def commit(self, tokens, hidden, counts, emitted) -> None:
         for index, ids in zip(self.indices, emitted, strict=True):
             index.extend(ids)
+
+    def select(self, rows) -> None:
+        self.indices = [self.indices[i] for i in rows]
+
+    def extend(self, other: PromptLookupDrafter) -> None:
+        self.indices += other.indices
 
     @staticmethod
     def lookup(index: CopyIndex, k: int) -> list[int]:

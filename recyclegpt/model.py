@@ -53,7 +53,8 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by the angles of its T positions (tables from ``rope_tables``: (T, D)).
+    """Rotate x (B, H, T, D) by the angles of its T positions (rows of the ``rope_tables``: (T, D), or
+    (B, 1, T, D) when every row has positions of its own).
 
     x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2 ; x1] equals roll(x, D/2) times the
     signs already folded into the sin table.
@@ -151,14 +152,18 @@ class Stack(nn.Module):
             cache.check_room(T)
         elif T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        if tree is None:
+        if tree is not None and (cache is None or tree.depth.shape[0] != T):
+            raise ValueError(f"a tree of {T if tree is None else tree.depth.shape[0]} tokens needs a cache "
+                             f"and {T} new tokens")
+        if tree is None and (cache is None or not cache.has_padding):  # positions start .. start + T - 1
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
-            mask = None if cache is None else cache.attn_mask(T)
-        else:
-            if cache is None or tree.depth.shape[0] != T:
-                raise ValueError(f"a tree of {tree.depth.shape[0]} tokens needs a cache and {T} new tokens")
-            pos = start + tree.depth
-            cos, sin, mask = self.rope_cos[pos], self.rope_sin[pos], cache.attn_mask(T, tree.mask)
+        else:  # a tree's depths, or each row's own positions: (T, D) or (B, 1, T, D) tables
+            offsets = torch.arange(T, device=x.device) if tree is None else tree.depth
+            pos = cache.positions(offsets)
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+            if pos.dim() == 2:
+                cos, sin = cos[:, None], sin[:, None]
+        mask = None if cache is None else cache.attn_mask(T, None if tree is None else tree.mask)
         if self.row_invariant and cache is not None and T > 1 and start > 0:  # a decode call, not a prefill
             mask = cache.row_views(T, None if tree is None else tree.mask)
         for i, layer in enumerate(self.layers):

@@ -6,9 +6,11 @@ adaptive / lookup), ``draft_len``, ``draft_width``, ``threshold``, ``top_k`` and
 ``usage`` adds the recycling counters (``tokens_per_full_call``, ``full_calls``, ``module_calls``, ``accepted_drafts``,
 ``rejected_drafts``).
 
-The engine is not thread-safe, so every generation runs on one worker thread, in arrival order;
-simultaneous requests wait in its queue. Streams pass their chunks from that thread to the event loop
-as they are decoded, and a client that disconnects stops its generation before the next decode cycle.
+Requests are decoded by a ``scheduler.Scheduler`` on one engine thread: with ``max_batch`` above 1,
+requests that arrive while others decode join the running batch at its next cycle and leave it when
+they end (continuous batching); with 1, one at a time in arrival order. A full waiting queue answers
+503. Text passes from that thread to the event loop as it is decoded, and a client that disconnects
+frees its row before the next cycle.
 
 Footgun: as in the OpenAI API, ``temperature`` defaults to 1 (sampling); send 0 for greedy decoding.
 """
@@ -16,14 +18,13 @@ Footgun: as in the OpenAI API, ``temperature`` defaults to 1 (sampling); send 0 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
@@ -37,12 +38,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from recyclegpt.generate import DecodeStats, Engine
 from recyclegpt.sampling import SamplingConfig
+from recyclegpt.scheduler import Job, QueueFull, Scheduler, stats_of
 from recyclegpt.strategies import make_strategy
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_END = object()  # marks the end of a worker stream
 _POLL_S = 0.25  # how often a waiting request checks that its client is still connected
 
 
@@ -190,61 +191,44 @@ class _BearerAuth:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The worker thread
+# Rows through the scheduler
 
 
-class EngineWorker:
-    """Runs engine calls one at a time on a single thread, in arrival order (the engine is not thread-safe)."""
+def _submit(scheduler: Scheduler, ids: Sequence[list[int]], opts: dict[str, Any]
+            ) -> AsyncIterator[tuple[int, str | DecodeStats]]:
+    """Queue one job per prompt; returns their output as it comes: ``(row, text chunk)``, then
+    ``(row, DecodeStats)`` when that row ends. A row's error is raised; closing the iterator early (or
+    cancelling the task that awaits it: a client gone) cancels every row of the request."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[int, tuple[str, Any]]] = asyncio.Queue()
 
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recyclegpt-engine")
+    def poster(row: int) -> Callable[[tuple[str, Any]], None]:
+        def post(item: tuple[str, Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop is closed: the server is shutting down
+                loop.call_soon_threadsafe(queue.put_nowait, (row, item))
+        return post
 
-    async def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """``fn(*args, **kwargs)`` on the worker thread; cancelling the await drops a call not yet started."""
-        return await asyncio.wrap_future(self._pool.submit(fn, *args, **kwargs))
+    jobs = [Job(p, opts["strategy"], opts["sampling"], opts["max_new_tokens"], opts["stop"], poster(row))
+            for row, p in enumerate(ids)]
+    try:
+        scheduler.submit(jobs)
+    except QueueFull as exc:
+        raise APIError(503, str(exc), kind="server_error", code="server_busy") from None
 
-    async def iterate(self, make: Callable[[], Generator[T, None, None]]) -> AsyncIterator[T]:
-        """The items of the generator ``make()``, produced on the worker thread, as they come.
-
-        Closing this async iterator, or cancelling the task that awaits it (Starlette does so when a
-        streaming client disconnects), stops the worker before its next item and closes the generator
-        there; an exception in the generator is raised here.
-        """
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()
-        stop = threading.Event()
-
-        def post(item: Any, exc: BaseException | None = None) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (item, exc))
-            except RuntimeError:  # the event loop is closed: the server is shutting down
-                stop.set()
-
-        def produce() -> None:
-            items = make()
-            try:
-                while not stop.is_set():
-                    item = next(items, _END)
-                    post(item)
-                    if item is _END:
-                        break
-            except Exception as exc:  # handed to the consumer, which raises it
-                post(_END, exc)
-            finally:
-                items.close()
-
-        future = self._pool.submit(produce)
+    async def rows() -> AsyncIterator[tuple[int, str | DecodeStats]]:
+        left = len(jobs)
         try:
-            while True:
-                item, exc = await queue.get()
-                if exc is not None:
-                    raise exc
-                if item is _END:
-                    return
-                yield item
+            while left:
+                row, (what, value) = await queue.get()
+                if what == "error":
+                    raise value
+                left -= what == "done"
+                yield row, value
         finally:
-            stop.set()
-            future.cancel()
+            for job in jobs:
+                job.cancel()
+
+    return rows()
 
 
 async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
@@ -257,17 +241,6 @@ async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
         if await request.is_disconnected():
             task.cancel()
             raise _ClientGone
-
-
-def _stream_rows(
-    engine: Engine, prompts: Sequence[str], options: dict[str, Any]
-) -> Generator[tuple[int, str | DecodeStats], None, None]:
-    """``(row, text chunk)`` for each prompt in turn, then ``(row, DecodeStats)`` when that row ends."""
-    for row, prompt in enumerate(prompts):
-        stats: list[DecodeStats] = []
-        for chunk in engine.stream(prompt, stats_out=stats, **options):
-            yield row, chunk
-        yield row, stats[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,23 +261,12 @@ def _usage(stats: DecodeStats) -> dict[str, float]:
     }
 
 
-def _merge(rows: Sequence[DecodeStats]) -> DecodeStats:
-    """Counters of prompts streamed one after another (batch 1 each) as one ``DecodeStats``."""
-    names = ("prompt_tokens", "new_tokens", "full_calls", "module_calls", "drafted", "accepted", "rejected")
-    return DecodeStats(batch=1, **{n: sum(getattr(r, n) for r in rows) for n in names})
-
-
 def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-async def _chain(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
-    yield first
-    async for item in rest:
-        yield item
-
-
 async def _event_stream(
+    first: tuple[int, str | DecodeStats],
     items: AsyncIterator[tuple[int, str | DecodeStats]],
     opening: Sequence[dict[str, Any]],
     chunk: Callable[[int, str | None, str | None], dict[str, Any]],
@@ -313,25 +275,33 @@ async def _event_stream(
 ) -> AsyncIterator[str]:
     """Server-sent events: ``opening`` chunks, one per text chunk, one per finished row, then ``[DONE]``.
 
-    ``chunk(row, text, finish_reason)`` builds a chunk; the finish reason comes from the row's stats.
+    ``first`` is the first item, already taken from ``items``. ``chunk(row, text, finish_reason)``
+    builds a chunk; the finish reason comes from the row's stats. Ending early (a client gone) closes
+    ``items``, which frees the request's rows.
     """
     rows: list[DecodeStats] = []
+
+    def event(row: int, value: str | DecodeStats) -> str:
+        if isinstance(value, DecodeStats):
+            rows.append(value)
+            return _sse(chunk(row, None, value.finish_reasons[0]))
+        return _sse(chunk(row, value, None))
+
     try:
         for obj in opening:
             yield _sse(obj)
+        yield event(*first)
         async for row, value in items:
-            if isinstance(value, DecodeStats):
-                rows.append(value)
-                yield _sse(chunk(row, None, value.finish_reasons[0]))
-            else:
-                yield _sse(chunk(row, value, None))
+            yield event(row, value)
         if include_usage:
-            yield _sse({**header, "choices": [], "usage": _usage(_merge(rows))})
+            yield _sse({**header, "choices": [], "usage": _usage(stats_of(rows))})
     except ValueError as exc:  # the stream has begun (a later prompt of a batch): report the error in-band
         yield _sse(APIError(400, str(exc)).body())
     except Exception as exc:
         logger.exception("stream failed")
         yield _sse(APIError(500, f"internal error: {exc}", kind="server_error").body())
+    finally:
+        await items.aclose()
     yield "data: [DONE]\n\n"
 
 
@@ -348,11 +318,13 @@ def create_app(
     draft_len: int | None = None,
     threshold: float = 0.5,
     draft_width: int = 1,
+    max_batch: int | None = None,
+    max_waiting: int = 64,
 ) -> FastAPI:
     """Build the OpenAI-compatible app serving ``engine`` under the model name ``model_name``.
 
     Args:
-        engine: the engine that generates; only the app's worker thread calls it.
+        engine: the engine that generates; only the scheduler's thread calls it.
         model_name: the ``model`` requests must name (others get 404).
         default_strategy: decoding strategy when a request names none.
         api_key: if set, ``/v1/...`` requests need ``Authorization: Bearer <api_key>`` (``/health`` stays open).
@@ -361,16 +333,32 @@ def create_app(
         draft_len: default drafts per full call for ``verified`` and ``lookup`` (None: the strategy's own).
         threshold: default module confidence for ``adaptive``.
         draft_width: default candidates for the first draft's slot for ``verified``.
+        max_batch: the most prompts decoded together (continuous batching; 1: one at a time). Above 1
+            needs the native backbone; None: 8 where the backbone can batch, else 1.
+        max_waiting: the most prompts waiting for a place; more get 503.
 
     Raises:
         ValueError: the default strategy is unknown, its options are out of range, or it needs a
-            module the engine lacks.
+            module the engine lacks; ``max_batch`` above 1 on a backbone whose cache cannot batch rows
+            of different lengths.
     """
     if make_strategy(default_strategy, draft_len, threshold, draft_width).uses_module and engine.module is None:
         raise ValueError(f"strategy {default_strategy!r} needs a recyclable module; pass --module PATH")
-    worker = EngineWorker()
+    ragged = getattr(engine.backbone.new_cache(1, 1), "ragged", False)
+    max_batch = (8 if ragged else 1) if max_batch is None else max_batch
+    if max_batch > 1 and not ragged:
+        raise ValueError(f"--max-batch above 1 needs the native backbone, not {type(engine.backbone).__name__}: "
+                         "use --backend native (Llama-family models) or --max-batch 1")
+    scheduler = Scheduler(engine, max_batch, max_waiting)
     created = int(time.time())
-    app = FastAPI(title="RecycleGPT", description="OpenAI-compatible API with recycled decoding")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        scheduler.close()
+
+    app = FastAPI(title="RecycleGPT", description="OpenAI-compatible API with recycled decoding", lifespan=lifespan)
+    app.state.scheduler = scheduler
     if api_key:
         app.add_middleware(_BearerAuth, api_key=api_key)
 
@@ -434,11 +422,34 @@ def create_app(
 
     async def open_stream(
         request: Request, prompts: Sequence[str], opts: dict[str, Any]
-    ) -> AsyncIterator[tuple[int, str | DecodeStats]]:
-        """Start streaming; waits for the first item so that a rejected request still gets its 4xx status."""
-        items = worker.iterate(lambda: _stream_rows(engine, prompts, opts))
-        first = await _unless_disconnected(request, anext(items))
-        return _chain(first, items)
+    ) -> tuple[tuple[int, str | DecodeStats], AsyncIterator[tuple[int, str | DecodeStats]]]:
+        """Queue the prompts and wait for the first item (a rejected request still gets its 4xx status);
+        returns it and the rest."""
+        items = _submit(scheduler, engine.prepare(prompts, opts["max_new_tokens"]), opts)
+        try:
+            return await _unless_disconnected(request, anext(items)), items
+        except BaseException:
+            await items.aclose()
+            raise
+
+    async def complete(request: Request, prompts: Sequence[str], opts: dict[str, Any]
+                       ) -> tuple[list[str], list[DecodeStats]]:
+        """Each prompt's whole text and counters (the rows cancelled if the client goes away first)."""
+        items = _submit(scheduler, engine.prepare(prompts, opts["max_new_tokens"]), opts)
+        texts, stats = [""] * len(prompts), [DecodeStats()] * len(prompts)
+
+        async def collect() -> None:
+            async for row, value in items:
+                if isinstance(value, DecodeStats):
+                    stats[row] = value
+                else:
+                    texts[row] += value
+
+        try:
+            await _unless_disconnected(request, collect())
+        finally:
+            await items.aclose()
+        return texts, stats
 
     def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
         return StreamingResponse(events, media_type="text/event-stream",
@@ -446,7 +457,7 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, str]:
-        """Liveness: answers while the server runs, even when the worker is busy."""
+        """Liveness: answers while the server runs, even when the engine is busy."""
         return {"status": "ok", "model": model_name}
 
     @app.get("/v1/models")
@@ -474,13 +485,13 @@ def create_app(
                 return {**header, "choices": [{"index": row, "text": text or "", "logprobs": None,
                                                "finish_reason": finish}]}
 
-            items = await open_stream(request, prompts, opts)
+            first, items = await open_stream(request, prompts, opts)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse_response(_event_stream(items, (), chunk, header, include_usage))
-        gens = await _unless_disconnected(request, worker.call(engine.generate, prompts, **opts))
-        choices = [{"index": i, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason}
-                   for i, g in enumerate(gens)]
-        return {**header, "choices": choices, "usage": _usage(gens[0].stats)}
+            return sse_response(_event_stream(first, items, (), chunk, header, include_usage))
+        texts, stats = await complete(request, prompts, opts)
+        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": s.finish_reasons[0]}
+                   for i, (t, s) in enumerate(zip(texts, stats, strict=True))]
+        return {**header, "choices": choices, "usage": _usage(stats_of(stats))}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request) -> Any:
@@ -503,12 +514,12 @@ def create_app(
 
             opening = [{**header, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}]}]
-            items = await open_stream(request, [prompt], opts)
+            first, items = await open_stream(request, [prompt], opts)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse_response(_event_stream(items, opening, chunk, header, include_usage))
-        g = (await _unless_disconnected(request, worker.call(engine.generate, [prompt], **opts)))[0]
-        choice = {"index": 0, "message": {"role": "assistant", "content": g.text}, "logprobs": None,
-                  "finish_reason": g.finish_reason}
-        return {**header, "object": "chat.completion", "choices": [choice], "usage": _usage(g.stats)}
+            return sse_response(_event_stream(first, items, opening, chunk, header, include_usage))
+        texts, stats = await complete(request, [prompt], opts)
+        choice = {"index": 0, "message": {"role": "assistant", "content": texts[0]}, "logprobs": None,
+                  "finish_reason": stats[0].finish_reasons[0]}
+        return {**header, "object": "chat.completion", "choices": [choice], "usage": _usage(stats[0])}
 
     return app

@@ -7,8 +7,9 @@
    keep and which token the full model contributes (``accept``, an ``Accepted``).
 
 The drafter (``drafters.py``) owns the drafts' state; the loop in ``generate.py`` owns the backbone's
-cache, rollback, stop criteria and stats. The number of kept drafts is one integer for the whole
-batch, so every row's caches stay the same length.
+cache, rollback, stop criteria and stats. Each row keeps its own number of drafts (the caches hold
+rows of different lengths, ``cache.KVCache.commit_rows``); a cache that cannot
+(``Accepted.shortest``) has every row keep the batch's smallest number, still exactly.
 """
 
 from __future__ import annotations
@@ -52,17 +53,33 @@ class Accepted:
     """A strategy's verdict on one cycle.
 
     Attributes:
-        n: drafts kept, the same for every row.
+        n: (B,) drafts kept per row.
         token: (B,) the full model's token after them (sampled from its distribution there, or the
             residual after a rejected sampled draft).
-        path: (B, n) per row, the positions of the kept drafts among the full call's new tokens (the
-            pending token is 0; a side draft i sits at k + i); None means the first n chained drafts
-            (positions 1 .. n).
+        path: (B, max n) per row, the positions of the kept drafts among the full call's new tokens (the
+            pending token is 0; a side draft i sits at k + i; entries past a row's n are unused); None
+            means the first n chained drafts (positions 1 .. n).
     """
 
-    n: int
+    n: torch.Tensor
     token: torch.Tensor
     path: torch.Tensor | None = None
+
+    def shortest(self, fed: torch.Tensor) -> Accepted:
+        """The same verdict with every row keeping the batch's smallest count m, for caches whose rows
+        must stay the same length. ``fed`` (B, T) are the full call's new tokens.
+
+        A row that kept more than m emits its kept draft at m as the full model's token there. That is
+        still exact: greedily it is the full model's argmax; sampled, it passed the speculative test,
+        which makes it distributed as the full model's token (a fresh draw from p after a pass would
+        count p's share min(p, q) twice).
+        """
+        m = int(self.n.min())
+        if m == int(self.n.max()):
+            return self
+        at = (torch.full_like(self.n, m + 1) if self.path is None else self.path[:, m])[:, None]
+        token = torch.where(self.n > m, fed.gather(1, at)[:, 0], self.token)
+        return Accepted(torch.full_like(self.n, m), token, None if self.path is None else self.path[:, :m])
 
 
 class Strategy:
@@ -104,7 +121,9 @@ class Strategy:
 
     def accept(self, v: Verify, sampler: Sampler) -> Accepted:
         """Which drafts to keep, and the full model's token after them."""
-        return Accepted(v.drafts.shape[1], sampler.token(v.target_logits[:, -1], _with(v.seen, v.drafts)))
+        B, k = v.drafts.shape
+        n = torch.full((B,), k, dtype=torch.long, device=v.drafts.device)
+        return Accepted(n, sampler.token(v.target_logits[:, -1], _with(v.seen, v.drafts)))
 
 
 class Standard(Strategy):
@@ -154,9 +173,8 @@ class Verified(Strategy):
 
     Greedy: a draft is kept while it equals the full model's argmax; the first mismatch is replaced by
     the full model's token (plus the bonus token when every draft is kept). Sampling: the
-    speculative-sampling test, so outputs are distributed exactly as the base model's. For a batch,
-    the rows keep the smallest accepted count n; a row that would have kept more emits its (accepted)
-    draft at n as the full model's token, which is still exact.
+    speculative-sampling test, so outputs are distributed exactly as the base model's. In a batch
+    each row keeps its own drafts.
 
     The drafts come from the recyclable module by default, or from any other drafter (``drafter``;
     ``Lookup`` is this strategy with prompt lookup): exactness needs only that the drafts were drawn
@@ -201,32 +219,35 @@ class Verified(Strategy):
 
     def accept(self, v: Verify, sampler: Sampler) -> Accepted:
         if v.side is None:
-            n, token = self._accept_chain(v, sampler)
-            return Accepted(n, token)
+            return Accepted(*self._accept_chain(v, sampler))
         # 1. The first slot: the full model's own token there, matched against every candidate.
         B, k = v.drafts.shape
         y = sampler.token(v.target_logits[:, 0], v.seen)  # (B,)
-        cands = torch.cat([v.drafts[:, :1], v.side], 1)  # (B, w)
-        hit = cands == y[:, None]
-        if not bool(hit.any(-1).all()):  # some row kept no candidate: y is its exact next token
-            return Accepted(0, y)
-        col = hit.int().argmax(-1)  # (B,) the matching candidate (0 = the chain's first draft)
-        # 2. Every row on the chain: check the drafts behind the first as a chain of k - 1 (for k = 1
-        # an empty chain, which gives the bonus token).
-        if bool((col == 0).all()):
+        hit = torch.cat([v.drafts[:, :1], v.side], 1) == y[:, None]  # (B, w)
+        col = torch.where(hit.any(-1), hit.int().argmax(-1), -1)  # the matching candidate (0: the chain's)
+        n, token = torch.zeros_like(y), y  # a row that kept no candidate: y is its exact next token
+        # 2. Rows on the chain: check the drafts behind the first as a chain of k - 1 (for k = 1 an empty
+        # chain, which gives the bonus token).
+        if bool((col == 0).any()):
             rest = Verify(v.drafts[:, 1:], v.draft_probs[:, 1:], v.target_logits[:, 1 : k + 1],
                           _with(v.seen, v.drafts[:, :1]))
-            n, token = self._accept_chain(rest, sampler)
-            return Accepted(n + 1, token)
-        # 3. Some row kept a side draft: one draft kept per row; the next token from the full model
-        # after each row's kept candidate (not tested further, so drawn from p: exact).
-        path = torch.where(col == 0, 1, k + col)[:, None]  # (B, 1) position of the kept candidate
-        logits = v.target_logits.gather(1, path[:, :, None].expand(-1, 1, v.target_logits.shape[-1]))[:, 0]
-        seen = _with(v.seen, y[:, None])
-        return Accepted(1, sampler.token(logits, seen), path)
+            n_chain, after = self._accept_chain(rest, sampler)
+            n, token = torch.where(col == 0, n_chain + 1, n), torch.where(col == 0, after, token)
+        if not bool((col > 0).any()):
+            return Accepted(n, token)
+        # 3. Rows that kept a side draft: one draft kept; the next token from the full model after it
+        # (not tested further, so drawn from p: exact).
+        side = col > 0
+        at = torch.where(side, k + col, 1)  # (B,) the kept candidate's position
+        logits = v.target_logits.gather(1, at[:, None, None].expand(-1, 1, v.target_logits.shape[-1]))[:, 0]
+        after = sampler.token(logits, _with(v.seen, y[:, None]))
+        width = int(torch.where(side, 1, n).max())
+        path = torch.arange(1, width + 1, device=y.device).repeat(B, 1)
+        path[:, 0] = at
+        return Accepted(torch.where(side, 1, n), torch.where(side, after, token), path)
 
-    def _accept_chain(self, v: Verify, sampler: Sampler) -> tuple[int, torch.Tensor]:
-        """Verify a plain chain of drafts (the tests above), returning (drafts kept, next token).
+    def _accept_chain(self, v: Verify, sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
+        """Verify a plain chain of drafts (the tests above), returning per row (drafts kept, next token).
 
         A private step of ``accept`` (a plain pair, which tests replace to break verification on purpose)."""
         B, k = v.drafts.shape
@@ -241,20 +262,16 @@ class Verified(Strategy):
                 picked.append(sampler.probs(v.target_logits[:, j], seen))
                 ok = accept_draft(picked[-1], v.draft_probs[:, j], v.drafts[:, j], sampler.uniform(B))
             rejected_at = torch.where((~ok) & (rejected_at == k), j, rejected_at)
-        n = int(rejected_at.min())
-        if n == k:  # every row kept every draft: the bonus token
-            return n, sampler.token(v.target_logits[:, k], _with(v.seen, v.drafts))
-        if sampler.cfg.greedy:
-            return n, picked[n]
-        # Rows rejected at n draw from the residual. A row that passed the test at n (another row set the
-        # batch's n lower) emits its draft there: keeping the draft with probability min(1, p/q), else
-        # drawing from the residual, is what makes the token p-distributed; a fresh draw from p after a
-        # pass would count p's share min(p, q) twice. (The draw covers every row, so the generator
-        # advances as it did when passing rows drew from p.)
-        rejected = rejected_at == n
-        resid = residual_distribution(picked[n], v.draft_probs[:, n])
-        drawn = sampler.choose(torch.where(rejected[:, None], resid, picked[n]))
-        return n, torch.where(rejected, drawn, v.drafts[:, n])
+        n = rejected_at
+        rows = torch.arange(B, device=n.device)
+        if sampler.cfg.greedy:  # the full model's token where each row stopped (the bonus token after all k)
+            bonus = [sampler.token(v.target_logits[:, k], _with(v.seen, v.drafts))] if bool((n == k).any()) else []
+            return n, torch.stack([*picked, *bonus], 1)[rows, n.clamp(max=len(picked) + len(bonus) - 1)]
+        # A row rejected at j draws from the residual there; a row that kept all k from p after them.
+        dists = [residual_distribution(p, v.draft_probs[:, j]) for j, p in enumerate(picked)]
+        if bool((n == k).any()):
+            dists.append(sampler.probs(v.target_logits[:, k], _with(v.seen, v.drafts)))
+        return n, sampler.choose(torch.stack(dists, 1)[rows, n.clamp(max=len(dists) - 1)])
 
 
 class Lookup(Verified):

@@ -62,10 +62,16 @@ def test_prompt_lookup_batch_commit_and_finished_rows():
     assert drafter.propose(2, GREEDY, seen).tokens.tolist() == [[3, 1], [8, 9]]
     assert drafter.propose(2, GREEDY, seen).probs.shape == (2, 2, 0)  # nobody reads q: none built
     # The cycle kept (3, 5) for row 0; row 1 stopped after its first token (e.g. EOS): its context stops there.
-    drafter.commit(torch.tensor([[3, 5], [8, 6]]), torch.zeros(2, 2, 4), [[3, 5], [8]])
+    drafter.commit(torch.tensor([[3, 5], [8, 6]]), torch.zeros(2, 2, 4), torch.tensor([2, 1]), [[3, 5], [8]])
     assert [index.tokens for index in drafter.indices] == [[1, 2, 3, 1, 2, 3, 5], [7, 8, 9, 7, 8]]
-    # Row 0's tail (3, 5) never occurred, nor (5): no match, so the batch proposes nothing this cycle.
-    assert drafter.propose(3, GREEDY, seen).tokens.shape == (2, 0)
+    # Row 0's tail (3, 5) never occurred, nor (5): no match, so it fills its chain with its last token.
+    assert drafter.propose(3, GREEDY, seen).tokens.tolist() == [[5, 5, 5], [9, 7, 8]]
+    # Rows leave and join between cycles: row 1 alone, then a new row after it.
+    drafter.select([1])
+    other = PromptLookupDrafter(ngram=2)
+    other.start([[4, 4]], torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, 4), torch.tensor([4]), 0)
+    drafter.extend(other)
+    assert drafter.propose(2, GREEDY, seen).tokens.tolist() == [[9, 7], [4, 4]]
     with pytest.raises(ValueError, match="n-gram length must be >= 1"):
         PromptLookupDrafter(0)
 
@@ -99,7 +105,7 @@ def test_module_drafter_commit_leaves_no_trace_of_rejected_drafts(tiny):
         _, full_hidden = backbone(fed, cache)
         cache.rollback(6 + 2)  # kept: the first draft and the full model's token after it (here 11)
         new = torch.tensor([[int(proposal.tokens[0, 0]), 11]])
-        drafter.commit(new, full_hidden[:, :2], new.tolist())
+        drafter.commit(new, full_hidden[:, :2], torch.tensor([2]), new.tolist())
         assert drafter.cache.length == cache.length == 8
         context = prompt + [7, int(new[0, 0])]
         fresh = ModuleDrafter(backbone, tiny.module)
@@ -235,14 +241,17 @@ class _Fixed(Drafter):
     """A drafter of another kind (no model): always proposes token 1, k times; shows the seam."""
 
     def start(self, prompts, tokens, hidden, first, room):
-        self.batch, self.committed = len(prompts), []
+        self.committed = []
+
+    def select(self, rows):
+        pass
 
     def propose(self, k, sampler, seen, width=1, keep_probs=False):
-        tokens = torch.ones(self.batch, k, dtype=torch.long)
+        tokens = torch.ones(seen.shape[0], k, dtype=torch.long)
         probs = torch.nn.functional.one_hot(tokens, seen.shape[1]).float() if keep_probs else tokens[..., None][..., :0]
         return Proposal(tokens, probs.float())
 
-    def commit(self, tokens, hidden, emitted):
+    def commit(self, tokens, hidden, counts, emitted):
         self.committed.append(tokens.shape[1])
 
 

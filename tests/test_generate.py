@@ -9,6 +9,7 @@ from recyclegpt.generate import DecodeStats, Engine, GenerationError
 from recyclegpt.loss import attach_loss
 from recyclegpt.recycle import RecycleGPT
 from recyclegpt.sampling import SamplingConfig, SamplingError
+from recyclegpt.strategies import make_strategy
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -471,3 +472,33 @@ def test_verified_rejection_rolls_caches_back_with_stubs():
     # Module: prompt pairs; per cycle one chained draft step (+1), then a rollback and one real pair (+1);
     # the last cycle finishes the run, so no ingest follows it.
     assert module.lengths == [3, 4, 4, 5, 5, 6]
+
+
+@pytest.mark.parametrize(("strategy", "kwargs"), [("standard", {}), ("verified", {"draft_len": 3}),
+                                                  ("verified", {"draft_len": 2, "draft_width": 3}),
+                                                  ("alternating", {}), ("lookup", {"draft_len": 4})])
+def test_rows_joining_and_leaving_a_running_batch_decode_as_alone(trained, strategy, kwargs):
+    """Prompts join a running batch two at a time, with different lengths and budgets; each row's tokens
+    and its drafts kept per full call equal the same prompt decoded alone; rows leave when done; the
+    caches grow, and are compacted once, on the way."""
+    prompts, budgets = _prompts(8, seed=21), [4, 20, 9, 16, 20, 3, 12, 20]
+    strat = make_strategy(strategy, kwargs.get("draft_len"), 0.5, kwargs.get("draft_width", 1))
+    alone = [trained.generate([p], strat, max_new_tokens=m)[0] for p, m in zip(prompts, budgets, strict=True)]
+    batch, waiting, done, cycles = trained.batch(strat, SamplingConfig()), list(range(8)), {}, 0
+    while waiting or batch.rows:
+        if waiting and cycles % 2 == 0:
+            take, waiting = waiting[:2], waiting[2:]
+            batch.add([prompts[i] for i in take], [budgets[i] for i in take], [None, None], take)
+        if batch.rows and not all(r.done for r in batch.rows):
+            batch.step()
+        cycles += 1
+        if cycles == 7:  # squeeze the holes out mid-way (the loop does it when they fill half the cache)
+            with torch.inference_mode():
+                for cache in (batch.cache, *batch.drafter.caches()):
+                    cache.compact()
+        for row in batch.drop([i for i, r in enumerate(batch.rows) if not r.done]):
+            done[row.key] = row
+    for i, g in enumerate(alone):
+        assert done[i].out == g.token_ids, i
+        assert (done[i].stats.accepted, done[i].stats.full_calls) == (g.stats.accepted, g.stats.full_calls), i
+    assert batch.stats.batch >= 3

@@ -36,9 +36,10 @@ def _verify(drafts: list[list[int]], argmax: list[list[int]], side: list[list[in
                   None if side is None else torch.tensor(side))
 
 
-def _check(acc: Accepted, n: int, token: list[int], path: list[list[int]] | None = None) -> None:
+def _check(acc: Accepted, n: int | list[int], token: list[int], path: list[list[int]] | None = None) -> None:
+    """``n``: drafts kept per row (one int: every row)."""
     assert isinstance(acc, Accepted)
-    assert acc.n == n and acc.token.tolist() == token
+    assert acc.n.tolist() == (n if isinstance(n, list) else [n] * len(token)) and acc.token.tolist() == token
     assert (acc.path is None) if path is None else acc.path.tolist() == path
 
 
@@ -50,8 +51,13 @@ def test_greedy_chain_keeps_the_matching_prefix_then_the_full_models_token():
     _check(verified.accept(_verify([[3, 6]], [[3, 6, 1]]), GREEDY), 2, [1])
     # The first draft wrong: nothing kept, the full model's token at the first slot.
     _check(verified.accept(_verify([[4, 6]], [[3, 6, 1]]), GREEDY), 0, [3])
-    # A batch keeps the smallest count; each row then gets the full model's token at that position.
-    _check(verified.accept(_verify([[3, 6], [2, 2]], [[3, 6, 1], [2, 7, 0]]), GREEDY), 1, [6, 7])
+    # In a batch each row keeps its own count, then the full model's token after it.
+    batch = _verify([[3, 6], [2, 2]], [[3, 6, 1], [2, 7, 0]])
+    acc = verified.accept(batch, GREEDY)
+    _check(acc, [2, 1], [1, 7])
+    # For a cache whose rows must stay aligned: the smallest count; a row that kept more emits its
+    # (accepted) draft there, the full model's token at that position.
+    _check(acc.shortest(torch.cat([torch.tensor([[9], [9]]), batch.drafts], 1)), 1, [6, 7])
     # No drafts at all (a drafter with nothing to propose): the full model's next token.
     _check(verified.accept(_verify([[]], [[4]]), GREEDY), 0, [4])
 
@@ -63,9 +69,17 @@ def test_tree_keeps_a_side_draft_and_says_where_it_sits():
     # Two rows: one keeps the chain's draft (position 1), the other its second side draft (position 3).
     acc = verified.accept(_verify([[3], [3]], [[3, 2, 0, 0], [6, 0, 0, 7]], side=[[4, 6], [4, 6]]), GREEDY)
     _check(acc, 1, [2, 7], path=[[1], [3]])
-    # No candidate matches in some row: nothing kept, the full model's first-slot tokens.
+    # No candidate matches in one row: nothing kept there, the full model's first-slot token; the other
+    # row keeps its chain draft and the token after it.
     _check(verified.accept(_verify([[3], [3]], [[3, 1, 1, 1], [5, 1, 1, 1]], side=[[4, 6], [4, 6]]), GREEDY),
-           0, [3, 5])
+           [1, 0], [1, 5])
+    # Aligned rows: the smallest count (0), and the first row emits its kept draft 3 at the first slot.
+    acc = verified.accept(_verify([[3], [3]], [[3, 1, 1, 1], [6, 0, 0, 7]], side=[[4, 6], [4, 6]]), GREEDY)
+    _check(acc, 1, [1, 7], path=[[1], [3]])
+    fed = torch.tensor([[9, 3, 4, 6], [9, 3, 4, 6]])
+    _check(verified.accept(_verify([[3], [3]], [[3, 1, 1, 1], [5, 1, 1, 1]], side=[[4, 6], [4, 6]]), GREEDY)
+           .shortest(fed), 0, [3, 5])
+    _check(acc.shortest(fed), 1, [1, 7], path=[[1], [3]])
     # Every row on the chain: the drafts behind the first are checked as a chain (here all kept: bonus).
     chain = Verified(draft_len=2, width=2)
     _check(chain.accept(_verify([[3, 5]], [[3, 5, 2, 0]], side=[[4]]), GREEDY), 2, [2])
@@ -98,8 +112,16 @@ def test_sampled_acceptance_of_a_one_hot_draft_keeps_the_full_models_distributio
     q = torch.nn.functional.one_hot(drafts, V).float()
     acc = Verified(draft_len=1).accept(Verify(drafts, q, logits, torch.zeros(rows, V, dtype=torch.bool)),
                                        Sampler(SamplingConfig(temperature=1.0, seed=0)))
-    assert acc.n == 0  # some row rejected: every row takes the full model's token at the first slot
-    freq = torch.bincount(acc.token, minlength=V) / rows
+    # A row that kept the draft emits it, then draws the next token from p; a row that rejected it draws
+    # from the residual. Either way the first token is distributed as p.
+    first = torch.where(acc.n == 1, drafts[:, 0], acc.token)
+    freq = torch.bincount(first, minlength=V) / rows
+    assert 0.5 * (freq - p).abs().sum() < 0.02
+    assert abs(float((acc.n == 1).float().mean()) - 0.3) < 0.02  # kept with probability p(1) / q(1) = 0.3
+    # Rows aligned to the smallest count (0): a row that kept token 1 emits it at the first slot; still p.
+    aligned = acc.shortest(torch.cat([drafts, drafts], 1))
+    assert aligned.n.tolist() == [0] * rows
+    freq = torch.bincount(aligned.token, minlength=V) / rows
     assert 0.5 * (freq - p).abs().sum() < 0.02
 
 

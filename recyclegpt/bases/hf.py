@@ -17,7 +17,10 @@ from recyclegpt.config import ModelConfig
 
 
 class HFCache:
-    """A transformers ``DynamicCache`` with the length / rollback interface of ``KVCache``."""
+    """A transformers ``DynamicCache`` with the length / rollback interface of ``KVCache``; its rows
+    always hold the same length (not ``ragged``)."""
+
+    ragged = False
 
     def __init__(self, max_len: int) -> None:
         from transformers import DynamicCache
