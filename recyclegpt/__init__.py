@@ -8,6 +8,8 @@ Public API::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from recyclegpt.config import PRESETS, ModelConfig, RecycleConfig, TrainConfig
 from recyclegpt.generate import DecodeStats, Engine, Generation
 from recyclegpt.recycle import RecyclableModule, RecycleGPT
@@ -19,12 +21,18 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:
+    from recyclegpt.bases import Base
+
 
 def load(
     model: str = "smollm2-135m", module: str | None = None, backend: str = "auto", compile: bool = False,
-    dtype: str = "float32", prepack: bool = False, quant: str = "none",
-) -> Engine:
+    dtype: str = "float32", prepack: bool = False, quant: str = "none", device: str = "cpu", with_base: bool = False,
+) -> Engine | tuple[Engine, Base]:
     """Load a base (registry name, HF directory or GGUF file) and optionally a module, ready to generate.
+
+    The one way to build an ``Engine`` from a base's name: every command (generate, chat, serve, eval, bench,
+    lm-eval, data, copy-gate, demo), the lm-eval adapter and the scripts call it.
 
     Args:
         model: the base; see ``recyclegpt bases``.
@@ -38,7 +46,19 @@ def load(
         quant: ``none``, ``int8`` or ``int4``: weight-only quantized products for base and module (native
             backbone, float32, eager); verified decoding stays exact against standard decoding of the same
             quantized model.
-    """
-    from recyclegpt.bases import load_engine
+        device: where base and module run: ``cpu``, ``cuda`` or ``cuda:N`` (prepack and quant: CPU only).
+        with_base: also return the loaded ``bases.Base`` (its name, backend, and whether prompts get the
+            chat template), as ``(engine, base)``.
 
-    return load_engine(model, module, backend, compile, dtype, prepack, quant=quant)[0]
+    Returns:
+        The ``Engine``, or ``(engine, base)`` with ``with_base``.
+
+    Raises:
+        BaseError: an unknown name, dtype, device or quant, or options that do not go together.
+        CheckpointError: the module does not fit the base (widths or vocabulary).
+    """
+    from recyclegpt.bases import decoding_base, module_for
+
+    base = decoding_base(model, backend, compile, dtype, prepack, device, quant)
+    engine = Engine(base.backbone, base.tokenizer, module_for(base, module, dtype, prepack, quant), compile=compile)
+    return (engine, base) if with_base else engine

@@ -33,6 +33,7 @@ import psutil
 import torch
 
 from recyclegpt.bases.hf import HFBackbone
+from recyclegpt.data import prompt_ids
 from recyclegpt.generate import DecodeStats, Engine
 from recyclegpt.strategies import LOOKUP_DRAFT_LEN, make_strategy
 
@@ -150,6 +151,48 @@ def plan_kinds(requested: Sequence[str] | None, has_module: bool) -> list[str]:
     if needing and not has_module:
         raise BenchError(f"{', '.join(needing)} need a recyclable module; pass --module PATH")
     return ["standard"] + [k for k in ROW_KINDS if k in requested and k != "standard"]
+
+
+def benchmark(
+    engine: Engine, base, prompts: Sequence[str], strategies: Sequence[str] | None = None, max_new_tokens: int = 128,
+    repeats: int = 3, draft_lens: Sequence[int] = (1,), draft_widths: Sequence[int] = (1,),
+    thresholds: Sequence[float] = (0.5,), compare: dict[str, torch.nn.Module] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """The whole benchmark of ``recyclegpt bench``: every requested row of ``engine`` (and of each compared
+    module on the same backbone) and transformers' rows on the same weights, timed by ``run_bench``.
+
+    Args:
+        engine: the engine (base and, for the module rows, its module), as ``recyclegpt.load`` returns it.
+        base: the ``bases.Base`` it was loaded from (the chat template, and the transformers model's source).
+        prompts: prompt texts (the chat template is applied for a chat base).
+        strategies: row kinds among ``ROW_KINDS`` (None: every kind the engine allows; see ``plan_kinds``).
+        max_new_tokens / repeats / progress: as ``run_bench``; draft_lens, draft_widths, thresholds: as
+            ``engine_rows``.
+        compare: further modules for the same base by file name: their module rows run in the same interleaved
+            passes, named ``ROW@FILE_STEM`` (``PARENT/FILE_STEM`` where two stems clash).
+
+    Returns:
+        ``run_bench``'s result.
+
+    Raises:
+        BenchError: an unknown row kind, a module row without a module, or ``compare`` without one.
+    """
+    kinds = plan_kinds(strategies, engine.module is not None)
+    rows = engine_rows(engine, kinds, max_new_tokens, draft_lens, thresholds, draft_widths=draft_widths)
+    if compare and engine.module is None:
+        raise BenchError("--compare-module needs --module too: it compares modules on one base")
+    labels: list[str] = []
+    for path, module in (compare or {}).items():
+        file = Path(path)
+        labels.append(file.stem if file.stem not in labels else f"{file.parent.name}/{file.stem}")
+        rows += engine_rows(engine.with_module(module), [k for k in kinds if k in MODULE_KINDS], max_new_tokens,
+                            draft_lens, thresholds, module=labels[-1], draft_widths=draft_widths)
+    if any(k in HF_ROWS for k in kinds):
+        hf_model = hf_model_for(base).to(next(engine.backbone.parameters()).dtype)  # same precision
+        rows += hf_rows(hf_model, kinds, max_new_tokens, engine.tokenizer.eos_token_ids, engine.tokenizer.pad_token_id)
+    ids = [prompt_ids(engine.tokenizer, p, base.chat) for p in prompts]
+    return run_bench(rows, ids, repeats, progress=progress)
 
 
 def hf_model_for(base) -> torch.nn.Module:

@@ -238,6 +238,60 @@ def average_modules(paths: list[str | Path], weights: list[float] | None = None
     return first, base
 
 
+def average_module_files(modules: list[str], out: str | Path, weights: list[float] | None = None,
+                         base: str = "smollm2-135m") -> dict[str, Any]:
+    """``recyclegpt average``: average module files (``average_modules``) and save the result at ``out`` with
+    the recipe in its metadata.
+
+    Args:
+        modules: module files, or ``default`` for ``base``'s shipped module.
+        out: the module file to write.
+        weights: one weight per module (None: equal).
+        base: the base whose shipped module ``default`` names.
+
+    Returns:
+        ``out`` and the recipe saved with the module: ``averaged`` (each input as named, with its content's
+        SHA-256: a path alone stops identifying a file once that file is replaced, as the shipped module is by
+        an average of itself) and ``weights``.
+    """
+    import hashlib
+
+    from recyclegpt.modules import resolve_module
+
+    paths = [resolve_module(m, base) for m in modules]
+    module, identity = average_modules(paths, weights)
+    inputs = [{"file": m, "sha256": hashlib.sha256(Path(p).read_bytes()).hexdigest()}
+              for m, p in zip(modules, paths, strict=True)]
+    recipe = {"averaged": inputs, "weights": weights or [1.0] * len(paths)}
+    save_module(out, module, {**identity, **recipe})
+    return {"out": str(out), **recipe}
+
+
+def set_draft_vocab_file(module_path: str | Path, data_dir: str | Path, size: int, out: str | Path) -> dict[str, Any]:
+    """``recyclegpt draft-vocab``: give a module file a draft vocabulary, the ``size`` most frequent tokens of
+    prepared data's train split, and save it at ``out`` (which may be ``module_path``).
+
+    Returns:
+        ``out``, the vocabulary's ``size`` and its ``coverage`` (share of the data's tokens it holds).
+
+    Raises:
+        CheckpointError: data tokenized with a larger vocabulary than the module's.
+    """
+    from recyclegpt.data import TokenData
+
+    module, base = load_module_file(module_path)
+    data = TokenData(data_dir)
+    if data.vocab_size > module.config.vocab_size:
+        raise CheckpointError(
+            f"{data_dir} was tokenized with a vocabulary of {data.vocab_size}; the module {module_path} has "
+            f"{module.config.vocab_size}: use data prepared with the module's tokenizer"
+        )
+    ids, coverage = data.draft_vocab(size)
+    module.set_draft_vocab(ids)
+    save_module(out, module, {**base, "draft_vocab_coverage": coverage})
+    return {"out": str(out), "size": int(ids.numel()), "coverage": coverage}
+
+
 def load_module(path: str | Path, backbone_config: ModelConfig) -> RecyclableModule:
     """Load a module file for a given backbone, refusing one whose widths do not fit it.
 

@@ -3,9 +3,9 @@ prompts."""
 
 from __future__ import annotations
 
-import torch
-
-from recyclegpt.bases import DEFAULT_BASE, load_engine
+from recyclegpt import load
+from recyclegpt.bases import DEFAULT_BASE
+from recyclegpt.hardware import setup_cpu
 from recyclegpt.modules import shipped_module
 
 PROMPTS = [
@@ -16,10 +16,9 @@ PROMPTS = [
 
 def run_demo(threads: int | None = None, max_new_tokens: int = 96) -> int:
     """Generate answers with each strategy and print text, speed and tokens per full-model call."""
-    if threads:
-        torch.set_num_threads(threads)
+    setup_cpu(threads)
     path = shipped_module(DEFAULT_BASE)
-    engine, base = load_engine(DEFAULT_BASE, "default" if path is not None else None)
+    engine, base = load(DEFAULT_BASE, "default" if path is not None else None, with_base=True)
     module = engine.module
     strategies = ["standard", "alternating", "verified", "adaptive", "lookup"] if module is not None else [
         "standard", "lookup"]

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from recyclegpt.copy_gate import mix_scores, window_proposals
-from recyclegpt.data import prompt_ids, read_tokens
+from recyclegpt.data import distilled_answers, prompt_ids, read_tokens
 
 
 class EvalError(ValueError):
@@ -352,35 +352,36 @@ def _answer_hits(backbone, modules: Sequence[torch.nn.Module], prompt: Sequence[
 
 
 def answer_metrics(backbone, module, answers: Sequence[tuple[Sequence[int], Sequence[int]]], resamples: int = 2000,
-                   seed: int = 0, compare: torch.nn.Module | None = None) -> dict:
+                   seed: int = 0, compare: Sequence[torch.nn.Module] = ()) -> dict:
     """Module agreement on stored greedy answers of the base (``data.distilled_answers``), as
     ``generation_metrics`` counts it, without decoding them again: thousands of answers in minutes.
 
     Args:
-        compare: a second module for the same base, scored on the same slots for a paired comparison.
+        compare: further modules for the same base, each scored on the same slots in the same base pass
+            for a paired comparison with ``module``.
 
     Returns:
         ``prompts``, ``slots``, ``agreement`` and ``agreement_ci95``: the 2.5th and 97.5th percentiles of the
         agreement over ``resamples`` bootstrap resamples of the answers (the answers are the unit that varies).
-        With ``compare``, also ``compare``: its ``agreement`` and ``agreement_ci95``, the ``difference``
-        (compare - module) with its interval over the same resamples (paired: both modules are resampled
-        together, so the interval is far narrower than either agreement's), and the slots only one of the
-        two gets right (``only_module_right``, ``only_compare_right``).
+        With ``compare``, also ``compare``: a list with one dict per module: its ``agreement`` and
+        ``agreement_ci95``, the ``difference`` (it - module) with its interval over the same resamples (paired:
+        both modules are resampled together, so the interval is far narrower than either agreement's), and the
+        slots only one of the two gets right (``only_module_right``, ``only_compare_right``).
     """
     if module is None:
         raise EvalError("answer agreement needs a recyclable module; pass --module PATH")
-    modules = [module] if compare is None else [module, compare]
+    modules = [module, *compare]
     # The bar counts tokens, not answers: distilled answers come sorted by prompt length, so a count of
     # answers would run fast early and promise an end too soon.
-    rows, only = [], torch.zeros(2, dtype=torch.long)
+    rows, only = [], torch.zeros(len(compare), 2, dtype=torch.long)  # per compared module: only module / it right
     with tqdm(total=sum(len(p) + len(a) for p, a in answers), desc="scoring answers", unit="tok",
               unit_scale=True) as bar:
         for p, a in answers:
             hits = _answer_hits(backbone, modules, p, a)
             if hits.shape[1]:
                 rows.append([*hits.sum(1).tolist(), hits.shape[1]])
-                if compare is not None:
-                    only += torch.stack([hits[0] & ~hits[1], hits[1] & ~hits[0]]).sum(1)
+                for i, other in enumerate(hits[1:]):
+                    only[i] += torch.stack([hits[0] & ~other, other & ~hits[0]]).sum(1)
             bar.update(len(p) + len(a))
     if not rows:
         raise EvalError("no stored answer has the 2 tokens a module slot needs")
@@ -395,18 +396,35 @@ def answer_metrics(backbone, module, answers: Sequence[tuple[Sequence[int], Sequ
 
     out = {"prompts": len(counts), "slots": int(counts[:, -1].sum()), "agreement": float(agreement[0]),
            "agreement_ci95": ci(boot[:, 0])}
-    if compare is not None:
-        out["compare"] = {
-            "agreement": float(agreement[1]), "agreement_ci95": ci(boot[:, 1]),
-            "difference": float(agreement[1] - agreement[0]), "difference_ci95": ci(boot[:, 1] - boot[:, 0]),
-            "only_module_right": int(only[0]), "only_compare_right": int(only[1]),
-        }
+    if compare:
+        out["compare"] = [{
+            "agreement": float(agreement[i]), "agreement_ci95": ci(boot[:, i]),
+            "difference": float(agreement[i] - agreement[0]), "difference_ci95": ci(boot[:, i] - boot[:, 0]),
+            "only_module_right": int(only[i - 1, 0]), "only_compare_right": int(only[i - 1, 1]),
+        } for i in range(1, len(modules))]
     return out
+
+
+def check_request(module: bool, data, prompts, answers, compare) -> None:
+    """Refuse an evaluation that cannot run, before anything loads: without a module, with nothing to score
+    (no ``data``, ``prompts`` or ``answers``), or with modules to ``compare`` but no ``answers``.
+
+    Raises:
+        EvalError: saying what to pass.
+    """
+    if not module:
+        raise EvalError("evaluation needs a recyclable module; pass --module PATH (or 'default')")
+    if data is None and prompts is None and answers is None:
+        raise EvalError("evaluation needs something to score: --text FILE, --prompts FILE or --answers DIR (or "
+                        "several)")
+    if compare and answers is None:
+        raise EvalError("--compare-module scores other modules on stored answers: give --answers DIR too")
 
 
 def evaluate(
     engine, data: str | Path | None, prompts: Sequence[str] | None = None, max_tokens: int = 20_000, seq_len: int = 512,
     batch_size: int = 2, max_new_tokens: int = 128, chat: bool = False, draft_len: int = 1, draft_width: int = 1,
+    answers=None, compare: dict[str, torch.nn.Module] | None = None,
 ) -> dict:
     """Every metric of this module in one JSON-ready dict.
 
@@ -421,13 +439,20 @@ def evaluate(
         chat: apply the chat template to prompts.
         draft_len: drafts per full call of the verified run.
         draft_width: candidates for the first draft's slot in the verified run.
+        answers: a ``data distill`` output made with this base (``data.open_distilled``): agreement on its stored
+            answers (``answer_metrics``); None skips it.
+        compare: with ``answers``, further modules of the same base by name, each compared with the module on
+            the same answer slots.
 
     Returns:
         ``{"data", "max_tokens", "seq_len", "text": {...} or None, "generations": {...} or None, "max_new_tokens",
-        "chat", "draft_len", "draft_width"}``.
+        "chat", "draft_len", "draft_width"}``, and ``answers`` (with each compared module's ``module`` name) when
+        ``answers`` is given.
+
+    Raises:
+        EvalError: no module, nothing to score, ``compare`` without ``answers``, or ``max_tokens`` < 3.
     """
-    if engine.module is None:
-        raise EvalError("evaluation needs a recyclable module; pass --module PATH")
+    check_request(engine.module is not None, data, prompts, answers, compare)
     if max_tokens < 3:
         raise EvalError(f"max_tokens must be >= 3, got {max_tokens}")
     text = None if data is None else text_metrics(
@@ -436,6 +461,14 @@ def evaluate(
     gens = None if prompts is None else generation_metrics(
         engine, prompts, max_new_tokens, chat, draft_len, draft_width
     )
-    return {"data": None if data is None else str(data), "max_tokens": max_tokens, "seq_len": seq_len, "text": text,
-            "generations": gens, "max_new_tokens": max_new_tokens, "chat": chat, "draft_len": draft_len,
-            "draft_width": draft_width}
+    out = {"data": None if data is None else str(data), "max_tokens": max_tokens, "seq_len": seq_len, "text": text,
+           "generations": gens, "max_new_tokens": max_new_tokens, "chat": chat, "draft_len": draft_len,
+           "draft_width": draft_width}
+    if answers is not None:
+        compare = compare or {}
+        metrics = answer_metrics(engine.backbone, engine.module, distilled_answers(answers, engine.tokenizer, chat),
+                                 compare=list(compare.values()))
+        if compare:
+            metrics["compare"] = [{"module": name, **m} for name, m in zip(compare, metrics["compare"], strict=True)]
+        out["answers"] = {"dir": str(answers.dir), **metrics}
+    return out

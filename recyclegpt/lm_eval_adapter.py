@@ -20,7 +20,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from recyclegpt.evaluate import EvalError, mixed_scores, score_tokens
+from recyclegpt.evaluate import EvalError, mixed_scores, paired_flips, score_tokens
 from recyclegpt.generate import Engine
 from recyclegpt.sampling import SamplingConfig
 
@@ -101,9 +101,9 @@ class RecycleLM(LM):
     @classmethod
     def load(cls, model: str, module: str | None = None, backend: str = "auto", **kwargs) -> RecycleLM:
         """Load a base by name or path (and a module file, or ``default`` for the shipped one)."""
-        from recyclegpt.bases import load_engine
+        from recyclegpt import load
 
-        engine, _ = load_engine(model, module, backend)
+        engine = load(model, module, backend)
         return cls(engine.backbone, engine.tokenizer, engine.module, **kwargs)
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -247,3 +247,47 @@ def run_tasks(lm: LM, tasks_dir: str | Path, names: Sequence[str] | None = None,
         samples = sorted(samples, key=lambda x: x["doc_id"])
         items[task] = {m: [int(x[m]) for x in samples] for m in ITEM_METRICS if samples and m in samples[0]}
     return out["results"], items
+
+
+def score_tasks(engine: Engine, tasks_dir: str | Path, names: Sequence[str] | None = None,
+                scorings: Sequence[str] | None = None, limit: int | None = None, batch_size: int = 4) -> dict:
+    """Run local tasks under each scoring and compare standard with alternating item by item.
+
+    Args:
+        engine: the base and (for ``alternating``) its module, as ``recyclegpt.load`` returns them.
+        tasks_dir / names / limit: as ``run_tasks``.
+        scorings: among ``SCORINGS``; None: both with a module, else ``standard``.
+        batch_size: sequences per forward.
+
+    Returns:
+        ``results`` (scoring -> task -> lm-eval's metrics), ``paired`` (with both scorings: task -> metric ->
+        ``evaluate.paired_flips``, which items the module's scoring lost and won), ``unreachable_items`` (task ->
+        items with a choice alternating decoding cannot produce) and ``items`` (scoring -> ``run_tasks``' items).
+    """
+    results, items, unreachable = {}, {}, {}
+    for scoring in scorings or (SCORINGS if engine.module is not None else ["standard"]):
+        lm = RecycleLM(engine.backbone, engine.tokenizer, engine.module, scoring, batch_size)
+        results[scoring], items[scoring] = run_tasks(lm, tasks_dir, names, limit)
+        if scoring == "alternating":
+            unreachable = {task: len(lm.unreachable.get(task, ())) for task in items[scoring]}
+    paired = {}
+    if len(items) == 2:
+        paired = {task: {m: paired_flips(v, items["alternating"][task][m]) for m, v in metrics.items()}
+                  for task, metrics in items["standard"].items()}
+    return {"results": results, "paired": paired, "unreachable_items": unreachable, "items": items}
+
+
+def format_scores(scores: dict) -> str:
+    """``score_tasks``' result as lines: each scoring's metrics per task, then each paired comparison."""
+    lines = []
+    for scoring, tasks in scores["results"].items():
+        for task, metrics in tasks.items():
+            shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
+                              if isinstance(v, float) and "stderr" not in k)
+            lines.append(f"{scoring:12s} {task:32s} {shown}")
+    for task, metrics in scores["paired"].items():
+        for m, f in metrics.items():
+            lines.append(f"{'paired':12s} {task:32s} {m} {f['standard']:.4f} -> {f['alternating']:.4f} "
+                         f"({f['diff_points']:+.1f} points; {f['right_to_wrong']} right->wrong, "
+                         f"{f['wrong_to_right']} wrong->right; McNemar p {f['mcnemar_p']:.3f})")
+    return "\n".join(lines)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from recyclegpt.cache import KVCache
-from recyclegpt.config import ModelConfig, RecycleConfig
+from recyclegpt.config import ModelConfig, RecycleConfig, get_preset
 from recyclegpt.copy_gate import N_FEATURES, mix_logits
 from recyclegpt.model import Backbone, PackedLinear, RMSNorm, Stack, _init_weights, count_parameters
 from recyclegpt.quant import Int8Linear, QuantLinear
@@ -175,3 +175,13 @@ class RecycleGPT(nn.Module):
         """Backbone and module parameter counts and the module's share of the backbone."""
         backbone, module = count_parameters(self.backbone), count_parameters(self.module)
         return {"backbone": backbone, "module": module, "module_share": module / backbone}
+
+
+def preset_summary(name: str) -> dict:
+    """A preset's configs and parameter counts (``RecycleGPT.parameter_counts``), counted on the meta device:
+    nothing is allocated, so the largest presets cost nothing either (``recyclegpt info``)."""
+    preset = get_preset(name)
+    with torch.device("meta"):
+        model = RecycleGPT.from_config(preset.model, preset.recycle)
+    return {"preset": name, "description": preset.description, "model": preset.model.to_dict(),
+            "recycle": preset.recycle.to_dict(), **model.parameter_counts()}

@@ -296,3 +296,83 @@ class Trainer:
         if board is not None:
             board.close()
         return history
+
+
+def build_model(cfg: TrainConfig, data: TokenData, preset: str = "small", base: str = "smollm2-135m",
+                backend: str = "auto", module_layers: int | None = None, recycle_weight: float = 1.0,
+                draft_vocab: int = 8192, init: str | None = None, device: str = "cpu") -> tuple[RecycleGPT, dict]:
+    """The RecycleGPT a run trains: for ``cfg.mode`` joint a preset from scratch, for attach a loaded base
+    plus a new module (or, with ``init``, a trained one to fine-tune).
+
+    Args:
+        cfg: the run's settings (mode, seed: the initialisation is the same in every process and rerun; seq_len).
+        data: the prepared data (its tokenizer is recorded for joint runs; its draft vocabulary for attach).
+        preset / recycle_weight: joint: the model's shape and lambda of the recycle loss.
+        base / backend / draft_vocab / init: attach: the frozen base, the module's draft vocabulary size (0: the
+            whole vocabulary) and the module file (or ``default``) to start from.
+        module_layers: module depth (default: the preset's; attach: 1, or the ``init`` module's).
+        device: where the model trains (``bases.resolve_device``; checked before anything loads).
+
+    Returns:
+        The model and the identity stored with its weights: the base (attach) or the data's tokenizer (joint),
+        which is how ``--model RUN_DIR`` finds the tokenizer of a model trained from scratch.
+    """
+    from recyclegpt.bases import load_base, resolve_device
+    from recyclegpt.config import RecycleConfig, get_preset
+
+    dev = resolve_device(device)
+    torch.manual_seed(cfg.seed)
+    if cfg.mode == "joint":
+        spec = get_preset(preset)
+        rcfg = spec.recycle.replace(n_layers=module_layers or spec.recycle.n_layers, recycle_weight=recycle_weight)
+        model = RecycleGPT.from_config(spec.model.replace(max_seq_len=max(cfg.seq_len, 8)), rcfg).to(dev)
+        return model, {"tokenizer": data.meta["tokenizer"]} if data.meta.get("tokenizer") else {}
+    loaded = load_base(base, backend=backend)
+    identity = {"name": loaded.name, "backend": loaded.backend}
+    if init:
+        return RecycleGPT(loaded.backbone, _init_module(init, loaded, module_layers)).to(dev), identity
+    model = RecycleGPT(loaded.backbone, rcfg=RecycleConfig(n_layers=module_layers or 1, grad_to_backbone=False))
+    if draft_vocab:
+        ids, identity["draft_vocab_coverage"] = data.draft_vocab(draft_vocab)
+        model.module.set_draft_vocab(ids)
+    return model.to(dev), identity
+
+
+def _init_module(init: str, base, module_layers: int | None):
+    """The trained module an attach run starts from (``--init``): its depth and draft vocabulary are kept,
+    its copy gate is dropped (it was fitted to the old weights: refit it with ``copy-gate``)."""
+    from recyclegpt.checkpoint import CheckpointError, load_module
+    from recyclegpt.modules import resolve_module
+
+    module = load_module(resolve_module(init, base.name), base.backbone.config)
+    layers = module.recycle_config.n_layers
+    if module_layers not in (None, layers):
+        raise CheckpointError(f"--init {init} has {layers} module layers; --module-layers {module_layers} "
+                              f"disagrees (leave it out to keep the module's depth)")
+    module.recycle_config = module.recycle_config.replace(grad_to_backbone=False)
+    module.set_copy_gate(None)
+    return module
+
+
+def run_training(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path,
+                 hidden_cache_dir: str | Path | None = None, resume: bool = False, **model: Any) -> dict[str, float]:
+    """One training run, as ``recyclegpt train`` (joint) and ``recyclegpt attach`` run it.
+
+    Args:
+        cfg: the run's settings.
+        data_dir: a prepared data directory (``data prepare`` / ``data distill``).
+        out_dir: the run directory (checkpoint, exported weights, ``log.jsonl``).
+        hidden_cache_dir: attach: train from the base's hidden states cached there (``hidden_cache``).
+        resume: continue from ``out_dir/checkpoint.pt``.
+        model: ``build_model``'s options (preset, base, module_layers, init, device...).
+
+    Returns:
+        The numbers of the last step's record (loss, validation...), or {} when no step ran.
+    """
+    data = TokenData(data_dir)
+    net, identity = build_model(cfg, data, **model)
+    if hidden_cache_dir:
+        data = hidden_cache(net, data, hidden_cache_dir, cfg.seq_len, {k: identity[k] for k in ("name", "backend")},
+                            cfg.bf16)
+    history = Trainer(net, data, cfg, out_dir, identity).run(resume=resume)
+    return {k: v for k, v in (history[-1] if history else {}).items() if isinstance(v, int | float)}

@@ -3,8 +3,8 @@
 * ``self_prompts``: user prompts sampled from a chat model's own idea of a user turn (``data prompts``).
 * ``distill``: the base's own greedy answers to prompts, as token memmaps (``data distill``); read back with
   ``data.open_distilled`` / ``data.distilled_answers``.
-* ``gate_data`` / ``fit_copy_gate``: score a base and its module on answers and text, and fit the module's
-  copy gate (``copy-gate``); the gate's math is ``copy_gate.py``.
+* ``gate_data`` / ``fit_copy_gate`` / ``copy_gate_file``: score a base and its module on answers and text, fit
+  the module's copy gate and save the module with it (``copy-gate``); the gate's math is ``copy_gate.py``.
 
 Layers: this module sits above the math (``copy_gate``, ``sampling``) and the file formats (``data``) and
 imports them; nothing below it imports it. The CLI calls it.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -223,3 +224,26 @@ def fit_copy_gate(engine, prompts: Sequence[str], text_files: Sequence[str], max
     return {"windows": len(windows), "module_slots": slots, "with_candidate": int(data["cand"].numel()),
             "agreement_change": (mixed_right - module_right) / max(slots, 1),
             "weights": [round(float(w), 4) for w in weights]}
+
+
+def copy_gate_file(engine, base: str, module: str, prompts: Sequence[str], out: str | Path,
+                   text_files: Sequence[str] = (), **fit: Any) -> dict:
+    """``recyclegpt copy-gate``: fit the copy gate of ``engine.module`` (``fit_copy_gate``) and save the module
+    with it at ``out``, with the base identity its file records.
+
+    Args:
+        engine: ``Engine`` with the base and the module loaded from ``module``.
+        base: the base's name (which shipped module ``default`` names).
+        module: the module's file, or ``default``.
+        prompts / text_files / fit: ``fit_copy_gate``'s prompts, text files and further options.
+
+    Returns:
+        ``out`` and ``fit_copy_gate``'s report.
+    """
+    from recyclegpt.checkpoint import load_module_file, save_module
+    from recyclegpt.modules import resolve_module
+
+    _, identity = load_module_file(resolve_module(module, base))
+    report = fit_copy_gate(engine, prompts, text_files, **fit)
+    save_module(out, engine.module, identity)
+    return {"out": str(out), **report}

@@ -19,10 +19,9 @@ import argparse
 import statistics
 import time
 
-import torch
-
-from recyclegpt.bases import load_engine
+from recyclegpt import load
 from recyclegpt.data import prompt_ids, read_prompts
+from recyclegpt.hardware import setup_cpu
 
 PARTS = {"full calls": ("backbone", "forward"), "module": ("module", "forward"),
          "draft head": ("module", "draft_logits"), "copy mixture": ("module", "copy_logits")}
@@ -58,9 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.n < 1 or args.repeats < 1:
         p.error("--n and --repeats must be at least 1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    engine, base = load_engine(module=args.module, prepack=args.prepack)
+    setup_cpu(args.threads)
+    engine, base = load(module=args.module, prepack=args.prepack, with_base=True)
     ids = [prompt_ids(engine.tokenizer, q, base.chat) for q in read_prompts(args.prompts)[: args.n]]
     spent = dict.fromkeys(PARTS, 0.0)
     for key, (owner, name) in PARTS.items():

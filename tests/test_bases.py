@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from recyclegpt.bases import BaseError, load_base, load_engine
+from recyclegpt import load
+from recyclegpt.bases import BaseError, load_base
 from recyclegpt.bases.convert import UnsupportedArchitecture
 from recyclegpt.checkpoint import load_module_file
 from recyclegpt.cli import main
@@ -131,7 +132,8 @@ def test_unknown_backend_and_module_file(capsys):
 def _generate(capsys, args: list[str]) -> list[int]:
     import json
 
-    assert main(["generate", "--raw", "--json", "--max-new-tokens", "12", "--prompt", "It is a truth", *args]) == 0
+    argv = ["generate", "--raw", "--print-json", "--max-new-tokens", "12", "--prompt", "It is a truth", *args]
+    assert main(argv) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
 
 
@@ -379,9 +381,9 @@ def test_bfloat16_and_prepacked_decoding_and_the_bench_in_bfloat16(smol, tmp_pat
     assert result["dtype"] == "bfloat16" and list(rows) == ["standard", "alternating", "hf-generate"]
     assert rows["alternating"]["tau"] > 1.5 and rows["hf-generate"]["new_tokens"] == 16
     with pytest.raises(BaseError, match="unknown dtype 'float8'; choose one of float32, bfloat16"):
-        load_engine("smollm2-135m", dtype="float8")
+        load("smollm2-135m", dtype="float8")
     with pytest.raises(BaseError, match="prepack is for eager decoding"):
-        load_engine("smollm2-135m", compile=True, prepack=True)
+        load("smollm2-135m", compile=True, prepack=True)
 
 
 def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp_path, capsys, monkeypatch):
@@ -412,7 +414,7 @@ def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp
     stored = distilled_answers(open_distilled(tmp_path / "f"), tok)
     generated = [tuple(i + a) for i, a in zip(ids, answers, strict=True)]
     assert sorted(tuple(p + a) for p, a in stored) == sorted(generated)
-    engine, _ = load_engine("smollm2-135m", module="default")
+    engine = load("smollm2-135m", module="default")
     got = answer_metrics(engine.backbone, engine.module, stored)
     want = generation_metrics(engine, prompts, max_new_tokens=6, chat=True)
     assert got["prompts"] == 3 and got["agreement"] == pytest.approx(want["agreement"], abs=1e-12)
@@ -431,30 +433,30 @@ def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp
     result = json.loads(out.read_text())
     assert result["text"] is None and result["answers"]["agreement"] == pytest.approx(got["agreement"], abs=1e-12)
     assert result["cpu"]["kind"] and result["torch"] and result["threads"] >= 1  # what it was measured on
-    pair = result["answers"]["compare"]
+    (pair,) = result["answers"]["compare"]
     assert pair["module"] == str(tmp_path / "plain.safetensors")
     assert pair["agreement"] == pytest.approx(alone["agreement"], abs=1e-12)
     assert pair["difference"] == pytest.approx(alone["agreement"] - got["agreement"], abs=1e-12)
     assert pair["only_compare_right"] - pair["only_module_right"] == round(pair["difference"] * got["slots"])
     assert pair["difference_ci95"][0] <= pair["difference"] <= pair["difference_ci95"][1]
-    same = answer_metrics(engine.backbone, engine.module, stored, compare=engine.module)["compare"]
+    same = answer_metrics(engine.backbone, engine.module, stored, compare=[engine.module])["compare"][0]
     assert same["difference_ci95"] == [0.0, 0.0] and same["only_module_right"] == same["only_compare_right"] == 0
     capsys.readouterr()
-    assert main(["eval", "--module", "default", "--data", str(tmp_path / "p.txt"), "--compare-module", "default"]) == 2
+    assert main(["eval", "--module", "default", "--text", str(tmp_path / "p.txt"), "--compare-module", "default"]) == 2
     assert "give --answers DIR too" in capsys.readouterr().err
-    assert main(["eval", "--module", "default", "--data", str(tmp_path / "p.txt"), "--answers",
+    assert main(["eval", "--module", "default", "--text", str(tmp_path / "p.txt"), "--answers",
                  str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
     with pytest.raises(DataError, match="with another base or setting"):
         distilled_answers(open_distilled(tmp_path / "f"), tok, chat=False)
-    assert main([*run, "--out", str(tmp_path / "b"), "--bf16"]) == 0
+    assert main([*run, "--out", str(tmp_path / "b"), "--dtype", "bfloat16"]) == 0
     meta = json.loads((tmp_path / "b" / "meta.json").read_text())
     assert meta["base_dtype"] == "bfloat16" and len(ids[2]) + 1 < meta["tokens"]["val"] <= len(ids[2]) + 7
     # Packed float32 products round in another order; on these short answers no greedy choice flips.
     assert main([*run, "--out", str(tmp_path / "pk"), "--prepack"]) == 0
     assert distilled_answers(open_distilled(tmp_path / "pk"), tok) == stored
     capsys.readouterr()
-    for flag in ("--bf16", "--prepack"):
+    for flag in ("--dtype=bfloat16", "--prepack"):
         assert main(["data", "prepare", str(tmp_path / "p.txt"), "--out", str(tmp_path / "t"), flag]) == 2
         assert "applies to data distill and data prompts only" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
@@ -465,7 +467,7 @@ def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp
     assert "--exclude: dropped 1 of the prompts" in capsys.readouterr().err
     assert main(["data", "merge", str(tmp_path / "f"), "--out", str(tmp_path / "m"), "--exclude",
                  str(tmp_path / "held.txt")]) == 2
-    assert "applies to data prompts and data distill only" in capsys.readouterr().err
+    assert "--exclude applies to data distill and data prompts only" in capsys.readouterr().err
     # A missing prompt or exclusion file is refused before the base loads (rc 2, nothing written).
     import recyclegpt.bases
 
@@ -584,12 +586,11 @@ def test_profile_cycle_script_splits_each_strategy_by_part(capsys):
 def test_quantized_verified_decoding_equals_quantized_standard(quant):
     """Verified decoding stays exact on a quantized model: a full call over several tokens gives each the logits
     a one-token call would (quant.py's kernels do not depend on the rows sharing a call), on 20 real prompts."""
-    from recyclegpt.bases import load_engine
     from recyclegpt.data import prompt_ids, read_prompts
     from recyclegpt.quant import QuantLinear
 
     torch.set_num_threads(2)
-    engine, base = load_engine("smollm2-135m", "default", quant=quant)
+    engine, base = load("smollm2-135m", "default", quant=quant, with_base=True)
     assert isinstance(engine.backbone.lm_head, QuantLinear) and engine.backbone.lm_head.mode == "int8"  # int4 too
     assert engine.backbone.stack.layers[0].mlp.down_proj.mode == quant
     prompts = read_prompts(Path(__file__).resolve().parent.parent / "benchmarks" / "prompts.jsonl")[:20]
@@ -605,11 +606,9 @@ def test_quantized_verified_decoding_equals_quantized_standard(quant):
 
 
 def test_quant_options_are_refused_clearly():
-    from recyclegpt.bases import BaseError, load_engine
-
     for kwargs, message in (({"quant": "int2"}, "unknown quant 'int2'; choose one of none, int8, int4"),
                             ({"quant": "int8", "prepack": True}, "prepack and quant both replace the products"),
                             ({"quant": "int4", "dtype": "bfloat16"}, "quant keeps float32 activations"),
                             ({"quant": "int4", "compile": True}, "quant is for eager decoding")):
         with pytest.raises(BaseError, match=message):
-            load_engine("smollm2-135m", **kwargs)
+            load("smollm2-135m", **kwargs)

@@ -175,15 +175,15 @@ def test_eval_cli_rejects_bad_prompt_files_before_loading_a_model(tmp_path, caps
     prompts = tmp_path / "prompts.jsonl"
     if content is not None:
         prompts.write_text(content)
-    rc = main(["eval", "--module", "m.safetensors", "--data", "d.txt", "--prompts", str(prompts)])
+    rc = main(["eval", "--module", "m.safetensors", "--text", "d.txt", "--prompts", str(prompts)])
     assert rc == 2 and message in capsys.readouterr().err
 
 
 def test_eval_cli_needs_a_module(capsys):
-    assert main(["eval", "--data", "d.txt"]) == 2
+    assert main(["eval", "--text", "d.txt"]) == 2
     assert "needs a recyclable module" in capsys.readouterr().err
     assert main(["eval", "--module", "m.safetensors"]) == 2
-    assert "needs something to score: --data TEXT, --prompts FILE or --answers DIR" in capsys.readouterr().err
+    assert "needs something to score: --text FILE, --prompts FILE or --answers DIR" in capsys.readouterr().err
 
 
 def test_paired_flips_counts_changed_items_and_gives_the_exact_mcnemar_p():
@@ -311,8 +311,8 @@ def test_generation_metrics_says_when_verified_output_differs_from_standard(tiny
     exact, generate = Verified._accept_chain, Engine.generate
 
     def keep_every_draft(self, v, sampler):  # a broken verification: drafts kept unchecked
-        k = v.drafts.shape[1]
-        return k, sampler.token(v.target_logits[:, k], v.seen)
+        B, k = v.drafts.shape
+        return torch.full((B,), k), sampler.token(v.target_logits[:, k], v.seen)
 
     ids = list(b"The cat sat")  # precondition: the broken run really changes this prompt's answer
     std = engine.generate([ids], "standard", max_new_tokens=12)[0].token_ids
@@ -376,12 +376,12 @@ def test_answer_metrics_count_agreement_by_hand():
     # answer 1: (2, 3) right, (3, 5) wrong, (5, 0) wrong; answer 2: (7, 4) wrong, (4, 2) right;
     # answer 3 has one token, so no slot. The even module: 2 of 5; the oracle: 5 of 5.
     answers = [([1, 2], [3, 5, 0, 6]), ([7], [4, 2, 1]), ([0], [5])]
-    out = answer_metrics(base, even, answers, resamples=200, compare=oracle)
+    out = answer_metrics(base, even, answers, resamples=200, compare=[oracle])
     assert (out["prompts"], out["slots"]) == (2, 5)
     assert out["agreement"] == pytest.approx(2 / 5)
     lo, hi = out["agreement_ci95"]  # every resample pools answers at 1/3 and 1/2
     assert 1 / 3 - 1e-12 <= lo <= hi <= 1 / 2 + 1e-12
-    cmp = out["compare"]
+    (cmp,) = out["compare"]
     assert cmp["agreement"] == 1.0 and cmp["difference"] == pytest.approx(3 / 5)
     assert (cmp["only_module_right"], cmp["only_compare_right"]) == (0, 3)
     with pytest.raises(EvalError, match="no stored answer has the 2 tokens"):

@@ -48,7 +48,7 @@ def test_kinds_and_generations():
 
 
 def test_info_prints_the_cpu(capsys):
-    assert main(["info", "--preset", "tiny", "--json"]) == 0
+    assert main(["info", "--preset", "tiny", "--print-json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["cpu"] == cpu_info().record()
     assert main(["info", "--preset", "tiny"]) == 0

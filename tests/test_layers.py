@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "recyclegpt"
 MATH = ("model", "cache", "recycle", "sampling", "copy_gate", "strategies", "drafters", "quant", "config", "loss",
         "hardware")
 # workflows that run an engine, then the CLI, the server and the demo on top.
-UPPER = ("workflows", "evaluate", "bench", "train", "lm_eval_adapter", "cli", "server", "demo")
+UPPER = ("workflows", "evaluate", "bench", "train", "lm_eval_adapter", "cli", "options", "server", "demo")
 # text and token files: below the model code and everything that runs it.
 DATA_MUST_NOT_REACH = ("recycle", "generate", "evaluate")
 

@@ -162,7 +162,7 @@ def test_keep_freed_memory_serves_large_blocks_from_the_heap():
     # keep_freed_memory it comes from the heap. Each case runs in its own process: the setting is per process.
     probe = """
 import ctypes, sys, torch
-from recyclegpt.cli import keep_freed_memory
+from recyclegpt.hardware import keep_freed_memory
 libc = ctypes.CDLL(None)
 if not hasattr(libc, "mallinfo2"):
     print("skip"); sys.exit()

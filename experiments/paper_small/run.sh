@@ -16,7 +16,7 @@ PY=${PY:-.venv/bin/python}
 THREADS=${THREADS:-2}
 # One schedule for the main pair: 400 steps x 8 x 512 tokens = 1.64M tokens, lr 1e-3, seed 0.
 MAIN="--preset small --data $RUNS/data --steps 400 --batch-size 8 --seq-len 512 --lr 1e-3 --warmup 40
-      --bf16 --eval-every 40 --eval-batches 8 --ckpt-every 50 --seed 0 --threads $THREADS"
+      --dtype bfloat16 --eval-every 40 --eval-batches 8 --ckpt-every 50 --seed 0 --threads $THREADS"
 # The depth ablation: same settings, 160 steps (0.66M tokens) per depth.
 ABL="${MAIN/--steps 400/--steps 160}"
 
@@ -67,7 +67,7 @@ PY
 eval_one() {  # name: held-out perplexities and module accuracy of one run
   local run="$RUNS/$1"
   [[ -f "$RES/eval_$1.json" ]] || $RG eval --model "$run" --module "$run/module.safetensors" \
-    --data "$RUNS/heldout.txt" --max-tokens 40000 --seq-len 512 --batch-size 4 --threads "$THREADS" \
+    --text "$RUNS/heldout.txt" --max-tokens 40000 --seq-len 512 --batch-size 4 --threads "$THREADS" \
     --json "$RES/eval_$1.json"
 }
 

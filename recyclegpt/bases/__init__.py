@@ -27,7 +27,7 @@ from recyclegpt.quant import quantize_linears
 
 __all__ = [
     "DEFAULT_BASE", "REGISTRY", "Base", "BaseError", "ByteTokenizer", "HFTokenizer", "UnsupportedArchitecture",
-    "load_base", "load_engine", "resolve_device",
+    "decoding_base", "load_base", "module_for", "resolve_device",
 ]
 
 BACKENDS = ("auto", "native", "hf")
@@ -205,32 +205,19 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def load_engine(
-    model: str = DEFAULT_BASE, module: str | None = None, backend: str = "auto", compile: bool = False,
-    dtype: str = "float32", prepack: bool = False, device: str = "cpu", quant: str = "none",
-):
-    """A base plus (optionally) a module, as a ready ``Engine``; returns (engine, base).
+def decoding_base(
+    model: str = DEFAULT_BASE, backend: str = "auto", compile: bool = False, dtype: str = "float32",
+    prepack: bool = False, device: str = "cpu", quant: str = "none",
+) -> Base:
+    """A base ready to decode with these options: loaded (``load_base``), moved to ``device``, cast to
+    ``dtype``, and packed (``prepack``) or quantized (``quant``); ``recyclegpt.load`` builds the engine on it.
 
-    Args:
-        model: registry name, HF directory or GGUF file.
-        module: module file, ``"default"`` for the one shipped for this base, or None.
-        backend: ``auto``, ``native`` or ``hf``.
-        compile: decode through ``torch.compile`` (native backbone only; see ``Engine``).
-        dtype: ``float32`` or ``bfloat16``: the precision base and module decode in (see ``DTYPES``).
-        prepack: multiply through oneDNN with weights packed once (``model.PackedLinear``; native
-            backbone, eager decoding only, CPU only).
-        device: where base and module run (``resolve_device``).
-        quant: ``none``, ``int8`` or ``int4``: weight-only quantized products for every linear layer of
-            base and module, the head included (``quant.quantize_linears``; native backbone, float32
-            activations, eager decoding, CPU only).
+    The options are checked before anything loads. Arguments as ``recyclegpt.load``'s.
 
     Raises:
         BaseError: an unknown dtype, device or quant, or prepack / quant with compile, a GPU or a
             non-native backbone, or quant with prepack or bfloat16.
-        CheckpointError: the module does not fit the base (widths or vocabulary).
     """
-    from recyclegpt.generate import Engine
-
     if dtype not in DTYPES:
         raise BaseError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if quant not in QUANTS:
@@ -252,8 +239,7 @@ def load_engine(
         raise BaseError(f"{packs[0]} needs the native backend; {base.name} runs on the {base.backend} one")
     base.backbone.to(dev)
     _ready(base.backbone, dtype, prepack, quant)
-    mod = module_for(base, module, dtype, prepack, quant)
-    return Engine(base.backbone, base.tokenizer, mod, compile=compile), base
+    return base
 
 
 def _ready(part: torch.nn.Module, dtype: str, prepack: bool, quant: str = "none") -> None:

@@ -82,3 +82,20 @@ class HFTokenizer:
         if not self.chat_template:
             return "\n".join(m["content"] for m in messages) + "\n"
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def trim_chat(tokenizer, system: list[dict[str, str]], history: list[dict[str, str]], room: int, limit: int
+              ) -> str | None:
+    """The prompt for ``system + history`` that leaves ``room`` tokens for the reply within ``limit`` tokens
+    (the model's context), as the ``chat`` command builds each turn.
+
+    Drops the oldest exchanges (a user message and its reply) from ``history``, in place, until it fits;
+    None if the last message alone does not.
+    """
+    while True:
+        prompt = tokenizer.apply_chat(system + history)
+        if len(tokenizer.encode(prompt)) + room + 1 <= limit:
+            return prompt
+        if len(history) == 1:
+            return None
+        del history[:2]  # the oldest user message and its reply
