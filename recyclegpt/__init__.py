@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 def load(
     model: str = "smollm2-135m", module: str | None = None, backend: str = "auto", compile: bool = False,
-    dtype: str = "float32", prepack: bool = False, quant: str = "none", device: str = "cpu", with_base: bool = False,
+    dtype: str = "float32", prepack: bool | None = None, quant: str = "none", device: str = "cpu",
+    with_base: bool = False,
 ) -> Engine | tuple[Engine, Base]:
     """Load a base (registry name, HF directory or GGUF file) and optionally a module, ready to generate.
 
@@ -41,8 +42,9 @@ def load(
         compile: decode through ``torch.compile`` (native backbone; the first calls compile).
         dtype: ``float32`` or ``bfloat16`` (faster on CPUs with native bfloat16 products; greedy
             answers then follow the bfloat16 model).
-        prepack: multiply through oneDNN with weights packed once (native backbone, not with compile):
-            faster where the default float32 products are slow for a few rows (e.g. AMD EPYC).
+        prepack: multiply through oneDNN with weights packed once (native backbone, CPU, eager): faster
+            where MKL's float32 products are slow for a few rows (AMD EPYC). None (the default) packs where
+            that is the CPU's fastest exact path and the other options allow it (``hardware.prepack_by_default``).
         quant: ``none``, ``int8`` or ``int4``: weight-only quantized products for base and module (native
             backbone, float32, eager); verified decoding stays exact against standard decoding of the same
             quantized model.
@@ -60,5 +62,5 @@ def load(
     from recyclegpt.bases import decoding_base, module_for
 
     base = decoding_base(model, backend, compile, dtype, prepack, device, quant)
-    engine = Engine(base.backbone, base.tokenizer, module_for(base, module, dtype, prepack, quant), compile=compile)
+    engine = Engine(base.backbone, base.tokenizer, module_for(base, module, dtype, quant=quant), compile=compile)
     return (engine, base) if with_base else engine

@@ -23,6 +23,7 @@ runs): the peak, and the largest rise above the RSS at the start of a run (what 
 from __future__ import annotations
 
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from tqdm import tqdm
 
 from recyclegpt.bases.hf import HFBackbone
 from recyclegpt.data import prompt_ids
@@ -157,7 +159,7 @@ def benchmark(
     engine: Engine, base, prompts: Sequence[str], strategies: Sequence[str] | None = None, max_new_tokens: int = 128,
     repeats: int = 3, draft_lens: Sequence[int] = (1,), draft_widths: Sequence[int] = (1,),
     thresholds: Sequence[float] = (0.5,), compare: dict[str, torch.nn.Module] | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> dict:
     """The whole benchmark of ``recyclegpt bench``: every requested row of ``engine`` (and of each compared
     module on the same backbone) and transformers' rows on the same weights, timed by ``run_bench``.
@@ -237,15 +239,14 @@ class PeakRSS:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
-def run_bench(rows: Sequence[Row], prompts: Sequence[list[int]], repeats: int = 3,
-              progress: Callable[[str], None] | None = None) -> dict:
+def run_bench(rows: Sequence[Row], prompts: Sequence[list[int]], repeats: int = 3, progress: bool = False) -> dict:
     """Time every row on every prompt (see the module docstring for the rules).
 
     Args:
         rows: what to run; the first ``standard`` row is the reference (one is required).
         prompts: token-id prompts (chat template already applied where wanted).
         repeats: timed passes after the warm-up.
-        progress: called with a short line after each pass, if given.
+        progress: show a progress bar on stderr (decodes done, their rate, the pass).
 
     Returns:
         ``{"prompts", "repeats", "row_order", "threads", "memory", "rows": [...]}``; per row:
@@ -271,11 +272,15 @@ def run_bench(rows: Sequence[Row], prompts: Sequence[list[int]], repeats: int = 
     outputs: dict[str, list[list[int]]] = {r.name: [] for r in rows}
     peak = dict.fromkeys(names, 0)
     rise = dict.fromkeys(names, 0)
+    bar = tqdm(total=len(rows) * (1 + len(prompts) * (1 + repeats)), unit="decode", desc="priming",
+               disable=not progress, file=sys.stderr)
     # 1. Priming: each row once on the first prompt (weights paged in, lazy allocations made), so
     # that the first row does not carry every one-time cost in its RSS rise.
     for row in rows:
         row.run(list(prompts[0]))
+        bar.update()
     # 2. Warm-up pass, excluded from timing; RSS sampled here only.
+    bar.set_description("warm-up")
     for ids in prompts:
         for row in rows:
             with PeakRSS() as mem:
@@ -283,8 +288,7 @@ def run_bench(rows: Sequence[Row], prompts: Sequence[list[int]], repeats: int = 
             outputs[row.name].append(toks)
             peak[row.name] = max(peak[row.name], mem.peak)
             rise[row.name] = max(rise[row.name], mem.peak - mem.start)
-    if progress:
-        progress("warm-up done")
+            bar.update()
     # 3. Timed passes, interleaved: for each repetition, each prompt, every row once, the row order
     # rotated by one per pass so that each row takes every position in turn.
     samples: dict[str, dict[str, list]] = {
@@ -293,6 +297,7 @@ def run_bench(rows: Sequence[Row], prompts: Sequence[list[int]], repeats: int = 
     }
     stats = {n: DecodeStats() for n in names}
     for rep in range(repeats):
+        bar.set_description(f"pass {rep + 1}/{repeats}")
         for i, ids in enumerate(prompts):
             here = {}
             for position, row in enumerate(rotated(rows, rep * len(prompts) + i)):
@@ -300,6 +305,7 @@ def run_bench(rows: Sequence[Row], prompts: Sequence[list[int]], repeats: int = 
                 toks, st = row.run(list(ids))
                 seconds = time.perf_counter() - t0
                 here[row.name] = (position, seconds, len(toks))
+                bar.update()
                 if st is not None:
                     _add(stats[row.name], st)
             std_speed = here["standard"][2] / here["standard"][1]
@@ -308,8 +314,7 @@ def run_bench(rows: Sequence[Row], prompts: Sequence[list[int]], repeats: int = 
                 for key, value in (("position", position), ("seconds", seconds), ("new_tokens", new_tokens),
                                    ("tokens_per_s", speed), ("ratio_to_standard", speed / std_speed)):
                     samples[n][key].append(value)
-        if progress:
-            progress(f"pass {rep + 1}/{repeats} done")
+    bar.close()
     reference = outputs["standard"]
     table = []
     for row in rows:

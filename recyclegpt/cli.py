@@ -39,7 +39,7 @@ def command(help: str, options: str = "", **changes: dict) -> Callable:
 def load_from(args: argparse.Namespace):
     """``recyclegpt.load`` with the command's model options -> (engine, base)."""
     return load(args.model, getattr(args, "module", None), args.backend, getattr(args, "compile", False),
-                getattr(args, "dtype", "float32"), getattr(args, "prepack", False), getattr(args, "quant", "none"),
+                getattr(args, "dtype", "float32"), getattr(args, "prepack", None), getattr(args, "quant", "none"),
                 getattr(args, "device", "cpu"), with_base=True)
 
 
@@ -82,28 +82,32 @@ def emit(result: dict | list, path: str | None = None, show: bool = True) -> int
 
 def measured(args: argparse.Namespace, base, **result) -> dict:
     """A measured result (bench, eval, lm-eval) with the model options it ran with and the machine it ran on."""
-    from recyclegpt.hardware import measured_on
+    from recyclegpt.hardware import measured_on, product_path
 
-    return {"model": base.name, "module": args.module, "dtype": args.dtype, "prepack": args.prepack,
-            "quant": args.quant, **result, **measured_on()}
+    return {"model": base.name, "module": args.module, "dtype": args.dtype, "prepack": base.prepack,
+            "quant": args.quant, "products": product_path(base.prepack, args.quant, getattr(args, "compile", False),
+                                                          getattr(args, "device", "cpu")),
+            **result, **measured_on()}
 
 
 def compared(args: argparse.Namespace, base) -> dict:
     """The --compare-module files by name, loaded for ``base`` as the main module is (dtype, prepack, quant)."""
     from recyclegpt.bases import module_for
 
-    return {p: module_for(base, p, args.dtype, args.prepack, args.quant) for p in args.compare_modules or ()}
+    return {p: module_for(base, p, args.dtype, quant=args.quant) for p in args.compare_modules or ()}
 
 
 @command("parameter counts of a preset's backbone and module, and this CPU", "preset=smollm2-135m print-json json",
          json=dict(nargs="?", action=JsonPath))
 def cmd_info(args: argparse.Namespace) -> int:
-    """Parameter counts of a preset's backbone and module, and this machine's CPU (model, vector features)."""
-    from recyclegpt.hardware import cpu_info
+    """Parameter counts of a preset's backbone and module, this machine's CPU (model, vector features) and the
+    products decoding uses on it by default."""
+    from recyclegpt.hardware import cpu_info, prepack_by_default, product_path
     from recyclegpt.recycle import preset_summary
 
     cpu = cpu_info()
-    info = {**preset_summary(args.preset), "cpu": cpu.record()}
+    products = product_path(prepack_by_default(cpu))
+    info = {**preset_summary(args.preset), "cpu": cpu.record(), "products": products}
     emit(info, args.json, show=args.print_json)
     if args.print_json:
         return 0
@@ -113,6 +117,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  module:   {info['module'] / 1e6:8.2f} M parameters ({r['n_layers']} layers + fuse "
           f"{2 * m['d_model']}->{m['d_model']}; embedding and head shared)")
     print(f"  module share: {100 * info['module_share']:.1f}% of the backbone\ncpu: {cpu.describe()}")
+    print(f"products (float32 and bfloat16, native backend, by default): {products}")
     return 0
 
 
@@ -354,7 +359,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     engine, base = load_from(args)
     result = bench.benchmark(engine, base, prompts, args.strategies, args.max_new_tokens, args.repeats,
                              args.draft_lens, args.draft_widths, args.thresholds, compared(args, base),
-                             progress=lambda line: print(line, file=sys.stderr))
+                             progress=True)
     result = measured(args, base, compare_modules=args.compare_modules or [], max_new_tokens=args.max_new_tokens,
                       compile=args.compile, **result)
     print(bench.format_table(result))

@@ -95,6 +95,36 @@ def cpu_generation(vendor: str, family: str, features: tuple[str, ...] | set[str
     return "unknown"
 
 
+def prepack_by_default(cpu: CPUInfo | None = None) -> bool:
+    """Whether float32 / bfloat16 decoding on this CPU multiplies through oneDNN with packed weights
+    (``--prepack``) unless told otherwise: the path measured fastest on each CPU kind met so far.
+
+    On AMD EPYC (Zen 3, Zen 4/5) MKL's products of two rows cost about twice those of one while oneDNN's
+    packed products cost the same for 1-4 rows (docs/performance.md): standard decoding 1.5x faster, and every
+    drafting strategy relies on that flat curve. On the Intel Xeon with AMX, MKL's products were already flat
+    (a call over 2 tokens 1.03x one) and the packed path was never measured there, so Intel keeps MKL. Needs
+    PyTorch's oneDNN backend.
+
+    Args:
+        cpu: the CPU (default: this machine's).
+    """
+    import torch
+
+    cpu = cpu or cpu_info()
+    return cpu.family.startswith("AuthenticAMD") and torch.backends.mkldnn.is_available()
+
+
+def product_path(prepack: bool, quant: str = "none", compile: bool = False, device: str = "cpu") -> str:
+    """The products a decoding engine runs, in words, for ``recyclegpt info`` and result files."""
+    if not str(device).startswith("cpu"):
+        return f"{device} (PyTorch's own kernels)"
+    if quant != "none":
+        return f"{quant} weight-only (PyTorch's {quant} CPU kernels, bfloat16 activations at the products)"
+    if compile:
+        return "torch.compile (inductor)"
+    return "oneDNN, weights packed once (--prepack)" if prepack else "MKL through F.linear (--no-prepack)"
+
+
 def measured_on() -> dict:
     """What a measured result (bench, eval, lm-eval JSON) records of the machine: the CPU (``cpu_info``), the torch
     version and torch's thread count."""

@@ -45,9 +45,10 @@ OPTIONS: dict[str, dict] = {
                   help="precision of base and module (default float32); bfloat16 is faster only with native "
                   "bfloat16 products, and verified is then exact only up to rounding (docs/decoding.md); "
                   "data: the base's answers then follow the bfloat16 model; train, attach: bfloat16 autocast"),
-    "prepack": dict(action="store_true", help="multiply through oneDNN with the weights packed once (native "
-                    "backend, CPU, not with --compile; a second copy of the weights; float32 results unchanged; "
-                    "docs/decoding.md)"),
+    "prepack": dict(action=argparse.BooleanOptionalAction, default=None,
+                    help="multiply through oneDNN with the weights packed once (native backend, CPU, eager; a second "
+                    "copy of the weights; float32 results unchanged). Default: on for AMD CPUs, where it is the "
+                    "fastest exact path, off elsewhere (recyclegpt info shows the choice; docs/decoding.md)"),
     "quant": dict(default="none", choices=list(QUANTS),
                   help="weight-only quantized products for base and module: int8 (a scale per row) or int4 "
                   "(groups of 32; the head in int8), 4-7x fewer bytes per step; verified stays exact against "

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--draft-len", type=int, default=1, help="verified / adaptive: drafts per full call (default 1)")
     p.add_argument("--draft-width", type=int, default=1, help="verified: candidates for the first slot (default 1)")
     p.add_argument("--repeats", type=int, default=2, help="timed passes after the warm-up (default 2)")
-    p.add_argument("--prepack", action="store_true", help="oneDNN with packed weights (as --prepack elsewhere)")
+    p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
+                   help="oneDNN with packed weights (as --prepack elsewhere; default: this CPU's choice)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.n < 1 or args.repeats < 1:

@@ -16,6 +16,7 @@ from recyclegpt.bases.convert import UnsupportedArchitecture
 from recyclegpt.checkpoint import load_module_file
 from recyclegpt.cli import main
 from recyclegpt.config import RecycleConfig
+from recyclegpt.hardware import cpu_info, prepack_by_default, product_path
 from recyclegpt.recycle import RecyclableModule, RecycleGPT
 
 pytestmark = pytest.mark.slow
@@ -362,12 +363,26 @@ def test_bench_compares_two_modules_on_one_base(smol, tmp_path, capsys):
     assert "--compare-module needs --module too" in _cli_error(capsys, alone)
 
 
-def test_bfloat16_and_prepacked_decoding_and_the_bench_in_bfloat16(smol, tmp_path, capsys):
+def test_prepacked_and_default_products_decode_as_mkl(smol, capsys):
+    fp32 = _generate(capsys, ["--module", "default", "--strategy", "verified", "--no-prepack"])  # MKL
+    assert _generate(capsys, ["--module", "default", "--strategy", "verified", "--prepack"]) == fp32  # float32
+    # Without the flag: this CPU's default path (packed on AMD, MKL on Intel).
+    assert _generate(capsys, ["--module", "default", "--strategy", "verified", "--draft-len", "2",
+                              "--draft-width", "4"]) == fp32
+    with pytest.raises(BaseError, match="unknown dtype 'float8'; choose one of float32, bfloat16"):
+        load("smollm2-135m", dtype="float8")
+    with pytest.raises(BaseError, match="prepack is for eager decoding"):
+        load("smollm2-135m", compile=True, prepack=True)
+
+
+NATIVE_BF16 = bool({"avx512_bf16", "amx_bf16"} & set(cpu_info().features))
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bfloat16 products (AVX512-BF16 or AMX): "
+                    "bfloat16 decoding of the real model would be emulated and slow")
+def test_bfloat16_decoding_and_the_bench_in_bfloat16(smol, tmp_path, capsys):
     fp32 = _generate(capsys, ["--module", "default", "--strategy", "verified"])
     bf16 = _generate(capsys, ["--module", "default", "--strategy", "verified", "--dtype", "bfloat16"])
-    assert _generate(capsys, ["--module", "default", "--strategy", "verified", "--prepack"]) == fp32  # float32
-    assert _generate(capsys, ["--module", "default", "--strategy", "verified", "--prepack", "--draft-len", "2",
-                              "--draft-width", "4"]) == fp32
     # Rounding parts the two greedy answers after some tokens (measured on an AVX512-BF16 CPU: the first
     # 10 of 12 agree); the floor of 6 leaves room for other CPUs' bfloat16 kernels.
     assert bf16[:6] == fp32[:6] and len(bf16) == 12
@@ -380,10 +395,7 @@ def test_bfloat16_and_prepacked_decoding_and_the_bench_in_bfloat16(smol, tmp_pat
     rows = {r["name"]: r for r in result["rows"]}
     assert result["dtype"] == "bfloat16" and list(rows) == ["standard", "alternating", "hf-generate"]
     assert rows["alternating"]["tau"] > 1.5 and rows["hf-generate"]["new_tokens"] == 16
-    with pytest.raises(BaseError, match="unknown dtype 'float8'; choose one of float32, bfloat16"):
-        load("smollm2-135m", dtype="float8")
-    with pytest.raises(BaseError, match="prepack is for eager decoding"):
-        load("smollm2-135m", compile=True, prepack=True)
+    assert result["products"] == product_path(prepack_by_default()) and result["prepack"] == prepack_by_default()
 
 
 def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp_path, capsys, monkeypatch):
@@ -415,6 +427,10 @@ def test_distill_stores_the_base_greedy_answers_in_float32_or_bfloat16(smol, tmp
     generated = [tuple(i + a) for i, a in zip(ids, answers, strict=True)]
     assert sorted(tuple(p + a) for p, a in stored) == sorted(generated)
     engine = load("smollm2-135m", module="default")
+    from recyclegpt.model import PackedLinear
+
+    for part in (engine.backbone, engine.module):  # base and module both take this CPU's default path
+        assert any(isinstance(m, PackedLinear) for m in part.modules()) == prepack_by_default()
     got = answer_metrics(engine.backbone, engine.module, stored)
     want = generation_metrics(engine, prompts, max_new_tokens=6, chat=True)
     assert got["prompts"] == 3 and got["agreement"] == pytest.approx(want["agreement"], abs=1e-12)

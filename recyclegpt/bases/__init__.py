@@ -22,6 +22,7 @@ from recyclegpt.bases.hf import HFBackbone
 from recyclegpt.bases.registry import DEFAULT_BASE, DTYPES, QUANTS, REGISTRY, BaseError, BaseSpec, home, resolve
 from recyclegpt.bases.tokenizer import ByteTokenizer, HFTokenizer
 from recyclegpt.checkpoint import load_backbone, save_backbone
+from recyclegpt.hardware import prepack_by_default
 from recyclegpt.model import Backbone, prepack_linears
 from recyclegpt.quant import quantize_linears
 
@@ -42,6 +43,7 @@ class Base:
     tokenizer: HFTokenizer
     backend: str
     chat: bool
+    prepack: bool = False  # its products go through oneDNN with packed weights (``decoding_base``)
 
 
 def _cache_key(spec: BaseSpec | None, path: Path) -> str:
@@ -207,10 +209,12 @@ def resolve_device(name: str) -> torch.device:
 
 def decoding_base(
     model: str = DEFAULT_BASE, backend: str = "auto", compile: bool = False, dtype: str = "float32",
-    prepack: bool = False, device: str = "cpu", quant: str = "none",
+    prepack: bool | None = None, device: str = "cpu", quant: str = "none",
 ) -> Base:
     """A base ready to decode with these options: loaded (``load_base``), moved to ``device``, cast to
     ``dtype``, and packed (``prepack``) or quantized (``quant``); ``recyclegpt.load`` builds the engine on it.
+    ``prepack`` None packs where that is this CPU's fastest exact path (``hardware.prepack_by_default``) and
+    the options allow it (native backbone, CPU, eager, no quant); ``base.prepack`` says what was chosen.
 
     The options are checked before anything loads. Arguments as ``recyclegpt.load``'s.
 
@@ -237,8 +241,12 @@ def decoding_base(
     base = load_base(model, backend=backend)
     if packs and not isinstance(base.backbone, Backbone):
         raise BaseError(f"{packs[0]} needs the native backend; {base.name} runs on the {base.backend} one")
+    if prepack is None:
+        prepack = (quant == "none" and not compile and dev.type == "cpu" and isinstance(base.backbone, Backbone)
+                   and prepack_by_default())
     base.backbone.to(dev)
     _ready(base.backbone, dtype, prepack, quant)
+    base.prepack = prepack
     return base
 
 
@@ -257,10 +265,11 @@ def _ready(part: torch.nn.Module, dtype: str, prepack: bool, quant: str = "none"
             part.stack.row_invariant = True
 
 
-def module_for(base: Base, module: str | None, dtype: str = "float32", prepack: bool = False, quant: str = "none"):
+def module_for(base: Base, module: str | None, dtype: str = "float32", prepack: bool | None = None,
+               quant: str = "none"):
     """The recyclable module ``module`` (a file, ``"default"`` or None) loaded for ``base``, on the
-    backbone's device, ready to decode in ``dtype`` (and packed with ``prepack``, or quantized with
-    ``quant``) beside a backbone prepared the same way.
+    backbone's device, ready to decode in ``dtype`` (and packed with ``prepack``, None: as the base was, or
+    quantized with ``quant``) beside a backbone prepared the same way.
 
     Raises:
         CheckpointError: the module does not fit the base (widths or vocabulary).
@@ -278,5 +287,5 @@ def module_for(base: Base, module: str | None, dtype: str = "float32", prepack: 
             f"has {base.tokenizer.vocab_size} tokens"
         )
     mod.to(next(base.backbone.parameters()).device)
-    _ready(mod, dtype, prepack, quant)
+    _ready(mod, dtype, base.prepack if prepack is None else prepack, quant)
     return mod
