@@ -113,7 +113,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     m, r = info["model"], info["recycle"]
     print(f"preset {args.preset}: {info['description']}")
-    print(f"  backbone: {info['backbone'] / 1e6:8.2f} M parameters ({m['n_layers']} layers, d {m['d_model']})")
+    print(f"  backbone: {info['backbone'] / 1e6:8.2f} M parameters ({info['logical_layers']} " + (
+        f"logical layers over {info['unique_layers']} unique blocks" if info["unique_layers"] < info["logical_layers"]
+        else "layers") + f", d {m['d_model']})")
     print(f"  module:   {info['module'] / 1e6:8.2f} M parameters ({r['n_layers']} layers + fuse "
           f"{2 * m['d_model']}->{m['d_model']}; embedding and head shared)")
     print(f"  module share: {100 * info['module_share']:.1f}% of the backbone\ncpu: {cpu.describe()}")

@@ -73,6 +73,10 @@ class ModelConfig(_JsonMixin):
 
     ``head_dim`` defaults to ``d_model // n_heads``; set it explicitly for models (such as Gemma 3)
     whose attention width differs from the residual width. ``qkv_bias`` covers Qwen2-style models.
+
+    ``n_unique_layers`` shares parameters across depth (SPEED, arXiv 2310.12072): the model runs
+    ``n_layers`` logical layers over that many distinct blocks, logical layer i using block
+    i % n_unique_layers (the blocks repeated in order). None: every layer has its own block.
     """
 
     vocab_size: int
@@ -87,10 +91,18 @@ class ModelConfig(_JsonMixin):
     max_seq_len: int = 2048
     head_dim: int | None = None
     qkv_bias: bool = False
+    n_unique_layers: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             _positive_int(self, name)
+        if self.n_unique_layers is not None:
+            _positive_int(self, "n_unique_layers")
+            _require(
+                self.n_unique_layers <= self.n_layers and self.n_layers % self.n_unique_layers == 0,
+                f"ModelConfig.n_unique_layers ({self.n_unique_layers}) must divide n_layers ({self.n_layers}): "
+                "the unique blocks repeat a whole number of times",
+            )
         _require(
             self.n_heads % self.n_kv_heads == 0,
             f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})",
@@ -154,6 +166,14 @@ PRESETS: dict[str, Preset] = {
         RecycleConfig(n_layers=2),
         "about 30M parameters with the SmolLM2 tokenizer, trainable on a CPU",
     ),
+    "small-shared-2x": Preset(
+        ModelConfig(
+            vocab_size=49152, d_model=384, n_layers=12, n_heads=6, n_kv_heads=2, ffn_dim=1024,
+            rope_theta=10000.0, max_seq_len=1024, n_unique_layers=6,
+        ),
+        RecycleConfig(n_layers=2),
+        "small's parameters (6 unique blocks) at twice its depth: 12 logical layers, each block used twice",
+    ),
     "smollm2-135m": Preset(
         ModelConfig(
             vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
@@ -193,6 +213,9 @@ class TrainConfig(_JsonMixin):
         lr / min_lr: peak and final learning rate (linear warm-up for ``warmup`` steps, then cosine).
         bf16: autocast matmuls to bfloat16 on CPU (faster batched here) or GPU.
         eval_every / eval_batches: validation cadence and size; ckpt_every: checkpoint cadence.
+        early_exit_weight / early_exit_layer: joint runs add ``early_exit_weight`` * CE of the next token
+            predicted from the hidden state after the first ``early_exit_layer`` logical layers, through
+            the model's own final norm and head (``Backbone.early_logits``); 0 leaves it out.
     """
 
     mode: str = "joint"
@@ -212,6 +235,8 @@ class TrainConfig(_JsonMixin):
     eval_batches: int = 8
     ckpt_every: int = 100
     seed: int = 0
+    early_exit_weight: float = 0.0
+    early_exit_layer: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.mode in ("joint", "attach"), f"TrainConfig.mode must be 'joint' or 'attach', got {self.mode!r}")
@@ -225,3 +250,14 @@ class TrainConfig(_JsonMixin):
                  f"TrainConfig.warmup must be an integer >= 0, got {self.warmup}")
         _require(min(self.grad_clip, self.weight_decay, self.ce_weight, self.feature_weight) >= 0,
                  "TrainConfig.grad_clip, weight_decay, ce_weight and feature_weight must be >= 0")
+        _require(
+            isinstance(self.early_exit_weight, int | float) and self.early_exit_weight >= 0,
+            f"TrainConfig.early_exit_weight must be a number >= 0, got {self.early_exit_weight!r}",
+        )
+        if self.early_exit_layer is not None:
+            _positive_int(self, "early_exit_layer")
+        if self.early_exit_weight > 0:
+            _require(self.early_exit_layer is not None,
+                     "TrainConfig.early_exit_weight > 0 needs early_exit_layer (the logical layer to predict from)")
+            _require(self.mode == "joint", "TrainConfig.early_exit_weight applies to joint training only "
+                     "(attach training freezes the backbone)")

@@ -24,6 +24,9 @@ forward per window, the module over the pairs (h_t, x_{t+1}) in the same pass.
   text and on the base's own greedy answers to prompts, where it is the chance that alternating
   decoding's module token is the one standard decoding would have produced. Answers stored by
   ``data distill`` can be scored the same way without decoding them again (``answer_metrics``).
+* **Early-exit agreement** (``early_exit_agreement``): how often the next-token argmax read after the first k
+  logical layers (``Backbone.early_logits``) equals the whole model's greedy token, the draft quality of
+  early-layer speculation (SPEED).
 * **tau / acceptance rate** of verified greedy decoding on the prompts (``DecodeStats``): tokens per
   full-model forward (prefill included) and the share of drafts kept.
 """
@@ -275,6 +278,40 @@ def text_metrics(
         "module_top1_acc": sums["mod_ok"] / sums["n_pair"],
         "base_top1_acc": sums["base_ok"] / sums["n_pair"],
     }
+
+
+def early_exit_agreement(
+    backbone: torch.nn.Module, token_ids: Sequence[int], layer: int, seq_len: int = 512, batch_size: int = 2,
+) -> float:
+    """Share of positions where the next-token prediction after the first ``layer`` logical layers
+    (``Backbone.early_logits``) has the same argmax as the whole model's greedy token, over disjoint windows
+    of ``seq_len`` tokens of text (each scored on its own, every position counted).
+
+    Raises:
+        EvalError: a backbone without early exit (wrapped transformers models), a layer outside
+            1 .. n_layers, a window longer than the context, or no text.
+    """
+    if not hasattr(backbone, "early_logits"):
+        raise EvalError(f"{type(backbone).__name__} has no early exit: early-exit agreement needs a native Backbone")
+    depth, context = backbone.config.n_layers, backbone.config.max_seq_len
+    if not 1 <= layer <= depth:
+        raise EvalError(f"layer must be in [1, {depth}] (the model's logical layers), got {layer}")
+    if not 1 <= seq_len <= context or batch_size < 1:
+        raise EvalError(f"seq_len must be in [1, {context}] and batch_size >= 1, got {seq_len} and {batch_size}")
+    windows = [list(token_ids[i : i + seq_len]) for i in range(0, len(token_ids), seq_len)]
+    if not windows:
+        raise EvalError("too little text: no tokens to score")
+    device = next(backbone.parameters()).device
+    agree = positions = 0
+    with torch.inference_mode():
+        for lo in range(0, len(windows), batch_size):
+            batch = windows[lo : lo + batch_size]
+            for length in sorted({len(w) for w in batch}):  # only the last window can be shorter
+                tokens = torch.tensor([w for w in batch if len(w) == length], device=device)
+                logits, _, early = backbone(tokens, exit_layer=layer)  # (B, T, V), _, (B, T, d)
+                agree += int((backbone.early_logits(early).argmax(-1) == logits.argmax(-1)).sum())
+                positions += tokens.numel()
+    return agree / positions
 
 
 def generation_metrics(

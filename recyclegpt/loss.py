@@ -20,15 +20,16 @@ def _ce_and_acc(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tens
 
 
 def joint_loss(
-    main_logits: torch.Tensor, recycle_logits: torch.Tensor, tokens: torch.Tensor, recycle_weight: float
+    main_logits: torch.Tensor, recycle_logits: torch.Tensor, tokens: torch.Tensor, recycle_weight: float,
+    early_logits: torch.Tensor | None = None, early_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The paper's dual objective.
+    """The paper's dual objective, optionally with an early-exit term (SPEED, arXiv 2310.12072).
 
-        L = CE(main_t, x_{t+1}) + lambda * CE(recycle_t, x_{t+2})
+        L = CE(main_t, x_{t+1}) + lambda * CE(recycle_t, x_{t+2}) + mu * CE(early_t, x_{t+1})
 
-    The shift is explicit: ``main_logits[:, t]`` is scored against ``tokens[:, t+1]`` for
-    t = 0..T-2, and ``recycle_logits[:, t]`` against ``tokens[:, t+2]`` for t = 0..T-3 (its last
-    position would predict past the sequence and is dropped).
+    The shift is explicit: ``main_logits[:, t]`` and ``early_logits[:, t]`` are scored against
+    ``tokens[:, t+1]`` for t = 0..T-2, and ``recycle_logits[:, t]`` against ``tokens[:, t+2]`` for
+    t = 0..T-3 (its last position would predict past the sequence and is dropped).
 
     Args:
         main_logits: (B, T, V).
@@ -36,10 +37,13 @@ def joint_loss(
         tokens: (B, T) token ids.
         recycle_weight: lambda; 0 gives a plain language-model loss (the recycle term is then not
             computed at all).
+        early_logits: (B, T, V) the next-token logits read after the first k logical layers
+            (``Backbone.early_logits``); needed when ``early_weight > 0``.
+        early_weight: mu; 0 leaves the early-exit term out.
 
     Returns:
         (loss, metrics) with metrics ``loss``, ``main_loss``, ``main_acc``, ``recycle_loss``,
-        ``recycle_acc`` as floats.
+        ``recycle_acc``, ``early_ce``, ``early_acc`` (the last four when their terms are on) as floats.
     """
     main_ce, main_acc = _ce_and_acc(main_logits[:, :-1], tokens[:, 1:])
     metrics = {"main_loss": main_ce.item(), "main_acc": main_acc.item()}
@@ -48,6 +52,12 @@ def joint_loss(
         rec_ce, rec_acc = _ce_and_acc(recycle_logits[:, :-1], tokens[:, 2:])
         loss = loss + recycle_weight * rec_ce
         metrics |= {"recycle_loss": rec_ce.item(), "recycle_acc": rec_acc.item()}
+    if early_weight > 0:
+        if early_logits is None:
+            raise ValueError("joint_loss: early_weight > 0 needs early_logits")
+        early_ce, early_acc = _ce_and_acc(early_logits[:, :-1], tokens[:, 1:])
+        loss = loss + early_weight * early_ce
+        metrics |= {"early_ce": early_ce.item(), "early_acc": early_acc.item()}
     metrics["loss"] = loss.item()
     return loss, metrics
 

@@ -15,6 +15,10 @@ the recyclable module and the decoder:
   ``head_transform`` what follows the product, e.g. soft-capping);
 * ``new_cache(batch, max_len)``: a cache that takes several tokens per call and rolls back;
 * ``config``: a ``ModelConfig`` describing its widths.
+
+The native backbone may share blocks across depth (``ModelConfig.n_unique_layers``: logical layer i runs
+block i % n_unique_layers, with its own cache slot) and hands out an early-layer state on request
+(``forward(..., exit_layer=k)``, ``early_logits``), the two ingredients of SPEED (arXiv 2310.12072).
 """
 
 from __future__ import annotations
@@ -130,22 +134,37 @@ class Block(nn.Module):
 
 
 class Stack(nn.Module):
-    """N blocks sharing rotary tables and one ``KVCache``: the body of backbone and module alike."""
+    """N logical layers sharing rotary tables and one ``KVCache``: the body of backbone and module alike.
 
-    def __init__(self, cfg: ModelConfig, n_layers: int) -> None:
+    With ``n_unique`` blocks (parameter sharing, ``ModelConfig.n_unique_layers``) logical layer i runs block
+    i % n_unique; the cache still holds keys and values per logical layer, since a shared block sees another
+    input at each of its depths.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_layers: int, n_unique: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         # Attend row by row in calls over several new tokens (``cache.RowViews``): set for quantized products,
         # whose bfloat16 inputs turn a last-bit difference between one call and several into a flipped token.
         self.row_invariant = False
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(n_layers))
+        self.n_layers = n_layers
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(n_unique or n_layers))
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None, tree: Tree | None = None) -> torch.Tensor:
-        """Run x (B, T, d) through every block; with a cache, the T tokens follow its current length
-        (in order, or laid out as ``tree``, which needs a cache)."""
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None, tree: Tree | None = None, exit_layer: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Run x (B, T, d) through every logical layer; with a cache, the T tokens follow its current length
+        (in order, or laid out as ``tree``, which needs a cache).
+
+        Returns:
+            The output (B, T, d); with ``exit_layer`` k, (output, the residual stream after the first k
+            logical layers (B, T, d)).
+        """
+        if exit_layer is not None and not 1 <= exit_layer <= self.n_layers:
+            raise ValueError(f"exit_layer must be in [1, {self.n_layers}] (the logical layers), got {exit_layer}")
         T = x.shape[1]
         start = 0 if cache is None else cache.length
         if cache is not None:
@@ -166,11 +185,15 @@ class Stack(nn.Module):
         mask = None if cache is None else cache.attn_mask(T, None if tree is None else tree.mask)
         if self.row_invariant and cache is not None and T > 1 and start > 0:  # a decode call, not a prefill
             mask = cache.row_views(T, None if tree is None else tree.mask)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, mask)
+        blocks = list(self.layers) * (self.n_layers // len(self.layers))  # logical layer i runs block i % n_unique
+        early = None
+        for i, block in enumerate(blocks):
+            x = block(x, cos, sin, cache, i, mask)  # the cache's slot i is the logical layer's own
+            if i + 1 == exit_layer:
+                early = x
         if cache is not None:
             cache.advance(T)
-        return x
+        return x if exit_layer is None else (x, early)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """A cache sized for this stack, in the dtype and on the device of its parameters."""
@@ -179,7 +202,7 @@ class Stack(nn.Module):
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds max_seq_len {self.cfg.max_seq_len}")
         return KVCache(
-            len(self.layers), batch, self.cfg.n_kv_heads, self.cfg.head_dim, max_len, p.dtype, p.device
+            self.n_layers, batch, self.cfg.n_kv_heads, self.cfg.head_dim, max_len, p.dtype, p.device
         )
 
 
@@ -194,7 +217,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.stack = Stack(cfg, cfg.n_layers)
+        self.stack = Stack(cfg, cfg.n_layers, cfg.n_unique_layers)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -217,12 +240,17 @@ class Backbone(nn.Module):
         """What ``head`` does after the matrix product (nothing for Llama-style models)."""
         return logits
 
+    def early_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (..., vocab) from the residual stream after the first k logical layers (..., d)
+        (``forward(..., exit_layer=k)``), read through the model's own final norm and head."""
+        return self.head(self.norm(hidden))
+
     supports_tree = True  # forward takes ``tree`` (wrapped transformers backbones do not)
 
     def forward(
         self, tokens: torch.Tensor, cache: KVCache | None = None, logits_last: int | None = None,
-        tree: Tree | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tree: Tree | None = None, exit_layer: int | None = None,
+    ) -> tuple[torch.Tensor, ...]:
         """Run the model over tokens (B, T).
 
         Args:
@@ -233,13 +261,19 @@ class Backbone(nn.Module):
                 model). None: every position.
             tree: lay the T new tokens out as a tree of draft candidates (positions and mask from
                 ``cache.Tree``) instead of one sequence; needs a cache.
+            exit_layer: also return the residual stream after this many logical layers (1 .. n_layers), before
+                any norm, for ``early_logits``. None: not kept (the forward is unchanged).
 
         Returns:
-            (logits (B, T or logits_last, vocab), hidden (B, T, d) after the final norm).
+            (logits (B, T or logits_last, vocab), hidden (B, T, d) after the final norm), and with
+            ``exit_layer`` a third element, the early hidden state (B, T, d).
         """
-        hidden = self.norm(self.stack(self.embed(tokens), cache, tree))
-        tail = hidden if logits_last is None else hidden[:, -logits_last:]
-        return self.head(tail), hidden
+        out = self.stack(self.embed(tokens), cache, tree, exit_layer)
+        if exit_layer is not None:
+            out, early = out
+        hidden = self.norm(out)
+        logits = self.head(hidden if logits_last is None else hidden[:, -logits_last:])
+        return (logits, hidden) if exit_layer is None else (logits, hidden, early)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """A preallocated cache for ``batch`` rows of at most ``max_len`` tokens."""

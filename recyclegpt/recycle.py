@@ -154,22 +154,29 @@ class RecycleGPT(nn.Module):
         """A randomly initialised native backbone with a fresh module."""
         return cls(Backbone(cfg), RecyclableModule(cfg, rcfg))
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, exit_layer: int | None = None) -> tuple[torch.Tensor, ...]:
         """Training forward over a whole sequence in one pass.
 
         Args:
             tokens: (B, T) token ids.
+            exit_layer: also predict the next token from the backbone's state after this many logical
+                layers (``Backbone.early_logits``; native backbones only).
 
         Returns:
             main_logits (B, T, V): position t predicts x_{t+1};
-            recycle_logits (B, T-1, V): position t predicts x_{t+2} from (h_t, x_{t+1}).
+            recycle_logits (B, T-1, V): position t predicts x_{t+2} from (h_t, x_{t+1});
+            with ``exit_layer``, early_logits (B, T, V): position t predicts x_{t+1}.
         """
-        main_logits, hidden = self.backbone(tokens)
+        if exit_layer is None:
+            main_logits, hidden = self.backbone(tokens)
+        else:
+            main_logits, hidden, early = self.backbone(tokens, exit_layer=exit_layer)
         h = hidden[:, :-1]  # h_0 .. h_{T-2}
         if not self.recycle_config.grad_to_backbone:
             h = h.detach()
         g = self.module(h, self.backbone.embed(tokens[:, 1:]))  # pairs (h_t, x_{t+1})
-        return main_logits, self.backbone.head(g)
+        logits = (main_logits, self.backbone.head(g))
+        return logits if exit_layer is None else (*logits, self.backbone.early_logits(early))
 
     def parameter_counts(self) -> dict[str, float]:
         """Backbone and module parameter counts and the module's share of the backbone."""
@@ -178,10 +185,16 @@ class RecycleGPT(nn.Module):
 
 
 def preset_summary(name: str) -> dict:
-    """A preset's configs and parameter counts (``RecycleGPT.parameter_counts``), counted on the meta device:
-    nothing is allocated, so the largest presets cost nothing either (``recyclegpt info``)."""
+    """A preset's configs, depth and parameter counts (``RecycleGPT.parameter_counts``), counted on the meta
+    device: nothing is allocated, so the largest presets cost nothing either (``recyclegpt info``).
+
+    ``logical_layers`` is the backbone's depth, ``unique_layers`` its distinct blocks (fewer when parameters
+    are shared, ``ModelConfig.n_unique_layers``); the backbone count holds each shared block once.
+    """
     preset = get_preset(name)
+    cfg = preset.model
     with torch.device("meta"):
-        model = RecycleGPT.from_config(preset.model, preset.recycle)
-    return {"preset": name, "description": preset.description, "model": preset.model.to_dict(),
-            "recycle": preset.recycle.to_dict(), **model.parameter_counts()}
+        model = RecycleGPT.from_config(cfg, preset.recycle)
+    return {"preset": name, "description": preset.description, "model": cfg.to_dict(),
+            "recycle": preset.recycle.to_dict(), "logical_layers": cfg.n_layers,
+            "unique_layers": cfg.n_unique_layers or cfg.n_layers, **model.parameter_counts()}

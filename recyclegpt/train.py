@@ -51,8 +51,11 @@ class Objective(nn.Module):
         """Loss and metrics of a batch of tokens (B, T); attach runs may pass the frozen base's cached
         final hidden states (B, T, d) instead of recomputing them (``recyclegpt.data.HiddenData``)."""
         if self.cfg.mode == "joint":
-            main, rec = self.model(tokens)
-            return joint_loss(main, rec, tokens, self.model.recycle_config.recycle_weight)
+            weight = self.model.recycle_config.recycle_weight
+            if self.cfg.early_exit_weight == 0:
+                return joint_loss(*self.model(tokens), tokens, weight)
+            main, rec, early = self.model(tokens, exit_layer=self.cfg.early_exit_layer)
+            return joint_loss(main, rec, tokens, weight, early, self.cfg.early_exit_weight)
         backbone, module = self.model.backbone, self.model.module
         rows = module.head_rows(backbone)  # the draft vocabulary's head rows, or None for all
         with torch.no_grad():
@@ -130,6 +133,10 @@ class Trainer:
             )
         if isinstance(data, HiddenData) and cfg.mode != "attach":
             raise TrainError("a hidden-state cache serves attach training only (the base must be frozen)")
+        depth = model.backbone.config.n_layers
+        if cfg.early_exit_weight > 0 and cfg.early_exit_layer > depth:
+            raise TrainError(f"early_exit_layer {cfg.early_exit_layer} is deeper than the model's {depth} "
+                             f"logical layers: choose 1 .. {depth}")
         self.model, self.data, self.cfg, self.out, self.base = model, data, cfg, Path(out_dir), base or {}
         self.rank, self.world = _dist_info(next(model.parameters()).device)
         if cfg.batch_size % self.world:
@@ -207,11 +214,11 @@ class Trainer:
             raise TrainError(f"{path} is unreadable (truncated or corrupt?): {type(exc).__name__}: {exc}") from None
         if not isinstance(state, dict) or "trainable" not in state:
             raise TrainError(f"{path} is not a RecycleGPT training checkpoint")
-        for key, now in (("model_config", self.model.backbone.config.to_dict()),
-                         ("recycle_config", self.model.recycle_config.to_dict())):
-            if state[key] != now:
-                raise TrainError(f"{path} was written for a different {key.replace('_', ' ')}: {state[key]} vs {now}")
-        saved = {k: v for k, v in state["train_config"].items() if k != "steps"}
+        for key, now in (("model_config", self.model.backbone.config), ("recycle_config", self.model.recycle_config)):
+            if type(now).from_dict(state[key]) != now:  # through the class: fields added since get their defaults
+                raise TrainError(f"{path} was written for a different {key.replace('_', ' ')}: {state[key]} vs "
+                                 f"{now.to_dict()}")
+        saved = {k: v for k, v in TrainConfig.from_dict(state["train_config"]).to_dict().items() if k != "steps"}
         if saved != {k: v for k, v in self.cfg.to_dict().items() if k != "steps"}:
             raise TrainError(f"{path} was written with other training settings ({saved}); only --steps may change")
         self.trainable.load_state_dict(state["trainable"])

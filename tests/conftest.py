@@ -22,3 +22,10 @@ def tiny() -> RecycleGPT:
     """A tiny random RecycleGPT (2-layer backbone, 1-layer module), in eval mode."""
     preset = PRESETS["tiny"]
     return RecycleGPT.from_config(preset.model, preset.recycle).eval()
+
+
+@pytest.fixture
+def shared_tiny() -> RecycleGPT:
+    """A tiny random RecycleGPT whose backbone runs 4 logical layers over 2 shared blocks, in eval mode."""
+    preset = PRESETS["tiny"]
+    return RecycleGPT.from_config(preset.model.replace(n_layers=4, n_unique_layers=2), preset.recycle).eval()

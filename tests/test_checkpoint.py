@@ -3,7 +3,15 @@ import hashlib
 import pytest
 import torch
 
-from recyclegpt.checkpoint import CheckpointError, load_model, load_module, save_model, save_module
+from recyclegpt.checkpoint import (
+    CheckpointError,
+    load_backbone,
+    load_model,
+    load_module,
+    save_backbone,
+    save_model,
+    save_module,
+)
 from recyclegpt.config import PRESETS
 
 
@@ -21,6 +29,26 @@ def test_model_round_trip(tiny, tmp_path):
     tiny.module.set_draft_vocab(torch.arange(0, 256, 3))
     save_model(path, tiny)
     assert torch.equal(load_model(path)[0].module.draft_vocab, torch.arange(0, 256, 3))
+
+
+def test_shared_model_round_trips_exactly_with_its_blocks_still_shared(shared_tiny, tmp_path):
+    """A backbone with 4 logical layers over 2 blocks saves each block once and loads back the same model."""
+    from recyclegpt.model import count_parameters
+
+    save_model(tmp_path / "m.safetensors", shared_tiny)
+    save_backbone(tmp_path / "b.safetensors", shared_tiny.backbone)
+    loaded, _ = load_model(tmp_path / "m.safetensors")
+    backbone = load_backbone(tmp_path / "b.safetensors")
+    assert loaded.backbone.config == backbone.config == shared_tiny.backbone.config
+    assert list(loaded.state_dict()) == list(shared_tiny.state_dict())
+    tokens = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        for a, b in zip(shared_tiny(tokens), loaded(tokens), strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(backbone(tokens)[0], shared_tiny.backbone(tokens)[0])
+    for model in (loaded.backbone, backbone):
+        assert len(model.stack.layers) == 2 and len(model.new_cache(1, 8).k) == 4
+        assert count_parameters(model) == count_parameters(shared_tiny.backbone)
 
 
 def test_module_round_trip_and_shape_mismatch(tiny, tmp_path):

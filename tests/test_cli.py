@@ -115,3 +115,10 @@ def test_user_errors_are_one_line_and_status_2(capsys):
     assert capsys.readouterr().err == "error: the prompt is empty; give some text with --prompt\n"
     assert cli.main(["data", "merge", "a", "--out", "o", "--dtype", "bfloat16"]) == 2
     assert "--dtype applies to data distill and data prompts only" in capsys.readouterr().err
+
+
+def test_info_shows_the_logical_depth_of_a_shared_preset(capsys):
+    assert cli.main(["info", "--preset", "small-shared-2x"]) == 0
+    assert "(12 logical layers over 6 unique blocks, d 384)" in capsys.readouterr().out
+    assert cli.main(["info", "--preset", "small"]) == 0
+    assert "(6 layers, d 384)" in capsys.readouterr().out

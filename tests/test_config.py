@@ -1,6 +1,8 @@
+import json
+
 import pytest
 
-from recyclegpt.config import PRESETS, ConfigError, ModelConfig, RecycleConfig, get_preset
+from recyclegpt.config import PRESETS, ConfigError, ModelConfig, RecycleConfig, TrainConfig, get_preset
 
 
 def test_presets_round_trip_through_json(tmp_path):
@@ -28,6 +30,10 @@ def test_smollm2_preset_matches_the_published_shape():
         ({"n_layers": 0}, "n_layers must be a positive integer"),
         ({"norm_eps": 2.0}, "norm_eps must be in (0, 1)"),
         ({"rope_theta": -1.0}, "rope_theta must be > 0"),
+        ({"n_unique_layers": 0}, "n_unique_layers must be a positive integer, got 0"),
+        ({"n_unique_layers": 1.5}, "n_unique_layers must be a positive integer"),
+        ({"n_layers": 4, "n_unique_layers": 3}, "n_unique_layers (3) must divide n_layers (4)"),
+        ({"n_layers": 2, "n_unique_layers": 4}, "n_unique_layers (4) must divide n_layers (2)"),
     ],
 )
 def test_invalid_model_config_says_what_is_wrong(changes, message):
@@ -51,3 +57,29 @@ def test_bad_config_file(tmp_path):
         ModelConfig.from_json(bad)
     with pytest.raises(ConfigError, match="config file not found"):
         ModelConfig.from_json(tmp_path / "missing.json")
+
+
+def test_shared_depth_config_and_old_files_without_the_field(tmp_path):
+    shared = PRESETS["small-shared-2x"].model
+    assert (shared.n_layers, shared.n_unique_layers) == (12, 6)
+    assert shared.replace(n_layers=6, n_unique_layers=None) == PRESETS["small"].model  # only the depth differs
+    # A config file written before n_unique_layers existed loads as an unshared model.
+    old = PRESETS["tiny"].model.to_dict()
+    del old["n_unique_layers"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert ModelConfig.from_json(tmp_path / "old.json") == PRESETS["tiny"].model
+    assert PRESETS["tiny"].model.n_unique_layers is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"early_exit_weight": -0.5, "early_exit_layer": 1}, "early_exit_weight must be a number >= 0, got -0.5"),
+        ({"early_exit_weight": 0.5}, "early_exit_weight > 0 needs early_exit_layer"),
+        ({"early_exit_weight": 0.5, "early_exit_layer": 0}, "early_exit_layer must be a positive integer, got 0"),
+        ({"early_exit_weight": 0.5, "early_exit_layer": 1, "mode": "attach"}, "applies to joint training only"),
+    ],
+)
+def test_invalid_early_exit_settings_say_what_is_wrong(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**changes)

@@ -12,6 +12,7 @@ from recyclegpt.cli import main
 from recyclegpt.config import PRESETS
 from recyclegpt.evaluate import (
     EvalError,
+    early_exit_agreement,
     evaluate,
     generation_metrics,
     paired_flips,
@@ -386,3 +387,20 @@ def test_answer_metrics_count_agreement_by_hand():
     assert (cmp["only_module_right"], cmp["only_compare_right"]) == (0, 3)
     with pytest.raises(EvalError, match="no stored answer has the 2 tokens"):
         answer_metrics(base, even, [([1], [2])])
+
+
+def test_early_exit_agreement_counts_positions_where_layer_k_picks_the_greedy_token(shared_tiny):
+    backbone = shared_tiny.backbone
+    ids = ByteTokenizer().encode(TEXT)[:50]  # windows of 16, 16, 16 and 2 tokens
+    assert early_exit_agreement(backbone, ids, layer=4, seq_len=16) == 1.0  # the last layer is the model
+    with torch.no_grad():
+        hits = 0
+        for lo in range(0, 50, 16):
+            logits, _, early = backbone(torch.tensor([ids[lo : lo + 16]]), exit_layer=1)
+            hits += int((backbone.early_logits(early).argmax(-1) == logits.argmax(-1)).sum())
+    share = early_exit_agreement(backbone, ids, layer=1, seq_len=16, batch_size=3)
+    assert share == hits / 50 and share < 1.0  # measured on this random model: 0.66
+    with pytest.raises(EvalError, match=r"layer must be in \[1, 4\]"):
+        early_exit_agreement(backbone, ids, layer=5, seq_len=16)
+    with pytest.raises(EvalError, match=r"seq_len must be in \[1, 256\]"):
+        early_exit_agreement(backbone, ids, layer=1, seq_len=512)

@@ -71,6 +71,20 @@ def test_verified_greedy_equals_standard_with_untrained_module(engine):
     assert rejected > 0.5  # an untrained module is mostly wrong: the rollback path is exercised
 
 
+def test_greedy_decoding_of_a_shared_backbone_follows_its_uncached_argmax(shared_tiny):
+    """4 logical layers over 2 shared blocks decode through the cache (a prompt batch, left-padded) as the
+    uncached forward's argmax, token by token."""
+    backbone = _peaked(shared_tiny).backbone
+    prompts = _prompts(3, seed=2)
+    gens = Engine(backbone, ByteTokenizer()).generate(prompts, max_new_tokens=12)
+    for prompt, gen in zip(prompts, gens, strict=True):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(len(gen.token_ids)):
+                seq.append(int(backbone(torch.tensor([seq]))[0][0, -1].argmax()))
+        assert gen.token_ids == seq[len(prompt) :] and len(gen.token_ids) > 0
+
+
 @pytest.mark.parametrize("draft_len", [1, 3])
 def test_verified_greedy_equals_standard_with_trained_module(trained, draft_len):
     accepted = drafted = 0

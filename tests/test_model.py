@@ -141,8 +141,8 @@ def test_tree_call_scores_each_branch_as_its_own_sequence():
     torch.testing.assert_close(after[0, 0], side[0, 14], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_row_invariant_attention_equals_one_token_calls_bit_for_bit(padded):
+@pytest.mark.parametrize(("padded", "shared"), [(False, False), (True, False), (True, True)])
+def test_row_invariant_attention_equals_one_token_calls_bit_for_bit(padded, shared):
     """With ``row_invariant`` attention and quantized products (whose rows do not depend on the call), a call
     over a chain, or a tree branch, gives each token exactly the hidden state a one-token call at its place
     gives: ``RowViews`` lays out each token's keys (prefix, padding mask, its own branch) as that call does.
@@ -152,7 +152,8 @@ def test_row_invariant_attention_equals_one_token_calls_bit_for_bit(padded):
     from recyclegpt.quant import quantize_linears
 
     torch.manual_seed(0)
-    model = Backbone(PRESETS["tiny"].model).eval()
+    cfg = PRESETS["tiny"].model
+    model = Backbone(cfg.replace(n_layers=4, n_unique_layers=2) if shared else cfg).eval()  # shared: 4 over 2
     quantize_linears(model, "int8")
     model.stack.row_invariant = True
     prompts = torch.randint(0, 256, (2, 7))
@@ -178,3 +179,84 @@ def test_row_invariant_attention_equals_one_token_calls_bit_for_bit(padded):
         _, root = model(new[:, :1], other)
         _, b = model(new[:, 2:3], other)
         assert torch.equal(branched[:, 0], root[:, 0]) and torch.equal(branched[:, 2], b[:, 0])
+
+
+def _unrolled(backbone: Backbone, tokens: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """Logits of an uncached forward that runs the backbone's blocks in ``order``, written out by hand."""
+    stack, T = backbone.stack, tokens.shape[1]
+    x = backbone.embed(tokens)
+    for i, b in enumerate(order):
+        x = stack.layers[b](x, stack.rope_cos[:T], stack.rope_sin[:T], None, i, None)
+    return backbone.head(backbone.norm(x))
+
+
+def test_unshared_backbone_is_unchanged():
+    """n_unique_layers=None and = n_layers build the same model, whose forward is the plain loop over its blocks
+    bit for bit (the forward as it was before parameter sharing)."""
+    from recyclegpt.config import PRESETS
+
+    cfg = PRESETS["tiny"].model
+    torch.manual_seed(0)
+    plain = Backbone(cfg).eval()
+    torch.manual_seed(0)
+    explicit = Backbone(cfg.replace(n_unique_layers=cfg.n_layers)).eval()
+    a, b = plain.state_dict(), explicit.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    tokens = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        ref = _unrolled(plain, tokens, [0, 1])
+        assert torch.equal(plain(tokens)[0], ref) and torch.equal(explicit(tokens)[0], ref)
+
+
+def test_shared_backbone_cycles_its_blocks_with_a_cache_slot_per_logical_layer(shared_tiny):
+    """4 logical layers over 2 blocks: the parameters of a 2-layer model, blocks run 0, 1, 0, 1, and every path
+    (cached decode, left padding, tree calls) agrees with the uncached forward."""
+    from recyclegpt.config import PRESETS
+    from recyclegpt.model import count_parameters
+
+    backbone: Backbone = shared_tiny.backbone
+    assert len(backbone.stack.layers) == 2 and backbone.stack.n_layers == 4
+    assert count_parameters(backbone) == count_parameters(Backbone(PRESETS["tiny"].model))
+    assert not any(k.startswith("stack.layers.2") for k in backbone.state_dict())
+    tokens = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        ref, _ = backbone(tokens)
+        torch.testing.assert_close(ref, _unrolled(backbone, tokens, [0, 1, 0, 1]), atol=1e-6, rtol=0)
+        cache = backbone.new_cache(2, 32)
+        assert len(cache.k) == 4  # each logical layer keeps its own keys and values
+        steps = [backbone(tokens[:, :16], cache)[0]]
+        steps += [backbone(tokens[:, t : t + 1], cache)[0] for t in range(16, 24)]
+        torch.testing.assert_close(torch.cat(steps, 1), ref, atol=1e-5, rtol=0)
+        # Left padding: row 0 is the last 20 tokens of its row behind 4 pads.
+        padded = backbone.new_cache(2, 32)
+        padded.set_padding([4, 0])
+        logits, _ = backbone(torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), tokens[:1, 4:]], 1),
+                                        tokens[1:]]), padded)
+        torch.testing.assert_close(logits[0, 4:], backbone(tokens[:1, 4:])[0][0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits[1], ref[1], atol=1e-5, rtol=0)
+        # A tree [root, a, b] with b a sibling of a scores b as the chain [root, b].
+        tree_cache = backbone.new_cache(2, 32)
+        backbone(tokens[:, :16], tree_cache)
+        logits, _ = backbone(tokens[:, 16:19], tree_cache, tree=Tree.from_parents([-1, 0, 0]))
+        chain, _ = backbone(torch.cat([tokens[:, :17], tokens[:, 18:19]], 1))
+        torch.testing.assert_close(logits[:, 2], chain[:, 17], atol=1e-5, rtol=0)
+
+
+def test_early_exit_reads_the_hidden_state_after_k_logical_layers(shared_tiny):
+    backbone: Backbone = shared_tiny.backbone
+    tokens = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        logits, hidden = backbone(tokens)
+        full, full_hidden, last = backbone(tokens, exit_layer=4)
+        assert torch.equal(full, logits) and torch.equal(full_hidden, hidden)
+        assert torch.equal(backbone.early_logits(last), logits)  # k = n_layers: the model's own prediction
+        _, _, early = backbone(tokens, exit_layer=3)
+        torch.testing.assert_close(backbone.early_logits(early), _unrolled(backbone, tokens, [0, 1, 0]),
+                                   atol=1e-6, rtol=0)
+        # The early state of a cached call is the uncached one.
+        cache = backbone.new_cache(2, 16)
+        backbone(tokens[:, :8], cache)
+        *_, step = backbone(tokens[:, 8:], cache, exit_layer=3)
+        torch.testing.assert_close(step, early[:, 8:], atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match=r"exit_layer must be in \[1, 4\] \(the logical layers\), got 5"):
+            backbone(tokens, exit_layer=5)

@@ -5,7 +5,7 @@ import torch
 
 from recyclegpt.config import PRESETS, RecycleConfig
 from recyclegpt.loss import attach_loss, joint_loss
-from recyclegpt.recycle import RecycleGPT
+from recyclegpt.recycle import RecycleGPT, preset_summary
 
 
 def test_module_shares_the_backbone_head_and_embedding(tiny):
@@ -54,6 +54,33 @@ def test_zero_recycle_weight_is_a_plain_lm_loss(tiny):
     main, rec = tiny(tokens)
     loss, m = joint_loss(main, rec, tokens, recycle_weight=0.0)
     assert "recycle_loss" not in m and loss.item() == pytest.approx(m["main_loss"])
+
+
+def test_early_exit_term_scores_the_next_token_from_layer_k(shared_tiny):
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        main, rec, early = shared_tiny(tokens, exit_layer=2)
+        _, _, hidden = shared_tiny.backbone(tokens, exit_layer=2)
+        assert torch.equal(early, shared_tiny.backbone.early_logits(hidden))
+        loss, m = joint_loss(main, rec, tokens, 1.0, early, early_weight=0.5)
+        _, plain = joint_loss(main, rec, tokens, 1.0)
+    assert "early_ce" not in plain and 4 < m["early_ce"] < 7  # a random model: about log(256) = 5.5
+    assert loss.item() == pytest.approx(plain["loss"] + 0.5 * m["early_ce"], rel=1e-6)
+    # Position t is scored against x_{t+1}, as the main head is.
+    peaked = torch.full((1, 4, 9), -30.0)
+    seq = torch.tensor([[1, 2, 3, 4]])
+    peaked[0, torch.arange(3), seq[0, 1:]] = 30.0
+    _, m = joint_loss(peaked, peaked[:, 1:], seq, 0.0, peaked, early_weight=1.0)
+    assert m["early_ce"] < 1e-6 and m["early_acc"] == 1.0
+    with pytest.raises(ValueError, match="early_weight > 0 needs early_logits"):
+        joint_loss(main, rec, tokens, 1.0, early_weight=0.5)
+
+
+def test_shared_preset_has_small_parameters_at_twice_the_depth():
+    small, shared = preset_summary("small"), preset_summary("small-shared-2x")
+    assert shared["backbone"] == small["backbone"] and shared["module"] == small["module"]
+    assert (shared["logical_layers"], shared["unique_layers"]) == (12, 6)
+    assert (small["logical_layers"], small["unique_layers"]) == (6, 6)
 
 
 def test_attach_loss_matches_teacher_at_the_next_step():
