@@ -1,9 +1,10 @@
-"""Decode-speed benchmark: RecycleGPT's strategies against transformers' ``generate`` on the same weights.
+"""Decode-speed benchmark: RecycleGPT's strategies against transformers and llama.cpp on the same base.
 
 Rows: ``standard`` (the reference of every ratio), ``alternating``, ``verified`` (one row per draft
-length), ``adaptive`` (one row per threshold), and the baselines users would run instead: transformers'
-greedy ``generate`` and its prompt-lookup decoding (``prompt_lookup_num_tokens=10``), fed the same
-token ids.
+length), ``adaptive`` (one row per threshold), ``lookup``, and the baselines users would run instead, fed
+the same token ids: transformers' greedy ``generate`` and its prompt-lookup decoding
+(``prompt_lookup_num_tokens=10``) on the same weights, and llama.cpp's greedy decoding of the base's GGUF
+file in its Q4_0 and Q8_0 formats (``llama-cpp-q4_0``, ``llama-cpp-q8_0``; needs llama-cpp-python).
 
 Timing rules: each row first runs once on the first prompt (priming: weights paged in, lazy allocations
 made), then one warm-up pass (every row on every prompt); neither is timed. Then, for each repetition,
@@ -27,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,13 +37,16 @@ import torch
 from tqdm import tqdm
 
 from recyclegpt.bases.hf import HFBackbone
+from recyclegpt.bases.llamacpp import FORMATS, LlamaCpp, available, quantized_gguf
 from recyclegpt.data import prompt_ids
 from recyclegpt.generate import DecodeStats, Engine
 from recyclegpt.strategies import LOOKUP_DRAFT_LEN, make_strategy
 
 HF_ROWS = ("hf-generate", "hf-prompt-lookup")
+LLAMA_ROWS = tuple(f"llama-cpp-{fmt}" for fmt in FORMATS)
+BASELINE_ROWS = (*HF_ROWS, *LLAMA_ROWS)  # other tools' decoding: no engine counters
 MODULE_KINDS = ("alternating", "verified", "adaptive")
-ROW_KINDS = ("standard", *MODULE_KINDS, "lookup", *HF_ROWS)
+ROW_KINDS = ("standard", *MODULE_KINDS, "lookup", *BASELINE_ROWS)
 ROW_ORDER = ("rotated: timed pass k = repetition * prompts + prompt index runs the rows in list order "
              "starting at row k mod rows")
 SAMPLE_DIGITS = {"position": 0, "seconds": 6, "new_tokens": 0, "tokens_per_s": 3, "ratio_to_standard": 4}
@@ -58,7 +63,7 @@ class Row:
     Attributes:
         name: label in the table (e.g. ``verified-k2``, ``verified-k2w4``, ``adaptive-0.5``).
         kind: one of ``ROW_KINDS``.
-        run: token-id prompt -> (new token ids, ``DecodeStats`` or None for transformers rows).
+        run: token-id prompt -> (new token ids, ``DecodeStats`` or None for other tools' rows).
         draft_len / draft_width / threshold: the strategy's setting, where it has one.
         module: label of a compared module (``--compare-module``); empty for the main one.
     """
@@ -138,14 +143,29 @@ def hf_rows(hf_model: torch.nn.Module, kinds: Sequence[str], max_new_tokens: int
     return rows
 
 
+def llama_rows(model: str, kinds: Sequence[str], max_new_tokens: int, eos_ids: set[int],
+               models: ExitStack) -> list[Row]:
+    """llama.cpp baselines: greedy decoding of the base's GGUF file in llama.cpp's Q4_0 / Q8_0 formats (made with
+    llama.cpp's quantizer, ``bases.llamacpp``), on torch's thread count, fed the same token ids. The models are
+    closed when ``models`` closes."""
+    rows = []
+    for kind in (k for k in LLAMA_ROWS if k in kinds):
+        path = quantized_gguf(model, kind.removeprefix("llama-cpp-"), torch.get_num_threads())
+        llm = models.enter_context(LlamaCpp(path, threads=torch.get_num_threads()))
+        rows.append(Row(kind, kind, lambda ids, llm=llm: (llm.generate(ids, max_new_tokens, eos_ids), None)))
+    return rows
+
+
 def plan_kinds(requested: Sequence[str] | None, has_module: bool) -> list[str]:
-    """The row kinds to run, ``standard`` first; None means every kind the model allows.
+    """The row kinds to run, ``standard`` first; None means every kind the model allows (the llama.cpp rows
+    where llama-cpp-python is installed).
 
     Raises:
         BenchError: an unknown kind, or a module strategy without a module.
     """
     if requested is None:
-        requested = ROW_KINDS if has_module else [k for k in ROW_KINDS if k not in MODULE_KINDS]
+        requested = [k for k in ROW_KINDS if (has_module or k not in MODULE_KINDS)
+                     and (available() or k not in LLAMA_ROWS)]
     unknown = sorted(set(requested) - set(ROW_KINDS))
     if unknown:
         raise BenchError(f"unknown row kind(s) {unknown}; known: {', '.join(ROW_KINDS)}")
@@ -194,7 +214,9 @@ def benchmark(
         hf_model = hf_model_for(base).to(next(engine.backbone.parameters()).dtype)  # same precision
         rows += hf_rows(hf_model, kinds, max_new_tokens, engine.tokenizer.eos_token_ids, engine.tokenizer.pad_token_id)
     ids = [prompt_ids(engine.tokenizer, p, base.chat) for p in prompts]
-    return run_bench(rows, ids, repeats, progress=progress)
+    with ExitStack() as models:
+        rows += llama_rows(base.name, kinds, max_new_tokens, engine.tokenizer.eos_token_ids, models)
+        return run_bench(rows, ids, repeats, progress=progress)
 
 
 def hf_model_for(base) -> torch.nn.Module:
@@ -319,7 +341,7 @@ def run_bench(rows: Sequence[Row], prompts: Sequence[list[int]], repeats: int = 
     table = []
     for row in rows:
         s, runs = stats[row.name], samples[row.name]
-        engine_row = row.kind not in HF_ROWS
+        engine_row = row.kind not in BASELINE_ROWS
         table.append({
             "name": row.name,
             "kind": row.kind,
@@ -418,7 +440,7 @@ def plot(result: dict, path: str | Path) -> None:
             series = kind + (f" width {width}" if width and width > 1 else "") + (f"@{module}" if module else "")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=series)
         for i, other in enumerate(rows):
-            if other["kind"] in ("alternating", "lookup", *HF_ROWS):
+            if other["kind"] in ("alternating", "lookup", *BASELINE_ROWS):
                 ax.axhline(other["ratio_to_standard"], ls="--", lw=0.8, color=f"C{i}", label=other["name"])
         ax.axhline(1.0, color="gray", lw=0.8, label="standard")
         ax.set_xticks(sorted({r[key] for r in rows if r["kind"] == kind}))
@@ -427,6 +449,7 @@ def plot(result: dict, path: str | Path) -> None:
         ax.legend(fontsize=8)
     setting = [f"{k}: {result[k]}" for k in ("model", "dtype") if k in result]
     setting += [word for k, word in (("compile", "compiled"), ("prepack", "prepacked")) if result.get(k)]
+    setting += [f"quant: {result['quant']}"] if result.get("quant", "none") != "none" else []
     setting += [f"{k}: {result[k]}" for k in ("prompts", "repeats", "threads")]
     fig.suptitle(", ".join(setting))
     fig.savefig(path, dpi=120)

@@ -157,8 +157,8 @@ OPTIONS: dict[str, dict] = {
     "repeats": dict(type=int, default=3, help="timed passes after the warm-up pass, each running every row on "
                     "every prompt, the row order rotated by one per prompt (default 3)"),
     "strategies": dict(nargs="+", metavar="ROW", help="rows to run, among: standard alternating verified adaptive "
-                       "lookup hf-generate hf-prompt-lookup (default: all; the module ones need --module); "
-                       "standard always runs"),
+                       "lookup hf-generate hf-prompt-lookup llama-cpp-q4_0 llama-cpp-q8_0 (default: all; the module "
+                       "ones need --module, the llama-cpp ones llama-cpp-python); standard always runs"),
     "draft-lens": dict(type=int, nargs="+", default=[1], help="verified: draft lengths (default 1)"),
     "draft-widths": dict(type=int, nargs="+", default=[1], help="verified: draft widths, one row per length and "
                          "width (default 1; see --draft-width of generate)"),

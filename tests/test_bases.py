@@ -13,6 +13,7 @@ import torch
 from recyclegpt import load
 from recyclegpt.bases import BaseError, load_base
 from recyclegpt.bases.convert import UnsupportedArchitecture
+from recyclegpt.bases.llamacpp import available as llama_cpp_available
 from recyclegpt.checkpoint import load_module_file
 from recyclegpt.cli import main
 from recyclegpt.config import RecycleConfig
@@ -628,3 +629,33 @@ def test_quant_options_are_refused_clearly():
                             ({"quant": "int4", "compile": True}, "quant is for eager decoding")):
         with pytest.raises(BaseError, match=message):
             load("smollm2-135m", **kwargs)
+
+
+@pytest.mark.skipif(not llama_cpp_available(),
+                    reason="llama-cpp-python is not installed (pip install 'recyclegpt[llamacpp]'): no llama.cpp rows")
+def test_llama_cpp_q8_0_decodes_and_scores_like_the_float32_base(smol, tmp_path):
+    """llama.cpp's Q8_0 of the base's GGUF file, fed the same token ids: greedy tokens and log-probabilities close
+    to the engine's float32 base (both come from the same Q4_1 file), and a bench row beside ours."""
+    from recyclegpt.bases.llamacpp import LlamaCpp, quantized_gguf
+    from recyclegpt.data import prompt_ids
+    from recyclegpt.evaluate import score_tokens
+    from recyclegpt.generate import Engine
+
+    path = quantized_gguf("smollm2-135m", "q8_0", 2)
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1-to-Q8_0.gguf" and 100e6 < path.stat().st_size < 200e6
+    tok = smol.tokenizer
+    ids = prompt_ids(tok, "Why is the sky blue?", True)
+    ours = Engine(smol.backbone, tok).generate([ids], max_new_tokens=16)[0].token_ids
+    with LlamaCpp(path, threads=2, n_ctx=256, scores=True) as llm:
+        theirs = llm.generate(ids, 16, tok.eos_token_ids)
+        logprobs = llm.logprobs(ids + ours)
+    # Measured: the first 29 of 64 tokens agree (8-bit against dequantized 4-bit weights: near-ties may flip).
+    assert len(theirs) == 16 and theirs[:8] == ours[:8]
+    base_nll = score_tokens(smol.backbone, None, torch.tensor([ids + ours])).base_nll
+    assert -sum(logprobs) / len(logprobs) == pytest.approx(float(base_nll.mean()), rel=0.03)
+    (tmp_path / "p.txt").write_text("Why is the sky blue?\n")
+    assert main(["bench", "--prompts", str(tmp_path / "p.txt"), "--max-new-tokens", "8", "--repeats", "1",
+                 "--strategies", "standard", "llama-cpp-q8_0", "--json", str(tmp_path / "b.json")]) == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "b.json").read_text())["rows"]}
+    assert list(rows) == ["standard", "llama-cpp-q8_0"] and rows["llama-cpp-q8_0"]["new_tokens"] == 8
+    assert rows["llama-cpp-q8_0"]["tau"] is None and rows["llama-cpp-q8_0"]["identical_to_standard"]

@@ -139,8 +139,12 @@ def test_row_order_rotates_between_passes():
     assert by_name["b"]["new_tokens"] == 3 and by_name["b"]["samples"]["new_tokens"] == [3] * 4
 
 
-def test_plan_kinds():
+def test_plan_kinds(monkeypatch):
+    monkeypatch.setattr(bench, "available", lambda: False)  # llama-cpp-python absent: no llama.cpp rows by default
     assert plan_kinds(None, has_module=False) == ["standard", "lookup", *bench.HF_ROWS]  # no module needed
+    assert plan_kinds(None, has_module=True) == [k for k in bench.ROW_KINDS if k not in bench.LLAMA_ROWS]
+    assert plan_kinds(["llama-cpp-q4_0"], has_module=False) == ["standard", "llama-cpp-q4_0"]  # asked: planned
+    monkeypatch.setattr(bench, "available", lambda: True)
     assert plan_kinds(None, has_module=True) == list(bench.ROW_KINDS)
     assert plan_kinds(["hf-generate", "verified"], has_module=True) == ["standard", "verified", "hf-generate"]
     with pytest.raises(BenchError, match="need a recyclable module"):
@@ -186,3 +190,17 @@ def test_bench_cli_rejects_bad_prompt_files_before_loading_a_model(tmp_path, cap
         prompts.write_text(content)
     assert main(["bench", "--prompts", str(prompts), "--max-new-tokens", "4"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_llama_cpp_rows_without_llama_cpp_python_say_how_to_install_it(monkeypatch, tmp_path):
+    import sys
+
+    from recyclegpt.bases import BaseError
+    from recyclegpt.bases.llamacpp import quantized_gguf
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # importing it fails, as where it is not installed
+    monkeypatch.setenv("RECYCLEGPT_HOME", str(tmp_path))  # no cached file to fall back on
+    with pytest.raises(BaseError, match=r"llama-cpp-python, which is not installed: pip install 'recyclegpt\[llamacpp"):
+        quantized_gguf("smollm2-135m", "q4_0")
+    with pytest.raises(BaseError, match="unknown llama.cpp format 'q5_k'; choose one of q4_0, q8_0"):
+        quantized_gguf("smollm2-135m", "q5_k")
