@@ -76,6 +76,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.qkv_proj: nn.Module | None = None  # q, k and v as one product, once ``fuse_projections`` ran
 
     def forward(
         self,
@@ -87,9 +88,14 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            kv = self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv, kv], -1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -113,9 +119,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up as one product, once ``fuse_projections`` ran
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, -1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -298,6 +309,40 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Give every attention one product for q, k and v and every MLP one for gate and up, in place, for decoding:
+    3 + 2 products per block become 2, and on a CPU each product call carries a fixed cost (a quantized one most).
+    Each output row keeps its own weight row, so the results are those of the separate products up to how a
+    kernel blocks them. The separate layers are removed (their weights live on, concatenated): run it on a
+    model that is decoded, not trained or saved, before ``prepack_linears`` or ``quant.quantize_linears``.
+    Returns how many products were fused.
+    """
+    n = 0
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Attention) and m.qkv_proj is None:
+                m.qkv_proj = _concat([m.q_proj, m.k_proj, m.v_proj])
+                del m.q_proj, m.k_proj, m.v_proj
+                n += 1
+            elif isinstance(m, MLP) and m.gate_up_proj is None:
+                m.gate_up_proj = _concat([m.gate_proj, m.up_proj])
+                del m.gate_proj, m.up_proj
+                n += 1
+    return n
+
+
+def _concat(layers: list[nn.Linear]) -> nn.Linear:
+    """One ``nn.Linear`` computing ``layers`` side by side (their outputs concatenated)."""
+    w = layers[0].weight
+    bias = layers[0].bias is not None
+    fused = nn.Linear(w.shape[1], sum(lin.weight.shape[0] for lin in layers), bias=bias, device=w.device,
+                      dtype=w.dtype)
+    fused.weight.copy_(torch.cat([lin.weight for lin in layers]))
+    if bias:
+        fused.bias.copy_(torch.cat([lin.bias for lin in layers]))
+    return fused.requires_grad_(False)
 
 
 def prepack_linears(model: nn.Module) -> int:

@@ -260,3 +260,26 @@ def test_early_exit_reads_the_hidden_state_after_k_logical_layers(shared_tiny):
         torch.testing.assert_close(step, early[:, 8:], atol=1e-5, rtol=0)
         with pytest.raises(ValueError, match=r"exit_layer must be in \[1, 4\] \(the logical layers\), got 5"):
             backbone(tokens, exit_layer=5)
+
+
+def test_fused_projections_compute_what_the_separate_ones_do(tiny):
+    """q/k/v and gate/up as one product each: the same logits (float32, up to how the kernel blocks the wider
+    product), the separate layers gone, and a second call fuses nothing."""
+    import copy
+
+    from recyclegpt.model import fuse_projections
+
+    backbone = tiny.backbone
+    fused = copy.deepcopy(backbone)
+    assert fuse_projections(fused) == 2 * backbone.config.n_layers and fuse_projections(fused) == 0
+    attn, mlp = fused.stack.layers[0].self_attn, fused.stack.layers[0].mlp
+    assert not hasattr(attn, "q_proj") and not hasattr(mlp, "gate_proj") and attn.qkv_proj.out_features == 64 + 2 * 32
+    tokens = torch.randint(0, 256, (2, 12))
+    with torch.inference_mode():
+        want, _ = backbone(tokens)
+        got, _ = fused(tokens)
+        cache = fused.new_cache(2, 32)  # and with a cache: prompt, then one token at a time
+        fused(tokens[:, :8], cache)
+        steps = torch.cat([fused(tokens[:, i : i + 1], cache)[0] for i in range(8, 12)], 1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(steps, want[:, 8:], atol=1e-5, rtol=1e-5)

@@ -23,7 +23,7 @@ from recyclegpt.bases.registry import DEFAULT_BASE, DTYPES, QUANTS, REGISTRY, Ba
 from recyclegpt.bases.tokenizer import ByteTokenizer, HFTokenizer
 from recyclegpt.checkpoint import load_backbone, save_backbone
 from recyclegpt.hardware import prepack_by_default
-from recyclegpt.model import Backbone, prepack_linears
+from recyclegpt.model import Backbone, fuse_projections, prepack_linears
 from recyclegpt.quant import quantize_linears
 
 __all__ = [
@@ -251,9 +251,12 @@ def decoding_base(
 
 
 def _ready(part: torch.nn.Module, dtype: str, prepack: bool, quant: str = "none") -> None:
-    """Cast a backbone or module (already on its device) for decoding, then pack or quantize its products if
-    asked (that comes last)."""
+    """Cast a backbone or module (already on its device) for decoding, fuse a native backbone's q/k/v and
+    gate/up products (``model.fuse_projections``), then pack or quantize its products if asked (that comes
+    last)."""
     part.to(getattr(torch, dtype))
+    if isinstance(part, Backbone) and (prepack or quant != "none"):
+        fuse_projections(part)
     if prepack:
         prepack_linears(part)
     if quant != "none":
