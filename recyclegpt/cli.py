@@ -192,9 +192,11 @@ def cmd_data(args: argparse.Namespace) -> int:
                                   args.batch_size, args.val_fraction, base.chat, base.name)["tokens"])
 
 
-@command("train a RecycleGPT from scratch (joint loss)", f"preset=small recycle-weight {TRAIN} lr=6e-4")
+@command("train a RecycleGPT from scratch (joint loss)",
+         f"preset=small recycle-weight early-exit-weight early-exit-layer {TRAIN} lr=6e-4")
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train a RecycleGPT from scratch with the joint loss (lambda 0 = a plain GPT baseline)."""
+    """Train a RecycleGPT from scratch with the joint loss (lambda 0 = a plain GPT baseline), optionally with an
+    early-exit loss (SPEED)."""
     return train(args, "joint", preset=args.preset, recycle_weight=args.recycle_weight)
 
 
@@ -216,7 +218,8 @@ def train(args: argparse.Namespace, mode: str, **model) -> int:
         lr=args.lr, min_lr=args.lr * 0.1, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=1.0,
         ce_weight=getattr(args, "ce_weight", 0.0), feature_weight=getattr(args, "feature_weight", 0.0),
         bf16=args.dtype == "bfloat16", eval_every=args.eval_every, eval_batches=args.eval_batches,
-        ckpt_every=args.ckpt_every, seed=args.seed,
+        ckpt_every=args.ckpt_every, seed=args.seed, early_exit_weight=getattr(args, "early_exit_weight", 0.0),
+        early_exit_layer=getattr(args, "early_exit_layer", None),
     )
     return emit(run_training(cfg, args.data, args.out, getattr(args, "hidden_cache", None), args.resume,
                              module_layers=args.module_layers, device=args.device, **model))

@@ -109,6 +109,10 @@ OPTIONS: dict[str, dict] = {
     "preset": dict(choices=list(PRESETS), help="model shape (default %(default)s)"),
     "recycle-weight": dict(type=float, default=1.0,
                            help="lambda of the recycle loss (default 1; 0 trains a plain GPT baseline)"),
+    "early-exit-weight": dict(type=float, default=0.0,
+                              help="weight of a next-token loss read after --early-exit-layer logical layers through "
+                              "the model's own norm and head (SPEED's early-layer speculation; default 0: off)"),
+    "early-exit-layer": dict(type=int, help="the logical layer the early-exit loss reads (1 .. the model's depth)"),
     "module-layers": dict(type=int, help="module depth (default: the preset's; attach: 1, or the --init module's)"),
     "steps": dict(type=int, default=1000, help="optimiser steps (default 1000)"),
     "grad-accum": dict(type=int, default=1, help="micro-batches per step (default 1)"),

@@ -144,6 +144,18 @@ def test_early_exit_weight_trains_the_layer_k_prediction(data, tmp_path):
         Trainer(_model(), data, cfg.replace(early_exit_layer=3), tmp_path / "deep")
 
 
+def test_train_command_takes_the_early_exit_loss(data, tmp_path, capsys):
+    from recyclegpt.cli import main
+
+    run = ["train", "--preset", "tiny", "--module-layers", "1", "--data", str(data.dir), "--steps", "3",
+           "--batch-size", "4", "--seq-len", "64", "--eval-every", "3", "--ckpt-every", "3", "--threads", "1"]
+    assert main([*run, "--out", str(tmp_path / "e"), "--early-exit-weight", "0.5", "--early-exit-layer", "1"]) == 0
+    log = [json.loads(line) for line in (tmp_path / "e" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(r["early_ce"] > 0 for r in log)
+    assert main([*run, "--out", str(tmp_path / "x"), "--early-exit-weight", "0.5"]) == 2
+    assert "early_exit_weight > 0 needs early_exit_layer" in capsys.readouterr().err
+
+
 def test_checkpoints_from_before_new_config_fields_resume(data, tmp_path):
     """A checkpoint whose saved configs lack fields added since (here n_unique_layers and early_exit_*) resumes:
     missing fields take their defaults."""
