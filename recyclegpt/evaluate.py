@@ -209,6 +209,23 @@ def paired_summary(items: int, right_standard: int, right_alternating: int, righ
             "right_to_wrong": right_to_wrong, "wrong_to_right": wrong_to_right, "mcnemar_p": p}
 
 
+def _window_batches(token_ids: Sequence[int], seq_len: int, batch_size: int, device: torch.device | str,
+                   min_len: int = 1) -> list[torch.Tensor]:
+    """Text cut into disjoint windows of ``seq_len`` tokens (a last window shorter than ``min_len`` dropped),
+    as (B, T) tensors of at most ``batch_size`` windows of one length each (only the last window can be shorter).
+
+    Raises:
+        EvalError: fewer than ``min_len`` tokens.
+    """
+    windows = [list(token_ids[i : i + seq_len]) for i in range(0, len(token_ids), seq_len)]
+    windows = [w for w in windows if len(w) >= min_len]
+    if not windows:
+        raise EvalError(f"too little text: {len(token_ids)} tokens, at least {min_len} are needed")
+    return [torch.tensor([w for w in windows[lo : lo + batch_size] if len(w) == length], device=device)
+            for lo in range(0, len(windows), batch_size)
+            for length in sorted({len(w) for w in windows[lo : lo + batch_size]})]
+
+
 def text_metrics(
     backbone: torch.nn.Module, module: torch.nn.Module, token_ids: Sequence[int], seq_len: int = 512,
     batch_size: int = 2,
@@ -233,39 +250,34 @@ def text_metrics(
         raise EvalError(f"seq_len must be in [3, {limit}] (the model's context + 1), got {seq_len}")
     if batch_size < 1:
         raise EvalError(f"batch_size must be >= 1, got {batch_size}")
-    windows = [list(token_ids[i : i + seq_len]) for i in range(0, len(token_ids), seq_len)]
-    windows = [w for w in windows if len(w) >= 3]
-    if not windows:
-        raise EvalError(f"too little text: {len(token_ids)} tokens, at least 3 are needed")
     device = next(backbone.parameters()).device
+    batches = _window_batches(token_ids, seq_len, batch_size, device, min_len=3)
     keys = ("base", "alt", "alt_fallback", "n", "mod_base", "mod_mod", "n_mod", "n_covered", "agree", "mod_ok",
             "base_ok", "n_pair")
     sums = dict.fromkeys(keys, 0.0)
-    for lo in range(0, len(windows), batch_size):
-        batch = windows[lo : lo + batch_size]
-        for length in sorted({len(w) for w in batch}):  # only the last window can be shorter
-            tokens = torch.tensor([w for w in batch if len(w) == length], device=device)
-            s = score_tokens(backbone, module, tokens)
-            use_module = module_positions(length, device)[None].expand(len(tokens), -1)
-            mixed = mixed_scores(s, use_module)
-            use = mixed.from_module
-            sums["base"] += float(s.base_nll.sum())
-            sums["alt"] += float(mixed.nll.sum())
-            sums["alt_fallback"] += float(mixed.nll_base_fallback.sum())
-            sums["n"] += s.base_nll.numel()
-            sums["mod_base"] += float(s.base_nll[use].sum())
-            sums["mod_mod"] += float(mixed.nll[use].sum())
-            sums["n_mod"] += int(use.sum())
-            sums["n_covered"] += int(mixed.emittable.sum())
-            sums["agree"] += float((s.module_top == s.base_top[:, 1:]).sum())
-            sums["mod_ok"] += float((s.module_top == tokens[:, 2:]).sum())
-            sums["base_ok"] += float((s.base_top[:, 1:] == tokens[:, 2:]).sum())
-            sums["n_pair"] += s.module_top.numel()
+    for tokens in batches:
+        length = tokens.shape[1]
+        s = score_tokens(backbone, module, tokens)
+        use_module = module_positions(length, device)[None].expand(len(tokens), -1)
+        mixed = mixed_scores(s, use_module)
+        use = mixed.from_module
+        sums["base"] += float(s.base_nll.sum())
+        sums["alt"] += float(mixed.nll.sum())
+        sums["alt_fallback"] += float(mixed.nll_base_fallback.sum())
+        sums["n"] += s.base_nll.numel()
+        sums["mod_base"] += float(s.base_nll[use].sum())
+        sums["mod_mod"] += float(mixed.nll[use].sum())
+        sums["n_mod"] += int(use.sum())
+        sums["n_covered"] += int(mixed.emittable.sum())
+        sums["agree"] += float((s.module_top == s.base_top[:, 1:]).sum())
+        sums["mod_ok"] += float((s.module_top == tokens[:, 2:]).sum())
+        sums["base_ok"] += float((s.base_top[:, 1:] == tokens[:, 2:]).sum())
+        sums["n_pair"] += s.module_top.numel()
     ppl_base, ppl_alt = math.exp(sums["base"] / sums["n"]), math.exp(sums["alt"] / sums["n"])
     n_mod = max(sums["n_mod"], 1)
     return {
         "tokens": int(sums["n"]),
-        "windows": len(windows),
+        "windows": sum(len(t) for t in batches),
         "ppl_base": ppl_base,
         "ppl_alternating": ppl_alt,
         "ppl_relative_increase": ppl_alt / ppl_base - 1,
@@ -298,19 +310,12 @@ def early_exit_agreement(
         raise EvalError(f"layer must be in [1, {depth}] (the model's logical layers), got {layer}")
     if not 1 <= seq_len <= context or batch_size < 1:
         raise EvalError(f"seq_len must be in [1, {context}] and batch_size >= 1, got {seq_len} and {batch_size}")
-    windows = [list(token_ids[i : i + seq_len]) for i in range(0, len(token_ids), seq_len)]
-    if not windows:
-        raise EvalError("too little text: no tokens to score")
-    device = next(backbone.parameters()).device
     agree = positions = 0
     with torch.inference_mode():
-        for lo in range(0, len(windows), batch_size):
-            batch = windows[lo : lo + batch_size]
-            for length in sorted({len(w) for w in batch}):  # only the last window can be shorter
-                tokens = torch.tensor([w for w in batch if len(w) == length], device=device)
-                logits, _, early = backbone(tokens, exit_layer=layer)  # (B, T, V), _, (B, T, d)
-                agree += int((backbone.early_logits(early).argmax(-1) == logits.argmax(-1)).sum())
-                positions += tokens.numel()
+        for tokens in _window_batches(token_ids, seq_len, batch_size, next(backbone.parameters()).device):
+            logits, _, early = backbone(tokens, exit_layer=layer)  # (B, T, V), _, (B, T, d)
+            agree += int((backbone.early_logits(early).argmax(-1) == logits.argmax(-1)).sum())
+            positions += tokens.numel()
     return agree / positions
 
 
