@@ -39,14 +39,15 @@ from tqdm import tqdm
 from recyclegpt.bases.hf import HFBackbone
 from recyclegpt.bases.llamacpp import FORMATS, LlamaCpp, available, quantized_gguf
 from recyclegpt.data import prompt_ids
+from recyclegpt.drafters import default_exit_layer
 from recyclegpt.generate import DecodeStats, Engine
-from recyclegpt.strategies import LOOKUP_DRAFT_LEN, make_strategy
+from recyclegpt.strategies import LOOKUP_DRAFT_LEN, SPEED_WIDTH, make_strategy
 
 HF_ROWS = ("hf-generate", "hf-prompt-lookup")
 LLAMA_ROWS = tuple(f"llama-cpp-{fmt}" for fmt in FORMATS)
 BASELINE_ROWS = (*HF_ROWS, *LLAMA_ROWS)  # other tools' decoding: no engine counters
 MODULE_KINDS = ("alternating", "verified", "adaptive")
-ROW_KINDS = ("standard", *MODULE_KINDS, "lookup", *BASELINE_ROWS)
+ROW_KINDS = ("standard", *MODULE_KINDS, "lookup", "speed", *BASELINE_ROWS)
 ROW_ORDER = ("rotated: timed pass k = repetition * prompts + prompt index runs the rows in list order "
              "starting at row k mod rows")
 SAMPLE_DIGITS = {"position": 0, "seconds": 6, "new_tokens": 0, "tokens_per_s": 3, "ratio_to_standard": 4}
@@ -64,7 +65,8 @@ class Row:
         name: label in the table (e.g. ``verified-k2``, ``verified-k2w4``, ``adaptive-0.5``).
         kind: one of ``ROW_KINDS``.
         run: token-id prompt -> (new token ids, ``DecodeStats`` or None for other tools' rows).
-        draft_len / draft_width / threshold: the strategy's setting, where it has one.
+        draft_len / draft_width / threshold / exit_layer: the strategy's setting, where it has one (speed's
+            width is its draft_width).
         module: label of a compared module (``--compare-module``); empty for the main one.
     """
 
@@ -75,14 +77,17 @@ class Row:
     threshold: float | None = None
     module: str = ""
     draft_width: int | None = None
+    exit_layer: int | None = None
 
 
 def engine_rows(
     engine: Engine, kinds: Sequence[str], max_new_tokens: int, draft_lens: Sequence[int] = (1,),
-    thresholds: Sequence[float] = (0.5,), module: str = "", draft_widths: Sequence[int] = (1,),
+    thresholds: Sequence[float] = (0.5,), module: str = "", draft_widths: Sequence[int] | None = None,
+    exit_layer: int | None = None,
 ) -> list[Row]:
     """Rows decoded by RecycleGPT's engine; ``verified`` gives one row per (draft length, draft width),
-    ``adaptive`` one per threshold.
+    ``adaptive`` one per threshold, ``speed`` one per width (speculated tokens) at ``exit_layer``; widths None:
+    1 for verified, ``SPEED_WIDTH`` for speed.
 
     A non-empty ``module`` labels the rows of a compared module: their names end in ``@module``.
 
@@ -90,8 +95,8 @@ def engine_rows(
         ValueError: a draft length or width < 1 or a threshold outside [0, 1].
     """
 
-    def runner(name: str, draft_len: int = 1, threshold: float = 0.5, width: int = 1):
-        strategy = make_strategy(name, draft_len, threshold, width)  # validates the setting now, not mid-run
+    def runner(name: str, draft_len: int = 1, threshold: float = 0.5, width: int = 1, exit_layer: int | None = None):
+        strategy = make_strategy(name, draft_len, threshold, width, exit_layer=exit_layer)  # validated now
 
         def run(ids: list[int]) -> tuple[list[int], DecodeStats]:
             g = engine.generate([ids], strategy, max_new_tokens)[0]
@@ -105,7 +110,7 @@ def engine_rows(
         if kind == "verified":
             rows += [Row(f"verified-k{k}{f'w{w}' if w > 1 else ''}{at}", kind, runner(kind, draft_len=k, width=w),
                          draft_len=k, module=module, draft_width=w)
-                     for w in draft_widths for k in draft_lens]
+                     for w in draft_widths or (1,) for k in draft_lens]
         elif kind == "adaptive":
             rows += [Row(f"adaptive-{t:g}{at}", kind, runner(kind, threshold=t), threshold=t, module=module)
                      for t in thresholds]
@@ -114,6 +119,10 @@ def engine_rows(
         elif kind == "lookup":  # prompt lookup verified by the full model, as transformers' row drafts
             rows.append(Row(f"lookup{at}", kind, runner(kind, draft_len=LOOKUP_DRAFT_LEN),
                             draft_len=LOOKUP_DRAFT_LEN, module=module))
+        elif kind == "speed":
+            exit_at = default_exit_layer(engine.backbone.config) if exit_layer is None else exit_layer
+            rows += [Row(f"speed-e{exit_at}{f'w{w}' if w > 1 else ''}", kind, runner(kind, width=w, exit_layer=exit_at),
+                         draft_width=w, exit_layer=exit_at) for w in draft_widths or (SPEED_WIDTH,)]
     return rows
 
 
@@ -156,15 +165,15 @@ def llama_rows(model: str, kinds: Sequence[str], max_new_tokens: int, eos_ids: s
     return rows
 
 
-def plan_kinds(requested: Sequence[str] | None, has_module: bool) -> list[str]:
+def plan_kinds(requested: Sequence[str] | None, has_module: bool, shared: bool = False) -> list[str]:
     """The row kinds to run, ``standard`` first; None means every kind the model allows (the llama.cpp rows
-    where llama-cpp-python is installed).
+    where llama-cpp-python is installed, ``speed`` on a model whose blocks are ``shared`` across depth).
 
     Raises:
         BenchError: an unknown kind, or a module strategy without a module.
     """
     if requested is None:
-        requested = [k for k in ROW_KINDS if (has_module or k not in MODULE_KINDS)
+        requested = [k for k in ROW_KINDS if (has_module or k not in MODULE_KINDS) and (shared or k != "speed")
                      and (available() or k not in LLAMA_ROWS)]
     unknown = sorted(set(requested) - set(ROW_KINDS))
     if unknown:
@@ -177,9 +186,9 @@ def plan_kinds(requested: Sequence[str] | None, has_module: bool) -> list[str]:
 
 def benchmark(
     engine: Engine, base, prompts: Sequence[str], strategies: Sequence[str] | None = None, max_new_tokens: int = 128,
-    repeats: int = 3, draft_lens: Sequence[int] = (1,), draft_widths: Sequence[int] = (1,),
+    repeats: int = 3, draft_lens: Sequence[int] = (1,), draft_widths: Sequence[int] | None = None,
     thresholds: Sequence[float] = (0.5,), compare: dict[str, torch.nn.Module] | None = None,
-    progress: bool = False,
+    progress: bool = False, exit_layer: int | None = None,
 ) -> dict:
     """The whole benchmark of ``recyclegpt bench``: every requested row of ``engine`` (and of each compared
     module on the same backbone) and transformers' rows on the same weights, timed by ``run_bench``.
@@ -189,8 +198,8 @@ def benchmark(
         base: the ``bases.Base`` it was loaded from (the chat template, and the transformers model's source).
         prompts: prompt texts (the chat template is applied for a chat base).
         strategies: row kinds among ``ROW_KINDS`` (None: every kind the engine allows; see ``plan_kinds``).
-        max_new_tokens / repeats / progress: as ``run_bench``; draft_lens, draft_widths, thresholds: as
-            ``engine_rows``.
+        max_new_tokens / repeats / progress: as ``run_bench``; draft_lens, draft_widths, thresholds, exit_layer:
+            as ``engine_rows``.
         compare: further modules for the same base by file name: their module rows run in the same interleaved
             passes, named ``ROW@FILE_STEM`` (``PARENT/FILE_STEM`` where two stems clash).
 
@@ -200,8 +209,11 @@ def benchmark(
     Raises:
         BenchError: an unknown row kind, a module row without a module, or ``compare`` without one.
     """
-    kinds = plan_kinds(strategies, engine.module is not None)
-    rows = engine_rows(engine, kinds, max_new_tokens, draft_lens, thresholds, draft_widths=draft_widths)
+    cfg = engine.backbone.config
+    shared = bool(cfg.n_unique_layers and cfg.n_unique_layers < cfg.n_layers)
+    kinds = plan_kinds(strategies, engine.module is not None, shared)
+    rows = engine_rows(engine, kinds, max_new_tokens, draft_lens, thresholds, draft_widths=draft_widths,
+                       exit_layer=exit_layer)
     if compare and engine.module is None:
         raise BenchError("--compare-module needs --module too: it compares modules on one base")
     labels: list[str] = []
@@ -274,12 +286,13 @@ def run_bench(rows: Sequence[Row], prompts: Sequence[list[int]], repeats: int = 
         ``{"prompts", "repeats", "row_order", "threads", "memory", "rows": [...]}``; per row:
         ``tokens_per_s`` (the row's own new tokens / seconds), ``ms_per_token``, ``ratio_to_standard``,
         ``tau`` (RecycleGPT rows: tokens per full call) and ``acceptance_rate`` (verified rows: drafts
-        kept / drafted; null elsewhere), ``peak_rss_mb``, ``rss_increase_mb``, ``new_tokens`` (mean per
-        timed run), ``identical_prompts`` (prompts whose output token ids equal ``standard``'s, compared
-        on the warm-up pass: greedy decoding is deterministic), ``identical_to_standard`` (all of them),
-        ``spread`` (``{"tokens_per_s", "ratio_to_standard"}``, each ``{"min", "median", "max"}`` over
-        the timed runs) and ``samples`` (lists with one entry per timed run, in pass order, repetition
-        then prompt: ``position`` in the pass, ``seconds``, ``new_tokens``, ``tokens_per_s``,
+        kept / drafted; null elsewhere), ``catch_up_rate`` (speed rows: calls over the first layers alone, at the
+        start and after each wrong speculation, per full call; null elsewhere), ``peak_rss_mb``,
+        ``rss_increase_mb``, ``new_tokens`` (mean per timed run), ``identical_prompts`` (prompts whose output
+        token ids equal ``standard``'s, compared on the warm-up pass: greedy decoding is deterministic),
+        ``identical_to_standard`` (all of them), ``spread`` (``{"tokens_per_s", "ratio_to_standard"}``, each ``{"min",
+        "median", "max"}`` over the timed runs) and ``samples`` (lists with one entry per timed run, in pass order,
+        repetition then prompt: ``position`` in the pass, ``seconds``, ``new_tokens``, ``tokens_per_s``,
         ``ratio_to_standard``; rounded).
     """
     if not prompts:
@@ -347,6 +360,7 @@ def run_bench(rows: Sequence[Row], prompts: Sequence[list[int]], repeats: int = 
             "kind": row.kind,
             "draft_len": row.draft_len,
             "draft_width": row.draft_width,
+            "exit_layer": row.exit_layer,
             "threshold": row.threshold,
             "module": row.module,
             "tokens_per_s": statistics.median(runs["tokens_per_s"]),
@@ -354,6 +368,8 @@ def run_bench(rows: Sequence[Row], prompts: Sequence[list[int]], repeats: int = 
             "ratio_to_standard": statistics.median(runs["ratio_to_standard"]),
             "tau": s.new_tokens / s.full_calls if engine_row and s.full_calls else None,
             "acceptance_rate": s.accepted / s.drafted if row.kind == "verified" and s.drafted else None,
+            # speed: calls over the first layers alone (at the start, and after each wrong speculation) per full call
+            "catch_up_rate": s.module_calls / s.full_calls if row.kind == "speed" and s.full_calls else None,
             "peak_rss_mb": peak[row.name] / 2**20,
             "rss_increase_mb": rise[row.name] / 2**20,
             "new_tokens": statistics.mean(runs["new_tokens"]),
@@ -387,6 +403,7 @@ def _add(total: DecodeStats, st: DecodeStats) -> None:
     """Add one single-prompt run's counters to a running total."""
     total.new_tokens += st.new_tokens
     total.full_calls += st.full_calls
+    total.module_calls += st.module_calls
     total.drafted += st.drafted
     total.accepted += st.accepted
 

@@ -196,6 +196,13 @@ class KVCache:
         self.v[layer].index_copy_(2, slots, v)
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def read(self, n_layers: int, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of the keys and values of the first ``n_layers`` layers at one slot per row (slots (batch,)):
+        per layer, (keys, values), each (batch, kv_heads, 1, head_dim)."""
+        k0 = self.k[0]
+        idx = slots.view(-1, 1, 1, 1).expand(k0.shape[0], k0.shape[1], 1, k0.shape[3])
+        return [(self.k[i].gather(2, idx), self.v[i].gather(2, idx)) for i in range(n_layers)]
+
     def advance(self, n_new: int) -> None:
         """Count ``n_new`` written slots as part of the sequence."""
         self.length += n_new

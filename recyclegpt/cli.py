@@ -50,7 +50,8 @@ def decoding(args: argparse.Namespace) -> dict:
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty, seed=args.seed)
     return dict(strategy=args.strategy, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                draft_len=args.draft_len, threshold=args.threshold, draft_width=args.draft_width)
+                draft_len=args.draft_len, threshold=args.threshold, draft_width=args.draft_width,
+                exit_layer=args.early_exit_layer)
 
 
 def stream(engine, prompt: str, kw: dict) -> str:
@@ -274,7 +275,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     setup_cpu(args.threads)
     engine, _ = load_from(args)
-    if make_strategy(args.strategy, args.draft_len, args.threshold, args.draft_width).uses_module \
+    if make_strategy(args.strategy, args.draft_len, args.threshold, args.draft_width,
+                     exit_layer=args.early_exit_layer).uses_module \
             and engine.module is None:
         raise ValueError(f"strategy {args.strategy!r} needs a recyclable module; pass --module PATH")
     kw, limit = decoding(args), engine.backbone.config.max_seq_len
@@ -314,7 +316,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine, args.served_model_name or base.name, default_strategy=args.strategy,
         api_key=args.api_key or os.environ.get("RECYCLEGPT_API_KEY"),
         chat=base.chat or bool(base.tokenizer.chat_template), draft_len=args.draft_len, threshold=args.threshold,
-        draft_width=args.draft_width, max_batch=args.max_batch, max_waiting=args.max_waiting,
+        draft_width=args.draft_width, exit_layer=args.early_exit_layer, max_batch=args.max_batch,
+        max_waiting=args.max_waiting,
     )
     uvicorn.run(app, host=args.host, port=args.port)
     return 0
@@ -329,7 +332,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 @command("perplexity (base / alternating), module agreement, tau: one JSON object", f"{SCORE} text prompts answers "
-         "compare-module max-tokens seq-len=512 batch-size=2 max-new-tokens draft-len=1 draft-width json",
+         "compare-module max-tokens seq-len=512 batch-size=2 max-new-tokens draft-len=1 draft-width=1 json",
          text=dict(nargs=None, metavar="FILE"))
 def cmd_eval(args: argparse.Namespace) -> int:
     """Perplexity of the base and under the alternating scheme and module agreement on --text, agreement and
@@ -350,7 +353,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 @command("decode speed of every strategy against transformers on the same weights", f"{MODEL} compile dtype "
          "prepack quant prompts! max-new-tokens repeats compare-module strategies draft-lens draft-widths "
-         "thresholds json plot")
+         "thresholds early-exit-layer json plot")
 def cmd_bench(args: argparse.Namespace) -> int:
     """Decode speed of every strategy and of transformers' generate (greedy, prompt lookup) on the same
     weights and prompts: a table, then one JSON line (see recyclegpt/bench.py for the timing rules). Rows
@@ -364,7 +367,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     engine, base = load_from(args)
     result = bench.benchmark(engine, base, prompts, args.strategies, args.max_new_tokens, args.repeats,
                              args.draft_lens, args.draft_widths, args.thresholds, compared(args, base),
-                             progress=True)
+                             progress=True, exit_layer=args.early_exit_layer)
     result = measured(args, base, compare_modules=args.compare_modules or [], max_new_tokens=args.max_new_tokens,
                       compile=args.compile, **result)
     print(bench.format_table(result))

@@ -6,20 +6,17 @@ the strategy (``strategies.py``) decides how many drafts to ask for and which to
 
     k = strategy.draft_len(drafter.first_logits())
     proposal = drafter.propose(k, sampler, seen, width, keep_probs)     # (B, k') drafts, k' <= k
-    ... full call over [pending, drafts, side drafts]; strategy.accept(...) keeps n drafts + 1 token ...
+    fed, logits, hidden = drafter.full_call(backbone, cache, pending, proposal, ...)  # [pending, drafts]
+    ... strategy.accept(...) keeps n drafts + 1 token ...
     drafter.commit(new, hidden_of_new, counts, emitted)                 # ingest each row's n + 1 real tokens
 
 Between cycles rows may leave (``select``) and join (``extend``: the rows of a drafter started on new
 prompts), as the server's batching needs.
 
 Implementations: ``ModuleDrafter`` (the recyclable module, chaining on its own state, with its copy
-gate), ``PromptLookupDrafter`` (n-gram lookup in the context, no model) and ``NoDrafter`` (plain
-decoding). An early-exit drafter (SPEED, issue #35) plugs in the same way: it holds the backbone and a
-draft head, keeps a cache of its own for the first L layers (``start`` fills it from the prompt,
-``propose`` runs L layers and the head k times, ``commit`` rolls it back to the accepted length as
-``ModuleDrafter`` does, and ``caches`` hands it to the loop, which grows and compacts it with the
-backbone's); should it need more of the full call than the final hidden states of the kept tokens,
-the backbone hands them out beside ``hidden`` and ``commit`` takes them. Pass its factory as a
+gate), ``PromptLookupDrafter`` (n-gram lookup in the context, no model), ``NoDrafter`` (plain decoding) and
+``EarlyExitDrafter`` (SPEED's speculation from an early layer, which runs the full call itself, the backbone
+split by layer: ``Backbone.wavefront``). Another drafter plugs in the same way: pass its factory as a
 strategy's drafter (``Verified(draft_len, drafter=factory)``, see ``make_drafter``); the loop does not change.
 """
 
@@ -119,6 +116,22 @@ class Drafter:
         """
         raise NotImplementedError
 
+    def full_call(self, backbone: torch.nn.Module, cache, pending: torch.Tensor, proposal: Proposal, tree,
+                  checks_drafts: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The cycle's full call: feed [pending, drafts, side drafts] (laid out as ``tree`` when side drafts
+        go along) to the backbone, its cache advancing over them. A drafter that runs part of that call itself
+        (``EarlyExitDrafter``) overrides it.
+
+        Returns:
+            fed (B, T) the tokens fed; logits (B, T or 1, V): at every position when the strategy checks
+            drafts (``checks_drafts``), else at the last; hidden (B, T, d).
+        """
+        side = [] if proposal.side is None else [proposal.side]
+        fed = torch.cat([pending[:, None], proposal.tokens, *side], 1)
+        layout = {"tree": tree} if side else {}
+        logits, hidden = backbone(fed, cache, logits_last=fed.shape[1] if checks_drafts else 1, **layout)
+        return fed, logits, hidden
+
     def select(self, rows: Sequence[int]) -> None:
         """Keep only these rows, in this order."""
         raise NotImplementedError
@@ -139,8 +152,7 @@ class NoDrafter(Drafter):
         pass
 
     def propose(self, k, sampler, seen, width=1, keep_probs=False) -> Proposal:
-        empty = seen.new_zeros(seen.shape[0], 0, dtype=torch.long)
-        return Proposal(empty, _no_probs(empty))
+        return _nothing(seen)
 
     def commit(self, tokens, hidden, counts, emitted) -> None:
         pass
@@ -318,6 +330,91 @@ class PromptLookupDrafter(Drafter):
         return out
 
 
+class EarlyExitDrafter(Drafter):
+    """SPEED's speculation (arXiv 2310.12072): the token after the pending one, guessed from the pending token's
+    state after its first ``exit_layer`` layers, starts those layers while the pending token finishes its own.
+
+    It drafts nothing the loop checks: every cycle emits exactly the full model's token after the pending one
+    (greedy or sampled, the output is the model's own). What speculation buys is that token's first layers:
+    the cycle's full call (``full_call``, ``model.Backbone.wavefront``) runs the pending token through layers
+    exit_layer .. L - 1 and the ``width`` most likely tokens of its early logits through layers 0 .. exit_layer
+    - 1, tick by tick, and on a model whose blocks are shared (``ModelConfig.n_unique_layers``, ``exit_layer``
+    a multiple of the unique blocks) both go through each block in one product, its weights read once. If the
+    full model's token is among the candidates, its early state, keys and values are kept and its own early
+    logits give the next candidates; if not (a miss), or for rows that just joined, the next call first runs
+    the new pending token's first layers alone (``model.Backbone.head_start``), counted in ``calls``.
+
+    Args:
+        backbone: the native backbone (a wrapped transformers model cannot split a call by layer).
+        exit_layer: the logical layer speculation reads (1 .. L - 1); None: the number of unique blocks on a
+            parameter-shared model (the pipeline's two halves then run the same blocks), else L // 2.
+        width: candidates speculated per cycle (>= 1).
+
+    Raises:
+        ValueError: a backbone that cannot split a call by layer, an exit layer or width out of range.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, exit_layer: int | None = None, width: int = 1) -> None:
+        if not hasattr(backbone, "wavefront"):
+            raise ValueError(f"strategy 'speed' splits the full call by layer, which {type(backbone).__name__} "
+                             "cannot; use --backend native (Llama-family models and `recyclegpt train` runs)")
+        self.exit_layer = default_exit_layer(backbone.config) if exit_layer is None else exit_layer
+        L = backbone.config.n_layers
+        if not 1 <= self.exit_layer < L:
+            raise ValueError(f"early exit layer must be in [1, {L - 1}] for this model of {L} logical layers, "
+                             f"got {self.exit_layer}")
+        if width < 1:
+            raise ValueError(f"speculation width must be >= 1, got {width}")
+        self.width = width
+        self.late = None  # (B, 1, d) the pending token's residual after exit_layer layers; None: not run yet
+        self.calls = 0
+
+    def start(self, prompts, tokens, hidden, first, room) -> None:
+        self.late = None
+
+    def propose(self, k, sampler, seen, width=1, keep_probs=False) -> Proposal:
+        return _nothing(seen)
+
+    def full_call(self, backbone, cache, pending, proposal, tree, checks_drafts):
+        if self.late is None:  # the pending token's first layers, then its candidates from their exit
+            self.late, self.stash = backbone.head_start(pending[:, None], cache, self.exit_layer)
+            self.candidates = backbone.early_logits(self.late[:, 0]).topk(self.width, -1).indices
+            self.calls += 1
+        self._cache, self._start = cache, cache.length
+        logits, hidden, self._early = backbone.wavefront(self.late, self.stash, self.candidates, cache,
+                                                         self.exit_layer)
+        self._early_logits = logits[:, 1:]
+        return torch.cat([pending[:, None], self.candidates], 1), logits[:, :1], hidden[:, :1]
+
+    def commit(self, tokens, hidden, counts, emitted) -> None:
+        hit = self.candidates == tokens[:, :1]  # (B, w): the full model's token among the candidates
+        if not bool(hit.any(-1).all()):
+            self.late = None
+            return
+        i = hit.int().argmax(-1)
+        rows = torch.arange(i.shape[0], device=i.device)
+        self.late = self._early[rows, i][:, None]
+        self.stash = self._cache.read(self.exit_layer, self._start + 1 + i)  # its keys and values, in layers < exit
+        self.candidates = self._early_logits[rows, i].topk(self.width, -1).indices
+
+    def select(self, rows) -> None:
+        if self.late is not None:
+            idx = torch.tensor(list(rows), dtype=torch.long, device=self.late.device)
+            self.late, self.candidates = self.late[idx], self.candidates[idx]
+            self.stash = [(k[idx], v[idx]) for k, v in self.stash]
+
+    def extend(self, other: EarlyExitDrafter) -> None:
+        self.late = None  # the newcomers' first layers have not run: every row starts again (one catch-up call)
+        self.calls += other.calls
+
+
+def default_exit_layer(cfg) -> int:
+    """The early exit SPEED reads by default: after the unique blocks of a parameter-shared model (both halves
+    of the pipeline then run the same blocks), else half the depth."""
+    unique = cfg.n_unique_layers
+    return unique if unique and unique < cfg.n_layers else max(cfg.n_layers // 2, 1)
+
+
 DRAFTERS = ("module", "lookup")
 
 
@@ -345,6 +442,12 @@ def make_drafter(kind: str | Callable[[torch.nn.Module, torch.nn.Module | None],
     if kind == "lookup":
         return PromptLookupDrafter()
     raise ValueError(f"unknown drafter {kind!r}; known drafters: {', '.join(DRAFTERS)}")
+
+
+def _nothing(seen: torch.Tensor) -> Proposal:
+    """A proposal of no drafts for each of ``seen``'s (B, V) rows."""
+    empty = seen.new_zeros(seen.shape[0], 0, dtype=torch.long)
+    return Proposal(empty, _no_probs(empty))
 
 
 def _no_probs(tokens: torch.Tensor) -> torch.Tensor:

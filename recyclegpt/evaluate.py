@@ -294,10 +294,13 @@ def text_metrics(
 
 def early_exit_agreement(
     backbone: torch.nn.Module, token_ids: Sequence[int], layer: int, seq_len: int = 512, batch_size: int = 2,
+    top: int = 1,
 ) -> float:
-    """Share of positions where the next-token prediction after the first ``layer`` logical layers
-    (``Backbone.early_logits``) has the same argmax as the whole model's greedy token, over disjoint windows
-    of ``seq_len`` tokens of text (each scored on its own, every position counted).
+    """Share of positions where the whole model's greedy token is the argmax (with ``top`` k: among the k most
+    likely tokens) of the next-token prediction after the first ``layer`` logical layers
+    (``Backbone.early_logits``), over disjoint windows of ``seq_len`` tokens of text (each scored on its own,
+    every position counted). With ``top`` = W it is how often ``--strategy speed`` at width W would keep its
+    speculation on that text.
 
     Raises:
         EvalError: a backbone without early exit (wrapped transformers models), a layer outside
@@ -308,13 +311,15 @@ def early_exit_agreement(
     depth, context = backbone.config.n_layers, backbone.config.max_seq_len
     if not 1 <= layer <= depth:
         raise EvalError(f"layer must be in [1, {depth}] (the model's logical layers), got {layer}")
-    if not 1 <= seq_len <= context or batch_size < 1:
-        raise EvalError(f"seq_len must be in [1, {context}] and batch_size >= 1, got {seq_len} and {batch_size}")
+    if not 1 <= seq_len <= context or batch_size < 1 or top < 1:
+        raise EvalError(f"seq_len must be in [1, {context}], batch_size and top >= 1, got {seq_len}, {batch_size} "
+                        f"and {top}")
     agree = positions = 0
     with torch.inference_mode():
         for tokens in _window_batches(token_ids, seq_len, batch_size, next(backbone.parameters()).device):
             logits, _, early = backbone(tokens, exit_layer=layer)  # (B, T, V), _, (B, T, d)
-            agree += int((backbone.early_logits(early).argmax(-1) == logits.argmax(-1)).sum())
+            guesses = backbone.early_logits(early).topk(top, -1).indices  # (B, T, top)
+            agree += int((guesses == logits.argmax(-1, keepdim=True)).any(-1).sum())
             positions += tokens.numel()
     return agree / positions
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from recyclegpt.cache import KVCache, Tree
-from recyclegpt.drafters import Drafter, Proposal, make_drafter
+from recyclegpt.drafters import Drafter, make_drafter
 from recyclegpt.sampling import Sampler, SamplingConfig
 from recyclegpt.strategies import Accepted, Strategy, Verify, make_strategy
 
@@ -203,8 +203,8 @@ class Batch:
         # 2. Verify: one full call over [pending, drafts, side drafts]; each row keeps its drafts and
         # the full model's token after them.
         start = cache.length
-        fed, logits, hidden = _full_call(self.backbone, cache, self.pending, proposal, self.tree,
-                                         strategy.checks_drafts)
+        fed, logits, hidden = drafter.full_call(self.backbone, cache, self.pending, proposal, self.tree,
+                                                strategy.checks_drafts)
         acc = strategy.accept(Verify(proposal.tokens, proposal.probs, logits, self.seen, proposal.side),
                               self.sampler)
         if not self.ragged:
@@ -327,17 +327,6 @@ def _prompt_state(backbone: torch.nn.Module, prompts: Sequence[Sequence[int]], p
     return tokens, cache, seen
 
 
-def _full_call(backbone: torch.nn.Module, cache: KVCache, pending: torch.Tensor, proposal: Proposal,
-               tree: Tree | None, checks_drafts: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Feed [pending, drafts, side drafts] (a tree when side drafts go along); returns (fed (B, T),
-    logits (B, T or 1, V): every position when the strategy checks drafts, else the last; hidden (B, T, d))."""
-    side = [] if proposal.side is None else [proposal.side]
-    fed = torch.cat([pending[:, None], proposal.tokens, *side], 1)
-    layout = {"tree": tree} if side else {}
-    logits, hidden = backbone(fed, cache, logits_last=fed.shape[1] if checks_drafts else 1, **layout)
-    return fed, logits, hidden
-
-
 def _commit(cache: KVCache, start: int, fed: torch.Tensor, hidden: torch.Tensor, acc: Accepted, ragged: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep each row's accepted drafts in the backbone cache (from slot ``start``, the pending token's)
@@ -436,11 +425,12 @@ class Engine:
         stop: Sequence[str],
         draft_len: int | None,
         threshold: float,
-        draft_width: int,
+        draft_width: int | None,
+        exit_layer: int | None,
     ) -> tuple[Iterator[list[list[int]]], DecodeStats]:
         ids = self.prepare(prompts, max_new_tokens)
         strat = (strategy if isinstance(strategy, Strategy)
-                 else make_strategy(strategy, draft_len, threshold, draft_width))
+                 else make_strategy(strategy, draft_len, threshold, draft_width, exit_layer=exit_layer))
         stats = DecodeStats()
         ends = self.stop_check(stop)
         it = decode_ids(
@@ -479,26 +469,30 @@ class Engine:
         stop: Sequence[str] = (),
         draft_len: int | None = None,
         threshold: float = 0.5,
-        draft_width: int = 1,
+        draft_width: int | None = None,
+        exit_layer: int | None = None,
     ) -> list[Generation]:
         """Generate continuations for a batch of prompts (text or token ids, left-padded together).
 
         Args:
             prompts: texts (encoded as they are; apply a chat template first if wanted) or token ids.
-            strategy: ``standard``, ``alternating``, ``verified``, ``adaptive`` or ``lookup`` (a key of
-                ``strategies.STRATEGIES``), or a Strategy.
+            strategy: ``standard``, ``alternating``, ``verified``, ``adaptive``, ``lookup`` or ``speed`` (a key
+                of ``strategies.STRATEGIES``), or a Strategy.
             max_new_tokens: upper bound on new tokens per row.
             sampling: sampling options; greedy by default.
             stop: strings that end a row (the text is cut before them).
             draft_len: drafts per cycle for ``verified`` (default 1) and ``lookup`` (default 10).
             threshold: module confidence needed by ``adaptive``.
-            draft_width: candidates ``verified`` checks for the first draft's slot (native backbone).
+            draft_width: candidates ``verified`` checks for the first draft's slot (default 1), or ``speed``
+                speculates (default ``strategies.SPEED_WIDTH``) (native backbone).
+            exit_layer: the logical layer ``speed`` speculates from (None: ``drafters.default_exit_layer``).
 
         Returns:
             One ``Generation`` per prompt; all share the batch's ``DecodeStats``.
         """
         it, stats = self._run(
-            prompts, strategy, max_new_tokens, sampling or SamplingConfig(), stop, draft_len, threshold, draft_width
+            prompts, strategy, max_new_tokens, sampling or SamplingConfig(), stop, draft_len, threshold, draft_width,
+            exit_layer,
         )
         rows: list[list[int]] = [[] for _ in prompts]
         for added in it:
@@ -521,16 +515,19 @@ class Engine:
         draft_len: int | None = None,
         threshold: float = 0.5,
         stats_out: list[DecodeStats] | None = None,
-        draft_width: int = 1,
+        draft_width: int | None = None,
+        exit_layer: int | None = None,
     ) -> Iterator[str]:
         """Yield the text of one prompt's continuation in chunks as it is decoded.
 
         A chunk never ends inside a multi-byte character: text is released only once the decoded
         string no longer ends with the replacement character. Stop strings are never released.
-        ``stats_out``, if given, receives the ``DecodeStats`` when the stream ends.
+        ``stats_out``, if given, receives the ``DecodeStats`` when the stream ends; the other arguments are
+        ``generate``'s.
         """
         it, stats = self._run(
-            [prompt], strategy, max_new_tokens, sampling or SamplingConfig(), stop, draft_len, threshold, draft_width
+            [prompt], strategy, max_new_tokens, sampling or SamplingConfig(), stop, draft_len, threshold, draft_width,
+            exit_layer,
         )
         text = TextStream(self.tokenizer, stop)
         for added in it:

@@ -23,6 +23,8 @@ block i % n_unique_layers, with its own cache slot) and hands out an early-layer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,15 +80,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.qkv_proj: nn.Module | None = None  # q, k and v as one product, once ``fuse_projections`` ran
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: KVCache | None,
-        layer: int,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                parts: list[Part]) -> torch.Tensor:
+        """Attend x (B, T, d) at the positions of ``cos`` / ``sin``; without a cache causally over x itself, with
+        one each part of the rows writing and reading its own logical layer's slot."""
         B, T, _ = x.shape
         if self.qkv_proj is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -99,16 +96,44 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif len(parts) == 1:
+            out = _attend(q, k, v, cache, parts[0])
         else:
-            k, v = cache.write(layer, k, v)  # (B, KV, length + T, D)
-            if isinstance(mask, RowViews):  # one query at a time, each as a one-token call would see it
-                out = torch.cat([
-                    F.scaled_dot_product_attention(q[:, :, i : i + 1], k[:, :, cols], v[:, :, cols], attn_mask=m,
-                                                   enable_gqa=True)
-                    for i, (cols, m) in enumerate(zip(mask.keys, mask.masks, strict=True))], 2)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            out = torch.cat([_attend(q[:, :, p.rows], k[:, :, p.rows], v[:, :, p.rows], cache, p) for p in parts], 2)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows of one block call that write and read one logical layer's cache slot. A plain call is one part;
+    SPEED's pipelined call (``Stack.wavefront``) runs tokens at two depths through one shared block as two.
+
+    Attributes:
+        rows: the part's tokens among the call's new tokens.
+        layer: the logical layer whose keys and values they write and attend to.
+        mask: their mask over that layer's keys (``KVCache.attn_mask``), ``RowViews``, or None (see every key).
+        prefix: keys and values (B, kv_heads, n, head_dim) written in front of the part's own (a pipelined
+            token's first layers, computed in an earlier call), or None.
+    """
+
+    rows: slice
+    layer: int
+    mask: torch.Tensor | RowViews | None
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, part: Part) -> torch.Tensor:
+    """Write a part's keys and values (after its prefix) at the cache's next slots and attend its queries."""
+    if part.prefix is not None:
+        k, v = torch.cat([part.prefix[0], k], 2), torch.cat([part.prefix[1], v], 2)
+    k, v = cache.write(part.layer, k, v)  # (B, KV, length + n, D)
+    mask = part.mask
+    if isinstance(mask, RowViews):  # one query at a time, each as a one-token call would see it
+        return torch.cat([
+            F.scaled_dot_product_attention(q[:, :, i : i + 1], k[:, :, cols], v[:, :, cols], attn_mask=m,
+                                           enable_gqa=True)
+            for i, (cols, m) in enumerate(zip(mask.keys, mask.masks, strict=True))], 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 class MLP(nn.Module):
@@ -139,8 +164,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, layer, mask) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask)
+    def forward(self, x, cos, sin, cache, parts) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, parts)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -185,26 +210,93 @@ class Stack(nn.Module):
         if tree is not None and (cache is None or tree.depth.shape[0] != T):
             raise ValueError(f"a tree of {T if tree is None else tree.depth.shape[0]} tokens needs a cache "
                              f"and {T} new tokens")
-        if tree is None and (cache is None or not cache.has_padding):  # positions start .. start + T - 1
-            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
-        else:  # a tree's depths, or each row's own positions: (T, D) or (B, 1, T, D) tables
-            offsets = torch.arange(T, device=x.device) if tree is None else tree.depth
-            pos = cache.positions(offsets)
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-            if pos.dim() == 2:
-                cos, sin = cos[:, None], sin[:, None]
+        cos, sin = self._rope(cache, T, tree)
         mask = None if cache is None else cache.attn_mask(T, None if tree is None else tree.mask)
         if self.row_invariant and cache is not None and T > 1 and start > 0:  # a decode call, not a prefill
             mask = cache.row_views(T, None if tree is None else tree.mask)
-        blocks = list(self.layers) * (self.n_layers // len(self.layers))  # logical layer i runs block i % n_unique
         early = None
-        for i, block in enumerate(blocks):
-            x = block(x, cos, sin, cache, i, mask)  # the cache's slot i is the logical layer's own
+        for i in range(self.n_layers):
+            x = self.block(i)(x, cos, sin, cache, [Part(slice(None), i, mask)])  # the cache's slot i: layer i's
             if i + 1 == exit_layer:
                 early = x
         if cache is not None:
             cache.advance(T)
         return x if exit_layer is None else (x, early)
+
+    def block(self, layer: int) -> Block:
+        """The block logical layer ``layer`` runs (block layer % n_unique)."""
+        return self.layers[layer % len(self.layers)]
+
+    def _rope(self, cache: KVCache | None, T: int, tree: Tree | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin tables of T new tokens after the cache's length (in order, or at a tree's depths):
+        (T, D), or (B, 1, T, D) where each row has positions of its own."""
+        start = 0 if cache is None else cache.length
+        if tree is None and (cache is None or not cache.has_padding):  # positions start .. start + T - 1
+            return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        offsets = torch.arange(T, device=self.rope_cos.device) if tree is None else tree.depth
+        pos = cache.positions(offsets)
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        return (cos[:, None], sin[:, None]) if pos.dim() == 2 else (cos, sin)
+
+    def head_start(self, x: torch.Tensor, cache: KVCache, exit_layer: int
+                   ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Run one new token per row, x (B, 1, d), through the first ``exit_layer`` logical layers at the cache's
+        next slot, as a one-token call would; the cache does not advance.
+
+        Returns:
+            The residual stream after those layers (B, 1, d), and their keys and values at that slot
+            (``KVCache.read``), for ``wavefront``.
+        """
+        cache.check_room(1)
+        cos, sin = self._rope(cache, 1, None)
+        mask = cache.attn_mask(1)
+        for i in range(exit_layer):
+            x = self.block(i)(x, cos, sin, cache, [Part(slice(None), i, mask)])
+        return x, cache.read(exit_layer, torch.full((x.shape[0],), cache.length, device=x.device))
+
+    def wavefront(self, late: torch.Tensor, stash: list[tuple[torch.Tensor, torch.Tensor]], early: torch.Tensor,
+                  cache: KVCache, exit_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """SPEED's pipelined call: the pending token finishes while its speculated successors start.
+
+        The pending token sits at the cache's next slot; its first ``exit_layer`` layers ran in an earlier
+        call (``head_start`` or a ``wavefront`` that speculated it), which left ``late`` (B, 1, d), its residual
+        after them, and ``stash``, their keys and values. It now runs layers exit_layer .. n_layers - 1, while
+        w candidates for the token after it, ``early`` (B, w, d) embeddings at the w slots after it (each seeing
+        the context, the pending token and itself), run layers 0 .. exit_layer - 1. Tick t runs the pending
+        token at layer exit_layer + t and the candidates at layer t; where those layers share a block
+        (``exit_layer`` a multiple of the unique blocks) both go through it in one call, so its weights are
+        read once for both. The cache advances over the 1 + w slots, as a call over them would; the caller keeps the
+        pending token's (``KVCache.commit_rows``), and a kept candidate's keys and values are read from its slot
+        (``KVCache.read``) before the next call overwrites them.
+
+        Returns:
+            (the pending token's final residual (B, 1, d), the candidates' residual after exit_layer layers
+            (B, w, d)).
+        """
+        w = early.shape[1]
+        cache.check_room(1 + w)
+        tree = Tree.from_parents([-1, *[0] * w])  # the candidates hang off the pending token
+        tree = Tree(tree.depth.to(early.device), tree.mask.to(early.device))
+        cos, sin = self._rope(cache, 1 + w, tree)
+        mask = cache.attn_mask(1 + w, tree.mask)[..., 1:, :]
+        if self.row_invariant:
+            views = cache.row_views(1 + w, tree.mask)
+            mask = RowViews(views.keys[1:], views.masks[1:])
+        root_mask = cache.attn_mask(1)
+        for t in range(max(self.n_layers - exit_layer, exit_layer)):
+            lay, ear = exit_layer + t, t  # the logical layers the pending token and the candidates are at
+            root = Part(slice(0, 1), lay, root_mask) if lay < self.n_layers else None
+            cand = Part(slice(1, None), ear, mask, stash[ear]) if ear < exit_layer else None
+            if root and cand and self.block(lay) is self.block(ear):  # one shared block: one product for both
+                x = self.block(lay)(torch.cat([late, early], 1), cos, sin, cache, [root, cand])
+                late, early = x[:, :1], x[:, 1:]
+                continue
+            if root:
+                late = self.block(lay)(late, cos[..., :1, :], sin[..., :1, :], cache, [root])
+            if cand:
+                early = self.block(ear)(early, cos[..., 1:, :], sin[..., 1:, :], cache, [cand])
+        cache.advance(1 + w)
+        return late, early
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """A cache sized for this stack, in the dtype and on the device of its parameters."""
@@ -285,6 +377,26 @@ class Backbone(nn.Module):
         hidden = self.norm(out)
         logits = self.head(hidden if logits_last is None else hidden[:, -logits_last:])
         return (logits, hidden) if exit_layer is None else (logits, hidden, early)
+
+    def head_start(self, tokens: torch.Tensor, cache: KVCache, exit_layer: int
+                   ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Run one token per row (B, 1) through the first ``exit_layer`` logical layers (``Stack.head_start``):
+        its residual after them (B, 1, d) and their keys and values, for ``wavefront``."""
+        return self.stack.head_start(self.embed(tokens), cache, exit_layer)
+
+    def wavefront(self, late: torch.Tensor, stash: list[tuple[torch.Tensor, torch.Tensor]], candidates: torch.Tensor,
+                  cache: KVCache, exit_layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SPEED's pipelined call (``Stack.wavefront``): the pending token finishes its layers while candidates
+        (B, w) for the token after it run the first ``exit_layer``.
+
+        Returns:
+            logits (B, 1 + w, V): the next token's after the pending one, then each candidate's early logits
+            (``early_logits``); the final hidden states (B, 1 + w, d) of the same rows; and the candidates'
+            residual after exit_layer layers (B, w, d), which a kept candidate continues from.
+        """
+        late, early = self.stack.wavefront(late, stash, self.embed(candidates), cache, exit_layer)
+        hidden = self.norm(torch.cat([late, early], 1))
+        return self.head(hidden), hidden, early
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """A preallocated cache for ``batch`` rows of at most ``max_len`` tokens."""

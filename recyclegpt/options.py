@@ -58,10 +58,12 @@ OPTIONS: dict[str, dict] = {
                      help="standard: plain decoding; alternating: the paper's full/module alternation (lossy); "
                      "verified: module drafts checked by the full model (lossless); adaptive: use the module's "
                      "token only when it is confident; lookup: drafts copied from the context (prompt lookup) "
-                     "checked by the full model (lossless, no module)"),
+                     "checked by the full model (lossless, no module); speed: SPEED's pipelined speculation from an "
+                     "early exit (lossless, no module; pays on parameter-shared models; docs/decoding.md)"),
     "draft-len": dict(type=int, help="drafts per full call: verified (default 1), lookup (default 10)"),
-    "draft-width": dict(type=int, default=1, help="verified: candidates for the first draft's slot checked in the "
-                        "same full call (default 1; native backend; docs/decoding.md)"),
+    "draft-width": dict(type=int, help="verified: candidates for the first draft's slot checked in the same full "
+                        "call (default 1); speed: tokens speculated per call (default 3); native backend; "
+                        "docs/decoding.md"),
     "threshold": dict(type=float, default=0.5,
                       help="adaptive: module probability needed to use its token, in [0, 1] (default 0.5)"),
     "max-new-tokens": dict(type=int, default=128, help="tokens to generate per answer at most (default %(default)s)"),
@@ -112,7 +114,9 @@ OPTIONS: dict[str, dict] = {
     "early-exit-weight": dict(type=float, default=0.0,
                               help="weight of a next-token loss read after --early-exit-layer logical layers through "
                               "the model's own norm and head (SPEED's early-layer speculation; default 0: off)"),
-    "early-exit-layer": dict(type=int, help="the logical layer the early-exit loss reads (1 .. the model's depth)"),
+    "early-exit-layer": dict(type=int, help="the early exit: the logical layer the early-exit loss reads (train; 1 .. "
+                             "the model's depth), or strategy speed speculates from (1 .. depth - 1; default: after "
+                             "the unique blocks of a parameter-shared model, else half the depth)"),
     "module-layers": dict(type=int, help="module depth (default: the preset's; attach: 1, or the --init module's)"),
     "steps": dict(type=int, default=1000, help="optimiser steps (default 1000)"),
     "grad-accum": dict(type=int, default=1, help="micro-batches per step (default 1)"),
@@ -161,11 +165,11 @@ OPTIONS: dict[str, dict] = {
     "repeats": dict(type=int, default=3, help="timed passes after the warm-up pass, each running every row on "
                     "every prompt, the row order rotated by one per prompt (default 3)"),
     "strategies": dict(nargs="+", metavar="ROW", help="rows to run, among: standard alternating verified adaptive "
-                       "lookup hf-generate hf-prompt-lookup llama-cpp-q4_0 llama-cpp-q8_0 (default: all; the module "
-                       "ones need --module, the llama-cpp ones llama-cpp-python); standard always runs"),
+                       "lookup speed hf-generate hf-prompt-lookup llama-cpp-q4_0 llama-cpp-q8_0 (default: all; the "
+                       "module ones need --module, the llama-cpp ones llama-cpp-python); standard always runs"),
     "draft-lens": dict(type=int, nargs="+", default=[1], help="verified: draft lengths (default 1)"),
-    "draft-widths": dict(type=int, nargs="+", default=[1], help="verified: draft widths, one row per length and "
-                         "width (default 1; see --draft-width of generate)"),
+    "draft-widths": dict(type=int, nargs="+", help="verified: draft widths, one row per length and width (default "
+                         "1); speed: one row per width (default 3); see --draft-width of generate"),
     "thresholds": dict(type=float, nargs="+", default=[0.5],
                        help="adaptive: confidence thresholds in [0, 1] (default 0.5)"),
     "tasks-dir": dict(default="benchmarks/tasks",
@@ -180,7 +184,7 @@ ALIASES = {"model": ("--base", None), "dtype": ("--bf16", "bfloat16"), "text": (
 DEPRECATED = "recyclegpt: {} is deprecated and will be removed in the next release; use {}"
 # Groups of options several commands take.
 MODEL = "model backend module threads"
-DECODE = f"{MODEL} compile dtype prepack quant strategy draft-len draft-width threshold"
+DECODE = f"{MODEL} compile dtype prepack quant strategy draft-len draft-width threshold early-exit-layer"
 SAMPLE = f"{DECODE} max-new-tokens temperature top-p top-k repetition-penalty seed"
 SCORE = f"{MODEL} dtype prepack quant device"
 TRAIN = ("data! out! module-layers steps batch-size=8 grad-accum seq-len=256 warmup weight-decay dtype "

@@ -21,6 +21,7 @@ With ``max_batch`` 1 the scheduler is the serial server: one request at a time, 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import deque
@@ -64,7 +65,11 @@ class Job:
     def kind(self) -> tuple:
         """What jobs must share to share a batch (see the module's docstring)."""
         s, cfg = self.strategy, self.sampling
-        drafter = s.drafter if s.drafter is None or isinstance(s.drafter, str) else id(s.drafter)
+        drafter = s.drafter
+        if isinstance(drafter, functools.partial):  # a factory with settings (speed's): equal settings share
+            drafter = (drafter.func, drafter.args, tuple(sorted(drafter.keywords.items())))
+        elif callable(drafter):
+            drafter = id(drafter)
         strategy = (s.name, getattr(s, "k", None), s.width, getattr(s, "threshold", None), drafter)
         if cfg.greedy:
             return strategy, replace(cfg, seed=None)

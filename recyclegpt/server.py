@@ -2,7 +2,8 @@
 
 Clients written for the OpenAI API work unchanged (point their base URL at ``http://HOST:PORT/v1``).
 Beyond the standard fields a request may carry ``strategy`` (standard / alternating / verified /
-adaptive / lookup), ``draft_len``, ``draft_width``, ``threshold``, ``top_k`` and ``repetition_penalty``;
+adaptive / lookup / speed), ``draft_len``, ``draft_width``, ``threshold``, ``early_exit_layer``, ``top_k`` and
+``repetition_penalty``;
 ``usage`` adds the recycling counters (``tokens_per_full_call``, ``full_calls``, ``module_calls``, ``accepted_drafts``,
 ``rejected_drafts``).
 
@@ -73,6 +74,7 @@ class _GenerationRequest(BaseModel):
     draft_len: int | None = Field(None, ge=1)
     draft_width: int | None = Field(None, ge=1)
     threshold: float | None = Field(None, ge=0, le=1)
+    early_exit_layer: int | None = Field(None, ge=1)
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)
 
@@ -317,7 +319,8 @@ def create_app(
     chat: bool = True,
     draft_len: int | None = None,
     threshold: float = 0.5,
-    draft_width: int = 1,
+    draft_width: int | None = None,
+    exit_layer: int | None = None,
     max_batch: int | None = None,
     max_waiting: int = 64,
 ) -> FastAPI:
@@ -332,7 +335,9 @@ def create_app(
             False for base models without chat tuning, which then answer 400 there.
         draft_len: default drafts per full call for ``verified`` and ``lookup`` (None: the strategy's own).
         threshold: default module confidence for ``adaptive``.
-        draft_width: default candidates for the first draft's slot for ``verified``.
+        draft_width: default candidates for the first draft's slot for ``verified``, speculated for ``speed``
+            (None: the strategy's own).
+        exit_layer: default early exit of ``speed`` (None: its own).
         max_batch: the most prompts decoded together (continuous batching; 1: one at a time). Above 1
             needs the native backbone; None: 8 where the backbone can batch, else 1.
         max_waiting: the most prompts waiting for a place; more get 503.
@@ -342,7 +347,8 @@ def create_app(
             module the engine lacks; ``max_batch`` above 1 on a backbone whose cache cannot batch rows
             of different lengths.
     """
-    if make_strategy(default_strategy, draft_len, threshold, draft_width).uses_module and engine.module is None:
+    if make_strategy(default_strategy, draft_len, threshold, draft_width,
+                     exit_layer=exit_layer).uses_module and engine.module is None:
         raise ValueError(f"strategy {default_strategy!r} needs a recyclable module; pass --module PATH")
     ragged = getattr(engine.backbone.new_cache(1, 1), "ragged", False)
     max_batch = (8 if ragged else 1) if max_batch is None else max_batch
@@ -405,6 +411,7 @@ def create_app(
             strategy = make_strategy(
                 name, req.draft_len or draft_len, threshold if req.threshold is None else req.threshold,
                 req.draft_width or draft_width,
+                exit_layer=req.early_exit_layer or (exit_layer if name == "speed" else None),
             )
         except ValueError as exc:
             raise APIError(400, str(exc), param="strategy") from None

@@ -622,6 +622,26 @@ def test_quantized_verified_decoding_equals_quantized_standard(quant):
     torch.set_num_threads(1)
 
 
+@pytest.mark.parametrize(("quant", "n"), [("none", 50), ("int4", 20)])
+def test_speed_equals_standard_on_the_real_model(quant, n):
+    """SPEED's early-exit speculation on SmolLM2 (unshared: no amortisation) leaves greedy output as standard
+    decoding's, on real chat prompts decoded as one left-padded batch, float32 and int4."""
+    from recyclegpt.data import prompt_ids, read_prompts
+
+    torch.set_num_threads(2)
+    engine, base = load("smollm2-135m", quant=quant, with_base=True)
+    prompts = read_prompts(Path(__file__).resolve().parent.parent / "benchmarks" / "heldout_self_prompts.jsonl")[:n]
+    ids = [prompt_ids(engine.tokenizer, p, base.chat) for p in prompts]
+    standard = engine.generate(ids, max_new_tokens=8)
+    speed = engine.generate(ids, "speed", max_new_tokens=8, draft_width=2, exit_layer=20)
+    for p, a, b in zip(prompts, standard, speed, strict=True):
+        assert b.token_ids == a.token_ids, p
+    alone = engine.generate(ids[:1], "speed", max_new_tokens=16, draft_width=2, exit_layer=20)[0]
+    assert alone.token_ids == engine.generate(ids[:1], max_new_tokens=16)[0].token_ids
+    assert 1 < alone.stats.module_calls < alone.stats.full_calls - 1  # kept and missed speculations
+    torch.set_num_threads(1)
+
+
 def test_quant_options_are_refused_clearly():
     for kwargs, message in (({"quant": "int2"}, "unknown quant 'int2'; choose one of none, int8, int4"),
                             ({"quant": "int8", "prepack": True}, "prepack and quant both replace the products"),

@@ -18,7 +18,7 @@ from recyclegpt.recycle import RecyclableModule
 ROW_FIELDS = {
     "name", "kind", "draft_len", "threshold", "tokens_per_s", "ms_per_token", "ratio_to_standard", "tau",
     "acceptance_rate", "peak_rss_mb", "rss_increase_mb", "new_tokens", "identical_prompts",
-    "identical_to_standard", "module", "draft_width", "spread", "samples",
+    "identical_to_standard", "module", "draft_width", "spread", "samples", "exit_layer", "catch_up_rate",
 }
 SAMPLE_FIELDS = {"position", "seconds", "new_tokens", "tokens_per_s", "ratio_to_standard"}
 
@@ -49,6 +49,7 @@ def test_bench_end_to_end_on_the_same_weights(setup, tmp_path):
     rows += hf_rows(hf, kinds, 12, engine.tokenizer.eos_token_ids, engine.tokenizer.pad_token_id)
     other = engine.with_module(RecyclableModule(engine.backbone.config, RecycleConfig()))
     rows += engine_rows(other, ["verified", "adaptive"], 12, draft_lens=[1, 2], thresholds=[0.6], module="other")
+    rows += engine_rows(engine, ["speed"], 12, draft_widths=[1, 2])  # the default exit: half the depth
     prompts = [list(b"The cat sat on the mat"), list(b"Once upon a time")]
     result = run_bench(rows, prompts, repeats=2)
     result = json.loads(json.dumps(result, allow_nan=False))
@@ -56,7 +57,7 @@ def test_bench_end_to_end_on_the_same_weights(setup, tmp_path):
     assert list(by_name) == ["standard", "alternating", "verified-k1", "verified-k2", "verified-k1w3", "verified-k2w3",
                              "adaptive-0", "adaptive-0.6", "lookup",
                              "hf-generate", "hf-prompt-lookup", "verified-k1@other", "verified-k2@other",
-                             "adaptive-0.6@other"]
+                             "adaptive-0.6@other", "speed-e1", "speed-e1w2"]
     assert {r["module"] for r in result["rows"]} == {"", "other"}
     assert by_name["verified-k2@other"]["identical_to_standard"] is True  # a compared module is verified too
     for r in result["rows"]:
@@ -75,6 +76,10 @@ def test_bench_end_to_end_on_the_same_weights(setup, tmp_path):
     assert by_name["lookup"]["identical_to_standard"] is True and by_name["lookup"]["tau"] >= 1.0  # ours, verified
     assert by_name["hf-generate"]["tau"] is None
     assert by_name["alternating"]["tau"] > 1.5  # two tokens per full call after the prefill
+    for name in ("speed-e1", "speed-e1w2"):  # exact; one token per call; at least the first call catches up
+        assert by_name[name]["identical_to_standard"] is True and by_name[name]["exit_layer"] == 1
+        assert by_name[name]["tau"] == 1.0 and 0 < by_name[name]["catch_up_rate"] <= 1
+    assert by_name["speed-e1w2"]["draft_width"] == 2 and by_name["verified-k1"]["catch_up_rate"] is None
     for r in result["rows"]:  # every timed run kept; the reported figures are their medians
         runs = r["samples"]
         assert set(runs) == SAMPLE_FIELDS and all(len(v) == 2 * 2 for v in runs.values())
@@ -85,7 +90,7 @@ def test_bench_end_to_end_on_the_same_weights(setup, tmp_path):
         assert runs["new_tokens"] == [12] * 4
         for seconds, speed in zip(runs["seconds"], runs["tokens_per_s"], strict=True):
             assert seconds == pytest.approx(12 / speed, abs=2e-6)  # tok/s = the row's own tokens / seconds
-    assert by_name["standard"]["samples"]["position"] == [0, 13, 12, 11]  # 14 rows, rotated by one per pass
+    assert by_name["standard"]["samples"]["position"] == [0, 15, 14, 13]  # 16 rows, rotated by one per pass
     table = bench.format_table(result)
     assert all(name in table for name in by_name) and "own new tokens" in table
     pytest.importorskip("matplotlib")
@@ -142,10 +147,11 @@ def test_row_order_rotates_between_passes():
 def test_plan_kinds(monkeypatch):
     monkeypatch.setattr(bench, "available", lambda: False)  # llama-cpp-python absent: no llama.cpp rows by default
     assert plan_kinds(None, has_module=False) == ["standard", "lookup", *bench.HF_ROWS]  # no module needed
-    assert plan_kinds(None, has_module=True) == [k for k in bench.ROW_KINDS if k not in bench.LLAMA_ROWS]
+    assert plan_kinds(None, has_module=True) == [k for k in bench.ROW_KINDS if k not in (*bench.LLAMA_ROWS, "speed")]
+    assert "speed" in plan_kinds(None, has_module=False, shared=True)  # by default only where blocks are shared
     assert plan_kinds(["llama-cpp-q4_0"], has_module=False) == ["standard", "llama-cpp-q4_0"]  # asked: planned
     monkeypatch.setattr(bench, "available", lambda: True)
-    assert plan_kinds(None, has_module=True) == list(bench.ROW_KINDS)
+    assert plan_kinds(None, has_module=True, shared=True) == list(bench.ROW_KINDS)
     assert plan_kinds(["hf-generate", "verified"], has_module=True) == ["standard", "verified", "hf-generate"]
     with pytest.raises(BenchError, match="need a recyclable module"):
         plan_kinds(["alternating"], has_module=False)

@@ -110,6 +110,21 @@ def test_generate_loads_through_recyclegpt_load_and_writes_json(tiny, monkeypatc
     assert json.loads(capsys.readouterr().out)["token_ids"] == written["token_ids"]
 
 
+def test_speed_from_the_command_line_and_its_errors(tiny, monkeypatch, capsys):
+    base = argparse.Namespace(name="tiny", chat=False, tokenizer=ByteTokenizer())
+    monkeypatch.setattr(cli, "load", lambda *a, **k: (Engine(tiny.backbone, base.tokenizer), base))
+    run = ["generate", "--prompt", "hello", "--max-new-tokens", "6", "--print-json"]
+    assert cli.main(run) == 0
+    standard = json.loads(capsys.readouterr().out)["token_ids"]
+    assert cli.main([*run, "--strategy", "speed", "--early-exit-layer", "1", "--draft-width", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == standard
+    assert cli.main([*run, "--strategy", "speed", "--early-exit-layer", "2"]) == 2
+    assert capsys.readouterr().err == \
+        "error: early exit layer must be in [1, 1] for this model of 2 logical layers, got 2\n"
+    assert cli.main([*run, "--strategy", "verified", "--early-exit-layer", "1"]) == 2
+    assert "an early exit layer is a setting of strategy 'speed', not 'verified'" in capsys.readouterr().err
+
+
 def test_user_errors_are_one_line_and_status_2(capsys):
     assert cli.main(["generate", "--prompt", "  "]) == 2
     assert capsys.readouterr().err == "error: the prompt is empty; give some text with --prompt\n"

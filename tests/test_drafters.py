@@ -8,7 +8,16 @@ import recyclegpt.generate as gen
 from recyclegpt.bases.tokenizer import ByteTokenizer
 from recyclegpt.cache import KVCache
 from recyclegpt.config import PRESETS
-from recyclegpt.drafters import Drafter, ModuleDrafter, NoDrafter, PromptLookupDrafter, Proposal, make_drafter
+from recyclegpt.drafters import (
+    Drafter,
+    EarlyExitDrafter,
+    ModuleDrafter,
+    NoDrafter,
+    PromptLookupDrafter,
+    Proposal,
+    default_exit_layer,
+    make_drafter,
+)
 from recyclegpt.generate import DecodeStats, Engine
 from recyclegpt.sampling import Sampler, SamplingConfig
 from recyclegpt.strategies import Verified, make_strategy
@@ -264,3 +273,60 @@ def test_a_drafter_of_another_kind_plugs_in_without_touching_the_loop(tiny):
         assert engine.generate([p], strategy, max_new_tokens=10)[0].token_ids == \
             engine.generate([p], max_new_tokens=10)[0].token_ids
     assert made and all(1 <= n <= 3 for n in made[-1].committed)
+
+
+@pytest.mark.parametrize("model", ["tiny", "shared_tiny"])
+@pytest.mark.parametrize(("exit_layer", "width"), [(None, 1), (1, 3)])
+def test_speed_equals_standard_greedy_and_sampled(model, exit_layer, width, request):
+    """SPEED emits the full model's own token every cycle: greedy output equals standard decoding on 50 prompts
+    (alone and as one left-padded batch), and a seeded sampled run draws the same tokens, on an unshared and a
+    parameter-shared model (random, not sharpened: its early exit is sometimes wrong)."""
+    backbone = request.getfixturevalue(model).backbone
+    engine = Engine(backbone, ByteTokenizer())
+    strategy = make_strategy("speed", width=width, exit_layer=exit_layer)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, 256, (4 + i % 9,), generator=g).tolist() for i in range(50)]
+    catch_ups = calls = 0
+    for p in prompts:
+        std = engine.generate([p], max_new_tokens=16)[0]
+        spd = engine.generate([p], strategy, max_new_tokens=16)[0]
+        assert spd.token_ids == std.token_ids, p
+        assert spd.stats.full_calls == std.stats.full_calls  # one full call per token, as standard
+        catch_ups, calls = catch_ups + spd.stats.module_calls, calls + spd.stats.full_calls - 1
+    assert catch_ups < calls and (width > 1 or catch_ups > len(prompts))  # kept, and (top-1) missed, somewhere
+    assert [g.token_ids for g in engine.generate(prompts, strategy, max_new_tokens=16)] == \
+        [g.token_ids for g in engine.generate(prompts, max_new_tokens=16)]
+    sampled = SamplingConfig(temperature=1.0, top_k=20, seed=3)
+    for p in prompts[:10]:
+        assert engine.generate([p], strategy, 16, sampled)[0].token_ids == \
+            engine.generate([p], "standard", 16, sampled)[0].token_ids
+
+
+def test_speed_reads_the_shared_blocks_once_per_tick(shared_tiny):
+    """On a shared model at the default exit (after the unique blocks), the pending token's late layers and the
+    candidates' early layers go through each block together: one block call per tick, half a plain step's."""
+    backbone = shared_tiny.backbone
+    assert default_exit_layer(backbone.config) == 2 and default_exit_layer(PRESETS["tiny"].model) == 1
+    calls = []
+    hooks = [b.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[1]))
+             for b in backbone.stack.layers]
+    engine = Engine(backbone, ByteTokenizer())
+    engine.generate([[5, 6, 7]], "speed", max_new_tokens=2, draft_width=2)
+    for h in hooks:
+        h.remove()
+    # prefill: 4 layers over 3 tokens; cycle 1: the first 2 layers of the pending token alone (a catch-up), then
+    # 2 ticks of 1 + 2 rows each through one block
+    assert calls == [3, 3, 3, 3, 1, 1, 3, 3]
+
+
+def test_speed_refuses_what_it_cannot_run(tiny):
+    backbone = tiny.backbone
+    for kwargs, message in (({"exit_layer": 2}, r"early exit layer must be in \[1, 1\] for this model of 2 logical"),
+                            ({"exit_layer": 0}, "early exit layer must be >= 1, got 0"),
+                            ({"width": 0}, "speculation width must be >= 1, got 0")):
+        with pytest.raises(ValueError, match=message):
+            make_drafter(make_strategy("speed", **kwargs).drafter, backbone, None)
+    with pytest.raises(ValueError, match="an early exit layer is a setting of strategy 'speed', not 'verified'"):
+        make_strategy("verified", exit_layer=3)
+    with pytest.raises(ValueError, match="splits the full call by layer, which Wrapped cannot; use --backend native"):
+        EarlyExitDrafter(type("Wrapped", (), {"config": backbone.config})())

@@ -400,7 +400,11 @@ def test_early_exit_agreement_counts_positions_where_layer_k_picks_the_greedy_to
             hits += int((backbone.early_logits(early).argmax(-1) == logits.argmax(-1)).sum())
     share = early_exit_agreement(backbone, ids, layer=1, seq_len=16, batch_size=3)
     assert share == hits / 50 and share < 1.0  # measured on this random model: 0.66
+    top3 = early_exit_agreement(backbone, ids, layer=1, seq_len=16, top=3)
+    assert share < top3 <= 1.0  # the greedy token among the early exit's three most likely, more often
     with pytest.raises(EvalError, match=r"layer must be in \[1, 4\]"):
         early_exit_agreement(backbone, ids, layer=5, seq_len=16)
+    with pytest.raises(EvalError, match="batch_size and top >= 1, got 16, 2 and 0"):
+        early_exit_agreement(backbone, ids, layer=1, seq_len=16, top=0)
     with pytest.raises(EvalError, match=r"seq_len must be in \[1, 256\]"):
         early_exit_agreement(backbone, ids, layer=1, seq_len=512)

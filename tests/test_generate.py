@@ -490,7 +490,8 @@ def test_verified_rejection_rolls_caches_back_with_stubs():
 
 @pytest.mark.parametrize(("strategy", "kwargs"), [("standard", {}), ("verified", {"draft_len": 3}),
                                                   ("verified", {"draft_len": 2, "draft_width": 3}),
-                                                  ("alternating", {}), ("lookup", {"draft_len": 4})])
+                                                  ("alternating", {}), ("lookup", {"draft_len": 4}),
+                                                  ("speed", {"draft_width": 2})])
 def test_rows_joining_and_leaving_a_running_batch_decode_as_alone(trained, strategy, kwargs):
     """Prompts join a running batch two at a time, with different lengths and budgets; each row's tokens
     and its drafts kept per full call equal the same prompt decoded alone; rows leave when done; the

@@ -185,8 +185,8 @@ def _unrolled(backbone: Backbone, tokens: torch.Tensor, order: list[int]) -> tor
     """Logits of an uncached forward that runs the backbone's blocks in ``order``, written out by hand."""
     stack, T = backbone.stack, tokens.shape[1]
     x = backbone.embed(tokens)
-    for i, b in enumerate(order):
-        x = stack.layers[b](x, stack.rope_cos[:T], stack.rope_sin[:T], None, i, None)
+    for b in order:
+        x = stack.layers[b](x, stack.rope_cos[:T], stack.rope_sin[:T], None, [])
     return backbone.head(backbone.norm(x))
 
 
@@ -283,3 +283,40 @@ def test_fused_projections_compute_what_the_separate_ones_do(tiny):
         steps = torch.cat([fused(tokens[:, i : i + 1], cache)[0] for i in range(8, 12)], 1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(steps, want[:, 8:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("model", "exit_layer"), [("shared_tiny", 2), ("shared_tiny", 1), ("tiny", 1)])
+def test_wavefront_finishes_the_pending_token_and_starts_its_candidates(model, exit_layer, request):
+    """``head_start`` then ``wavefront`` give the pending token the logits of a plain one-token call and each
+    candidate the early state and early logits it would get as the next token; the candidates' keys and values
+    sit in their slots, the pending token's in every layer of its own; left padding included."""
+    backbone: Backbone = request.getfixturevalue(model).backbone
+    prompts = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    pending, candidates = torch.tensor([[21], [22]]), torch.tensor([[31, 32, 33], [34, 35, 36]])
+
+    def prefilled():
+        cache = backbone.new_cache(2, 16)
+        cache.set_padding([2, 0])
+        backbone(prompts, cache)
+        return cache
+
+    with torch.no_grad():
+        cache = prefilled()
+        late, stash = backbone.head_start(pending, cache, exit_layer)
+        assert cache.length == 6 and len(stash) == exit_layer
+        logits, hidden, early = backbone.wavefront(late, stash, candidates, cache, exit_layer)
+        assert cache.length == 10 and logits.shape == (2, 4, backbone.config.vocab_size)
+        ref = prefilled()
+        want, _ = backbone(pending, ref)
+        torch.testing.assert_close(logits[:, :1], want, rtol=0, atol=1e-5)
+        for j in range(3):
+            after = prefilled()
+            backbone(pending, after)
+            _, _, want_early = backbone(candidates[:, j : j + 1], after, exit_layer=exit_layer)
+            torch.testing.assert_close(early[:, j : j + 1], want_early, rtol=0, atol=1e-5)
+            torch.testing.assert_close(logits[:, 1 + j], backbone.early_logits(want_early)[:, 0], rtol=0, atol=1e-5)
+            for layer in range(exit_layer):  # the candidate's keys at its own slot, 7 + j
+                got = cache.read(exit_layer, torch.tensor([7 + j, 7 + j]))[layer][0]
+                torch.testing.assert_close(got, after.k[layer][:, :, 7 : 8], rtol=0, atol=1e-5)
+        for layer in range(backbone.config.n_layers):  # the pending token's keys, every layer, at slot 6
+            torch.testing.assert_close(cache.k[layer][:, :, 6], ref.k[layer][:, :, 6], rtol=0, atol=1e-5)

@@ -178,6 +178,12 @@ def test_strategy_override_is_lossless(client):
         extra_body={"strategy": "verified", "draft_len": 2, "draft_width": 3}, **GREEDY
     )
     assert wide.choices[0].text == standard.choices[0].text
+    speed = client.completions.create(model=MODEL, prompt="Recycle", max_tokens=16,
+                                      extra_body={"strategy": "speed", "early_exit_layer": 1}, **GREEDY)
+    assert speed.choices[0].text == standard.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="early exit layer must be in"):
+        client.completions.create(model=MODEL, prompt="Recycle", max_tokens=4,
+                                  extra_body={"strategy": "speed", "early_exit_layer": 7})
     with pytest.raises(openai.BadRequestError, match="draft_width"):
         client.completions.create(model=MODEL, prompt="Recycle", max_tokens=4,
                                   extra_body={"strategy": "verified", "draft_width": 0})
@@ -319,7 +325,7 @@ def test_a_full_queue_answers_503_and_loses_nothing():
 
 @pytest.mark.parametrize("max_batch", [1, 16])
 def test_load_concurrent_clients(max_batch):
-    """16 clients at once, streaming and not, completions and chat, standard and verified, some leaving
+    """16 clients at once, streaming and not, completions and chat, standard, verified and speed, some leaving
     mid-stream: every answer arrives and equals the same request served alone (greedy), and no row is
     left behind. With ``max_batch`` 16 the requests really share cycles."""
     engine = tiny_engine()
@@ -342,11 +348,11 @@ def test_load_concurrent_clients(max_batch):
         return "".join(x.choices[0].text for x in r) if stream else r.choices[0].text
 
     plan = [[(("completion", "chat")[(i + j) % 2], prompts[(i + 3 * j) % len(prompts)], (i + j) % 3 == 0,
-              "verified" if i % 4 == 0 else "standard", (i + j) % 3 == 0 and i % 2 == 1)
+              {0: "verified", 2: "speed"}.get(i % 4, "standard"), (i + j) % 3 == 0 and i % 2 == 1)
              for j in range(per_client)] for i in range(clients)]
     with serving(app) as url:
         alone = {(kind, p, s): ask(client_for(url), kind, p, False, s) for kind in ("completion", "chat")
-                 for p in prompts for s in ("standard", "verified")}
+                 for p in prompts for s in ("standard", "verified", "speed")}
         engine.most_rows = 0
 
         def run(requests: list[tuple]) -> list[tuple[tuple, str, float]]:

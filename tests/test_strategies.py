@@ -143,12 +143,14 @@ def test_what_each_strategy_asks_for():
 @pytest.mark.parametrize(
     ("args", "kwargs", "message"),
     [
-        (("fastest",), {}, "known strategies: standard, alternating, verified, adaptive, lookup"),
+        (("fastest",), {}, "known strategies: standard, alternating, verified, adaptive, lookup, speed"),
         (("verified", 0), {}, "draft_len must be >= 1, got 0"),
         (("lookup", 0), {}, "draft_len must be >= 1, got 0"),
         (("verified", 1, 0.5, 0), {}, "draft width must be >= 1, got 0"),
         (("lookup", 4, 0.5, 2), {}, "a draft width above 1 needs the module drafter"),
         (("adaptive",), {"drafter": "lookup"}, "strategy 'adaptive' takes no drafter"),
+        (("speed",), {"width": 0}, "speculation width must be >= 1, got 0"),
+        (("speed",), {"exit_layer": 0}, "early exit layer must be >= 1, got 0"),
     ],
 )
 def test_bad_strategy_settings_are_clear_errors(args, kwargs, message):

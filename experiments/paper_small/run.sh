@@ -13,6 +13,8 @@ RES=experiments/paper_small/results
 mkdir -p "$RES"
 RG=${RG:-.venv/bin/recyclegpt}
 PY=${PY:-.venv/bin/python}
+# shellcheck source=experiments/lib.sh
+source experiments/lib.sh
 THREADS=${THREADS:-2}
 # One schedule for the main pair: 400 steps x 8 x 512 tokens = 1.64M tokens, lr 1e-3, seed 0.
 MAIN="--preset small --data $RUNS/data --steps 400 --batch-size 8 --seq-len 512 --lr 1e-3 --warmup 40
@@ -31,14 +33,6 @@ stage_data() {
     data/corpora/linuxdoc.txt --out "$RUNS/data"
 }
 
-train_one() {  # name, extra args...; resumes an interrupted run
-  local name=$1; shift
-  local resume=(); [[ -f "$RUNS/$name/checkpoint.pt" ]] && resume=(--resume)
-  if [[ -f "$RUNS/$name/done" ]]; then return; fi
-  # shellcheck disable=SC2086
-  $RG train $MAIN "$@" --out "$RUNS/$name" "${resume[@]}" && touch "$RUNS/$name/done"
-}
-
 stage_train() {
   train_one recycle --recycle-weight 1
   train_one plain --recycle-weight 0
@@ -53,15 +47,7 @@ heldout_text() {  # the last 10% of Austen and the KJV, which no run trained on,
   done
   cat "$RUNS/heldout_austen.txt" "$RUNS/heldout_kjv.txt" > "$RUNS/heldout.txt"
   # Decode prompts: 24 words from 4 evenly spaced sentence starts of each held-out text.
-  $PY - "$RUNS/heldout_austen.txt" "$RUNS/heldout_kjv.txt" > "$RUNS/prompts.jsonl" <<'PY'
-import json, sys
-for path in sys.argv[1:]:
-    words = " ".join(ln for ln in open(path) if "====" not in ln).split()
-    starts = [i for i in range(1, len(words) - 24) if words[i - 1].endswith(".") and words[i][0].isupper()]
-    for k in range(4):
-        i = starts[(2 * k + 1) * len(starts) // 8]
-        print(json.dumps({"prompt": " ".join(words[i : i + 24])}))
-PY
+  heldout_prompts "$RUNS/heldout_austen.txt" "$RUNS/heldout_kjv.txt" > "$RUNS/prompts.jsonl"
 }
 
 eval_one() {  # name: held-out perplexities and module accuracy of one run
