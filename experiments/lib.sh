@@ -1,4 +1,4 @@
-# Helpers the experiments' run.sh scripts share (sourced; they set RUNS, RG, PY and MAIN first).
+# Helpers the experiments' run.sh scripts share (sourced; they set RUNS, RES, RG, PY, THREADS and MAIN first).
 
 train_one() {  # name, extra args...: `recyclegpt train $MAIN args` into $RUNS/name; resumes an interrupted run
   local name=$1; shift
@@ -18,4 +18,11 @@ for path in sys.argv[1:]:
         i = starts[(2 * k + 1) * len(starts) // 8]
         print(json.dumps({"prompt": " ".join(words[i : i + 24])}))
 PY
+}
+
+eval_one() {  # name: held-out perplexities and module accuracy of one run
+  local run="$RUNS/$1"
+  [[ -f "$RES/eval_$1.json" ]] || $RG eval --model "$run" --module "$run/module.safetensors" \
+    --text "$RUNS/heldout.txt" --max-tokens 40000 --seq-len 512 --batch-size 4 --threads "$THREADS" \
+    --json "$RES/eval_$1.json"
 }

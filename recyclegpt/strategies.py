@@ -314,8 +314,9 @@ class Speed(Strategy):
     Args:
         exit_layer: the logical layer speculation reads (None: the drafter's default, ``default_exit_layer``).
         width: candidates speculated per call (the early exit's most likely tokens, run side by side).
-            On the shared small models of experiments/speed_small one candidate was right 70 % of the time
-            and the top 2 or 3 nearly always, which paid more than the wider calls cost.
+            On the small models of experiments/speed_small, trained with the early-exit loss, the exit's top
+            token was the model's 86-87 % of the time on held-out text and its top 3 99 %: the wider call
+            costs little and saves most catch-ups.
     """
 
     name = "speed"

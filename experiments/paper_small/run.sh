@@ -50,13 +50,6 @@ heldout_text() {  # the last 10% of Austen and the KJV, which no run trained on,
   heldout_prompts "$RUNS/heldout_austen.txt" "$RUNS/heldout_kjv.txt" > "$RUNS/prompts.jsonl"
 }
 
-eval_one() {  # name: held-out perplexities and module accuracy of one run
-  local run="$RUNS/$1"
-  [[ -f "$RES/eval_$1.json" ]] || $RG eval --model "$run" --module "$run/module.safetensors" \
-    --text "$RUNS/heldout.txt" --max-tokens 40000 --seq-len 512 --batch-size 4 --threads "$THREADS" \
-    --json "$RES/eval_$1.json"
-}
-
 lm_eval_one() {  # name, extra args...: the local lm-eval tasks (standard and alternating scoring by default)
   local name=$1; shift
   [[ -f "$RES/lm_eval_$name.json" ]] || $RG lm-eval --model "$RUNS/$name" "$@" --threads "$THREADS" \

@@ -1,7 +1,7 @@
 """SPEED at small scale (issue #35): measure the runs of run.sh side by side and print the tables of README.md.
 
 ``--measure`` (run.sh's eval stage) loads the four runs, measures each early exit's agreement with its model on the
-held-out text (top-1 and top-2: how often ``--strategy speed`` at width 1 and 2 keeps its speculation there),
+held-out text (top-1 and top-3: how often ``--strategy speed`` at width 1 and 3 keeps its speculation there),
 checks that speed decoding equals standard decoding on every prompt, and times every model's decoding in one
 interleaved ``recyclegpt.bench.run_bench`` (rows of four models side by side, the row order rotated per pass),
 writing results/agreement.json, results/exact.json and results/bench.json. Without it, the report reads those
@@ -23,14 +23,14 @@ RUNS = {  # name -> (what it is, the early exit speed reads, the recyclable modu
     "shared": ("shared, 12 logical layers over 6 blocks (no early-exit loss)", 6, False),
     "recycle": ("RecycleGPT small (lambda 0.1, 1-layer module)", None, True),
 }
-WIDTHS = (1, 2)
+WIDTHS = (1, 3)  # speculation widths measured (3: strategies.SPEED_WIDTH)
 
 
 def _json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def measure(runs: Path, results: Path, prompts_file: Path, repeats: int, max_new_tokens: int) -> None:
+def measure(runs: Path, results: Path, prompts_file: Path, repeats: int, max_new_tokens: int, n_text: int) -> None:
     """Agreement, exactness and the interleaved bench (the slow part: about 15 minutes on 2 cores)."""
     import torch
 
@@ -38,6 +38,7 @@ def measure(runs: Path, results: Path, prompts_file: Path, repeats: int, max_new
     from recyclegpt.bench import engine_rows, run_bench
     from recyclegpt.data import read_prompts
     from recyclegpt.evaluate import early_exit_agreement
+    from recyclegpt.hardware import measured_on
     from recyclegpt.model import count_parameters
     from recyclegpt.strategies import make_strategy
 
@@ -53,7 +54,7 @@ def measure(runs: Path, results: Path, prompts_file: Path, repeats: int, max_new
                         "parameters": count_parameters(engine.backbone)}
         ids = [engine.tokenizer.encode(p) for p in prompts]
         if exit_layer:
-            tokens = engine.tokenizer.encode(text)[:40_000]
+            tokens = engine.tokenizer.encode(text)[:n_text]
             agreement[name] = {f"top{k}": early_exit_agreement(engine.backbone, tokens, exit_layer, top=k)
                                for k in WIDTHS} | {"layer": exit_layer, "tokens": len(tokens)}
             standard = [g.token_ids for g in (engine.generate([p], max_new_tokens=max_new_tokens)[0] for p in ids)]
@@ -65,11 +66,15 @@ def measure(runs: Path, results: Path, prompts_file: Path, repeats: int, max_new
         kinds = ["standard", "alternating", "verified"] if module else ["standard", "speed"]
         for row in engine_rows(engine, kinds, max_new_tokens, draft_widths=(1,) if module else WIDTHS,
                                exit_layer=exit_layer):
-            row.name, row.module = f"{row.name}@{name}", name
+            row.module = name
+            if rows:  # the first row, plain's standard, keeps the name run_bench takes as the reference
+                row.name = f"{row.name}@{name}"
             rows.append(row)
     torch.manual_seed(0)
     ids = [engines["plain"].tokenizer.encode(p) for p in prompts]  # one tokenizer (SmolLM2's) for all four
     bench = run_bench(rows, ids, repeats, progress=True)
+    bench["rows"][0]["name"] = "standard@plain"
+    bench |= measured_on()
     for name, data in (("agreement", agreement), ("exact", exact), ("bench", bench), ("models", models)):
         (results / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
 
@@ -104,7 +109,7 @@ def summarize(runs: Path, results: Path) -> dict:
         own = rows[f"standard@{name}"]
         model = {"what": what, "logical_layers": cfg["n_layers"],
                  "unique_blocks": cfg["n_unique_layers"] or cfg["n_layers"], "parameters": cfg["parameters"],
-                 "heldout_ppl": ev.get("ppl_base"), "val_main_loss": last["val_main_loss"],
+                 "heldout_ppl": (ev.get("text") or {}).get("ppl_base"), "val_main_loss": last["val_main_loss"],
                  "val_early_acc": last.get("val_early_acc"), "agreement": agreement.get(name),
                  "speed_equal_to_standard": exact.get(name), "rows": {}}
         for row in (r for r in bench["rows"] if r["module"] == name):
@@ -122,14 +127,14 @@ def _f(x, spec=".2f") -> str:
 
 
 def tables(s: dict) -> str:
-    lines = ["| model | logical layers / unique blocks | held-out ppl | early exit | agreement top-1 / top-2 | "
-             "speed == standard (w1, w2) |", "|---|---|---|---|---|---|"]
+    lines = ["| model | logical layers / unique blocks | held-out ppl | early exit | agreement top-1 / top-3 | "
+             "speed == standard (w1, w3) |", "|---|---|---|---|---|---|"]
     for name, m in s["models"].items():
         a, e = m["agreement"], m["speed_equal_to_standard"]
-        equal = f"{e['w1']}/{e['prompts']}, {e['w2']}/{e['prompts']}" if e else "-"
+        equal = ", ".join(f"{e[f'w{w}']}/{e['prompts']}" for w in WIDTHS) if e else "-"
         lines.append(f"| {name}: {m['what']} | {m['logical_layers']} / {m['unique_blocks']} | "
                      f"{_f(m['heldout_ppl'], '.1f')} | {a['layer'] if a else '-'} | "
-                     f"{_f(a and a['top1'], '.3f')} / {_f(a and a['top2'], '.3f')} | "
+                     f"{' / '.join(_f(a and a[f'top{w}'], '.3f') for w in WIDTHS)} | "
                      f"{equal} |")
     lines += ["", "| model | row | tok/s | x its standard | x plain standard | catch-ups per call | "
               "block weights read per token |", "|---|---|---|---|---|---|---|"]
@@ -175,11 +180,12 @@ def main() -> None:
     ap.add_argument("--prompts", default="runs/speed_small/prompts.jsonl", help="decode prompts (run.sh writes them)")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes (default 3)")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer (default 128)")
+    ap.add_argument("--text-tokens", type=int, default=16384, help="held-out tokens agreement reads (default 16384)")
     args = ap.parse_args()
     runs, results = Path(args.runs), Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     if args.measure:
-        measure(runs, results, Path(args.prompts), args.repeats, args.max_new_tokens)
+        measure(runs, results, Path(args.prompts), args.repeats, args.max_new_tokens, args.text_tokens)
     s = summarize(runs, results)
     plot(runs, s, results)
     print(tables(s))

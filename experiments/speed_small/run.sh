@@ -42,11 +42,7 @@ heldout() {  # the held-out 10% of Austen and the KJV, and 8 decode prompts from
 
 stage_eval() {
   heldout
-  for name in plain shared_ee shared recycle; do
-    [[ -f "$RES/eval_$name.json" ]] || $RG eval --model "$RUNS/$name" --module "$RUNS/$name/module.safetensors" \
-      --text "$RUNS/heldout.txt" --max-tokens 40000 --seq-len 512 --batch-size 4 --threads "$THREADS" \
-      --json "$RES/eval_$name.json"
-  done
+  for name in plain shared_ee shared recycle; do eval_one "$name"; done
   $PY experiments/speed_small/report.py --runs "$RUNS" --results "$RES" --measure
 }
 
