@@ -23,6 +23,7 @@ block i % n_unique_layers, with its own cache slot) and hands out an early-layer
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -275,13 +276,14 @@ class Stack(nn.Module):
         """
         w = early.shape[1]
         cache.check_room(1 + w)
-        tree = Tree.from_parents([-1, *[0] * w])  # the candidates hang off the pending token
+        tree = _fan(w)  # the candidates hang off the pending token
         tree = Tree(tree.depth.to(early.device), tree.mask.to(early.device))
         cos, sin = self._rope(cache, 1 + w, tree)
-        mask = cache.attn_mask(1 + w, tree.mask)[..., 1:, :]
         if self.row_invariant:
             views = cache.row_views(1 + w, tree.mask)
             mask = RowViews(views.keys[1:], views.masks[1:])
+        else:
+            mask = cache.attn_mask(1 + w, tree.mask)[..., 1:, :]
         root_mask = cache.attn_mask(1)
         for t in range(max(self.n_layers - exit_layer, exit_layer)):
             lay, ear = exit_layer + t, t  # the logical layers the pending token and the candidates are at
@@ -307,6 +309,13 @@ class Stack(nn.Module):
         return KVCache(
             self.n_layers, batch, self.cfg.n_kv_heads, self.cfg.head_dim, max_len, p.dtype, p.device
         )
+
+
+@functools.lru_cache(maxsize=8)
+def _fan(width: int) -> Tree:
+    """A root and ``width`` children, on the CPU: the layout of a ``Stack.wavefront`` call, built once per width
+    rather than once per decode cycle."""
+    return Tree.from_parents([-1, *[0] * width])
 
 
 class Backbone(nn.Module):
