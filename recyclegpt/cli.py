@@ -83,12 +83,14 @@ def emit(result: dict | list, path: str | None = None, show: bool = True) -> int
 
 def measured(args: argparse.Namespace, base, **result) -> dict:
     """A measured result (bench, eval, lm-eval) with the model options it ran with and the machine it ran on."""
+    from recyclegpt import kernels
     from recyclegpt.hardware import measured_on, product_path
 
+    products = product_path(base.prepack, args.quant, getattr(args, "compile", False), getattr(args, "device", "cpu"))
+    if args.quant != "none":
+        products += f"; {kernels.describe(build_now=True)}"
     return {"model": base.name, "module": args.module, "dtype": args.dtype, "prepack": base.prepack,
-            "quant": args.quant, "products": product_path(base.prepack, args.quant, getattr(args, "compile", False),
-                                                          getattr(args, "device", "cpu")),
-            **result, **measured_on()}
+            "quant": args.quant, "products": products, **result, **measured_on()}
 
 
 def compared(args: argparse.Namespace, base) -> dict:
@@ -103,12 +105,14 @@ def compared(args: argparse.Namespace, base) -> dict:
 def cmd_info(args: argparse.Namespace) -> int:
     """Parameter counts of a preset's backbone and module, this machine's CPU (model, vector features) and the
     products decoding uses on it by default."""
+    from recyclegpt import kernels
     from recyclegpt.hardware import cpu_info, prepack_by_default, product_path
     from recyclegpt.recycle import preset_summary
 
     cpu = cpu_info()
     products = product_path(prepack_by_default(cpu))
-    info = {**preset_summary(args.preset), "cpu": cpu.record(), "products": products}
+    quantized = f"PyTorch's int8 / int4 CPU kernels, bfloat16 activations at the products; {kernels.describe()}"
+    info = {**preset_summary(args.preset), "cpu": cpu.record(), "products": products, "quantized": quantized}
     emit(info, args.json, show=args.print_json)
     if args.print_json:
         return 0
@@ -121,6 +125,7 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"{2 * m['d_model']}->{m['d_model']}; embedding and head shared)")
     print(f"  module share: {100 * info['module_share']:.1f}% of the backbone\ncpu: {cpu.describe()}")
     print(f"products (float32 and bfloat16, native backend, by default): {products}")
+    print(f"products with --quant int8 / int4: {quantized}")
     return 0
 
 

@@ -164,8 +164,12 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        # The compiled block (``kernels.attach``, quantized models): decode calls go through it, prefills stay eager.
+        self.fused = None
 
     def forward(self, x, cos, sin, cache, parts) -> torch.Tensor:
+        if self.fused is not None and cache is not None and (cache.length or x.shape[1] == 1):
+            return self.fused(x, cos, sin, cache, parts)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, parts)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -3,6 +3,7 @@ copy mixture, timed inside the engine's own decode loop (no profiler overhead), 
 
     python scripts/profile_cycle.py --prepack --threads 2              # standard against alternating
     python scripts/profile_cycle.py --prepack --strategies standard verified --draft-len 2 --draft-width 4
+    python scripts/profile_cycle.py --quant int4 --strategies standard alternating verified
 
 Each strategy runs the same prompts (chat template applied, one at a time, batch 1) after one warm-up pass,
 then ``--repeats`` interleaved passes; the table gives each pass's milliseconds per emitted token, split by
@@ -54,12 +55,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed passes after the warm-up (default 2)")
     p.add_argument("--prepack", action=argparse.BooleanOptionalAction, default=None,
                    help="oneDNN with packed weights (as --prepack elsewhere; default: this CPU's choice)")
+    p.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
+                   help="weight-only quantized products (as --quant elsewhere; default none)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.n < 1 or args.repeats < 1:
         p.error("--n and --repeats must be at least 1")
     setup_cpu(args.threads)
-    engine, base = load(module=args.module, prepack=args.prepack, with_base=True)
+    engine, base = load(module=args.module, prepack=args.prepack, quant=args.quant, with_base=True)
     ids = [prompt_ids(engine.tokenizer, q, base.chat) for q in read_prompts(args.prompts)[: args.n]]
     spent = dict.fromkeys(PARTS, 0.0)
     for key, (owner, name) in PARTS.items():

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from recyclegpt import kernels
 from recyclegpt.bases.convert import NATIVE_ARCHITECTURES, UnsupportedArchitecture, backbone_from_hf
 from recyclegpt.bases.hf import HFBackbone
 from recyclegpt.bases.registry import DEFAULT_BASE, DTYPES, QUANTS, REGISTRY, BaseError, BaseSpec, home, resolve
@@ -266,6 +267,7 @@ def _ready(part: torch.nn.Module, dtype: str, prepack: bool, quant: str = "none"
             raise BaseError(str(exc)) from None
         if isinstance(part, Backbone):  # verified stays exact: its calls attend as one-token calls do
             part.stack.row_invariant = True
+            kernels.attach(part.stack)  # the compiled block where it builds, else the eager one
 
 
 def module_for(base: Base, module: str | None, dtype: str = "float32", prepack: bool | None = None,
