@@ -111,7 +111,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     cpu = cpu_info()
     products = product_path(prepack_by_default(cpu))
-    quantized = f"PyTorch's int8 / int4 CPU kernels, bfloat16 activations at the products; {kernels.describe()}"
+    quantized = kernels.describe()
     info = {**preset_summary(args.preset), "cpu": cpu.record(), "products": products, "quantized": quantized}
     emit(info, args.json, show=args.print_json)
     if args.print_json:

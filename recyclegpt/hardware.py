@@ -119,7 +119,7 @@ def product_path(prepack: bool, quant: str = "none", compile: bool = False, devi
     if not str(device).startswith("cpu"):
         return f"{device} (PyTorch's own kernels)"
     if quant != "none":
-        return f"{quant} weight-only (PyTorch's {quant} CPU kernels, bfloat16 activations at the products)"
+        return f"{quant} weight-only"
     if compile:
         return "torch.compile (inductor)"
     return "oneDNN, weights packed once (--prepack)" if prepack else "MKL through F.linear (--no-prepack)"

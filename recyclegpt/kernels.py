@@ -1,16 +1,20 @@
-"""The compiled decode block of quantized models (``csrc/quant_block.cpp``): build, load, attach, call.
+"""This project's compiled kernels for quantized decoding (``csrc/``): build, load, attach, call.
 
-A weight-only quantized SmolLM2 step read its weights near the memory limit, yet half of it was eager
-overhead: some 60 small tensor operations per block, each a few microseconds of dispatch. ``quant_block``
-runs a whole block in one call: PyTorch's int8 / int4 kernels for the products, plain loops for the rest.
-It attends one query at a time over the keys that query may see, so every new token of a call gets what a
-one-token call would give it, bit for bit (what keeps verified decoding exact on a quantized model).
+* ``csrc/qmm.h``: products of float32 rows with int4 / int8 weights (``quant.QuantLinear``'s layout), the rows
+  rounded to int8 in blocks of 32 and multiplied as integers (AVX-512 VNNI, AVX2 or plain C++, picked at run time
+  by what the CPU has), each weight block loaded once for all rows of a call. PyTorch's own int4 kernel is bound
+  by arithmetic on these CPUs (a 3072 x 576 product: 54 us on 2 threads against 27 us to stream its bytes).
+* ``csrc/quant_block.cpp``: a whole transformer block (``quant_block``) or all layers of a stack (``quant_stack``)
+  as one call: those products, and plain loops for norms, rotation, cache writes, attention and SwiGLU. Eager, the
+  same block is some 60 tensor operations of a few microseconds each, half of an int4 SmolLM2 step. Attention
+  runs one query at a time over the keys it may see, so every new token of a call gets what a one-token call would
+  give it, bit for bit (what keeps verified decoding exact on a quantized model).
 
-The source is compiled once per machine with the system's C++ compiler (``g++``, or ``$CXX``) for the CPU it
+The sources are compiled once per machine with the system's C++ compiler (``g++``, or ``$CXX``) for the CPU it
 runs on, against the installed torch, and cached under ``~/.cache/recyclegpt/kernels`` (``$RECYCLEGPT_HOME/kernels``)
-by a key of the source, torch's version and the CPU's features; loading the cached library takes milliseconds.
-Where it cannot be built (no compiler), quantized models decode through the eager ``model.Block`` instead,
-which is exact too and slower (``recyclegpt info`` says which path runs).
+by a key of the sources, the flags, torch's version and the CPU's features; loading the cached library takes
+milliseconds. Where it cannot be built (no compiler), quantized layers use PyTorch's int8 / int4 kernels and the
+eager ``model.Block``: exact too, and slower (``recyclegpt info`` says which path runs).
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ import torch
 from recyclegpt.hardware import cpu_info
 
 SOURCE = Path(__file__).with_name("csrc") / "quant_block.cpp"
+# -fopenmp: at::parallel_for is OpenMP inlined into the library (without it, it runs on one thread); the libgomp.so.1
+# it needs is the one torch has already loaded
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w")
+HEADERS = (SOURCE.with_name("qmm.h"),)
 
 
 class KernelError(RuntimeError):
@@ -45,8 +53,8 @@ def cache_dir() -> Path:
 def _key() -> str:
     """What a built library depends on: the source, torch, the compiler's target (this CPU's features)."""
     cpu = cpu_info()
-    h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(f"{torch.__version__} {cpu.model} {cpu.family} {' '.join(cpu.features)}".encode())
+    h = hashlib.sha256(b"".join(f.read_bytes() for f in (SOURCE, *HEADERS)))
+    h.update(f"{' '.join(FLAGS)} {torch.__version__} {cpu.model} {cpu.family} {' '.join(cpu.features)}".encode())
     return h.hexdigest()[:16]
 
 
@@ -69,7 +77,7 @@ def build(quiet: bool = False) -> Path:
         raise KernelError("no C++ compiler found (install g++, or set $CXX) to build the quantized decode block")
     target.parent.mkdir(parents=True, exist_ok=True)
     libs = library_paths()
-    cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+    cmd = [cxx, *FLAGS, f"-I{SOURCE.parent}",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
            *[f"-I{p}" for p in include_paths()], str(SOURCE),
            *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10", "-ltorch_cpu"]
@@ -95,26 +103,31 @@ def load() -> str | None:
     return None
 
 
+ISAS = ("plain C++", "AVX2", "AVX-512 VNNI")  # csrc/qmm.h's paths, by torch.ops.recyclegpt.best_isa()
+
+
 def describe(build_now: bool = False) -> str:
-    """The decode block quantized models get on this machine, in words (``recyclegpt info``, result files).
+    """The products and blocks quantized models get on this machine, in words (``recyclegpt info``, result files).
 
     Args:
-        build_now: build it if it is not built yet (else say so without building).
+        build_now: build the kernels if they are not built yet (else say so without building).
     """
     if not build_now and not (cache_dir() / f"quant_block-{_key()}.so").is_file():
-        return "compiled decode block: not built yet (built once, on the first --quant run)"
+        return "this project's compiled kernels, not built yet (built once, on the first --quant run)"
     why = load()
-    return "compiled decode block (csrc/quant_block.cpp)" if why is None else f"eager blocks ({why.splitlines()[0]})"
+    if why is not None:
+        return f"PyTorch's int8 / int4 CPU kernels (bfloat16 activations), eager blocks ({why.splitlines()[0]})"
+    return (f"this project's compiled kernels ({ISAS[torch.ops.recyclegpt.best_isa()]}): activations rounded to int8 "
+            "in blocks of 32, integer products, one call per decode step (csrc/qmm.h, csrc/quant_block.cpp)")
 
 
 def block_args(block) -> tuple[list[torch.Tensor], list[int], float] | None:
     """The weights, integer settings and epsilon ``quant_block`` reads for a ``model.Block`` whose four products
-    are int8 / int4 layers (q/k/v and gate/up fused), or None when it does not fit (then it runs eagerly)."""
-    from recyclegpt.quant import Int4Linear, Int8Linear
-
+    are int8 / int4 layers in this library's layout (q/k/v and gate/up fused), or None when it does not fit (then
+    it runs eagerly)."""
     attn, mlp = block.self_attn, block.mlp
     layers = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    if not all(isinstance(lay, (Int8Linear, Int4Linear)) for lay in layers):
+    if not all(getattr(lay, "compiled", False) for lay in layers):  # quant.QuantLinear in the kernels' layout
         return None
     if any(lay.bias is not None for lay in layers[1:]) or attn.head_dim % 2:
         return None
@@ -122,17 +135,12 @@ def block_args(block) -> tuple[list[torch.Tensor], list[int], float] | None:
     if any(n.weight.dtype != torch.float32 for n in norms) or norms[0].eps != norms[1].eps:
         return None
     weights = [norms[0].weight.detach(), norms[1].weight.detach()]
-    modes = []
     for lay in layers:
-        if isinstance(lay, Int8Linear):
-            weights += [lay.qweight, lay.scales]
-            modes.append(0)
-        else:
-            weights += [lay.packed, lay.scale_zeros]
-            modes.append(lay.group_size)
+        weights += [lay.codes, lay.scale, lay.zero]
     bias = attn.qkv_proj.bias
     weights.append(torch.empty(0) if bias is None else bias.detach().float())
-    return weights, [attn.n_heads, attn.n_kv_heads, attn.head_dim, *modes], float(norms[0].eps)
+    ints = [attn.n_heads, attn.n_kv_heads, attn.head_dim, *(lay.bits for lay in layers), -1]  # -1: this CPU's kernels
+    return weights, ints, float(norms[0].eps)
 
 
 def attach(stack) -> str | None:
@@ -143,9 +151,12 @@ def attach(stack) -> str | None:
         return why
     args = [block_args(b) for b in stack.layers]
     if any(a is None for a in args):
-        return "a block's products are not all int8 / int4 with q/k/v and gate/up fused, or its norms are not float32"
+        return ("a block's products are not all int8 / int4 in this library's layout with q/k/v and gate/up fused, "
+                "or its norms are not float32")
     for block, a in zip(stack.layers, args, strict=True):
         block.fused = functools.partial(run_block, a)
+    weights = [t for a in args for t in a[0]]  # every unique block's, in order
+    stack.fused = functools.partial(run_stack, (weights, args[0][1], args[0][2]))
     stack.row_invariant = False  # the kernel attends row by row itself: masks stay dense
     return None
 
@@ -166,4 +177,13 @@ def run_block(args, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache
                                            caches, cache.length, rows, masks, prefixes)
 
 
-__all__ = ["KernelError", "attach", "block_args", "build", "cache_dir", "describe", "load", "run_block"]
+def run_stack(args, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, mask: torch.Tensor | None,
+              first: int, last: int) -> torch.Tensor:
+    """Logical layers ``first`` .. ``last`` - 1 of a stack over x (B, T, d) with the compiled kernel, one call: a plain
+    decode call (every row at the cache's next slots, ``mask`` dense or None for causal). ``args`` from ``attach``."""
+    weights, ints, eps = args
+    return torch.ops.recyclegpt.quant_stack(x.contiguous(), cos.contiguous(), sin.contiguous(), weights, ints, eps,
+                                            cache.k, cache.v, cache.length, mask, first, last)
+
+
+__all__ = ["KernelError", "attach", "block_args", "build", "cache_dir", "describe", "load", "run_block", "run_stack"]

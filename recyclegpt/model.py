@@ -188,6 +188,8 @@ class Stack(nn.Module):
         # Attend row by row in calls over several new tokens (``cache.RowViews``): set for quantized products,
         # whose bfloat16 inputs turn a last-bit difference between one call and several into a flipped token.
         self.row_invariant = False
+        # The compiled stack (``kernels.attach``, quantized models): plain decode calls run every layer in one call.
+        self.fused = None
         self.n_layers = n_layers
         self.layers = nn.ModuleList(Block(cfg) for _ in range(n_unique or n_layers))
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -220,10 +222,15 @@ class Stack(nn.Module):
         if self.row_invariant and cache is not None and T > 1 and start > 0:  # a decode call, not a prefill
             mask = cache.row_views(T, None if tree is None else tree.mask)
         early = None
-        for i in range(self.n_layers):
-            x = self.block(i)(x, cos, sin, cache, [Part(slice(None), i, mask)])  # the cache's slot i: layer i's
-            if i + 1 == exit_layer:
-                early = x
+        if self.fused is not None and cache is not None and (start or T == 1):  # a decode call: compiled layers
+            if exit_layer is not None:
+                x = early = self.fused(x, cos, sin, cache, mask, 0, exit_layer)
+            x = self.fused(x, cos, sin, cache, mask, exit_layer or 0, self.n_layers)
+        else:
+            for i in range(self.n_layers):
+                x = self.block(i)(x, cos, sin, cache, [Part(slice(None), i, mask)])  # the cache's slot i: layer i's
+                if i + 1 == exit_layer:
+                    early = x
         if cache is not None:
             cache.advance(T)
         return x if exit_layer is None else (x, early)
@@ -255,8 +262,11 @@ class Stack(nn.Module):
         cache.check_room(1)
         cos, sin = self._rope(cache, 1, None)
         mask = cache.attn_mask(1)
-        for i in range(exit_layer):
-            x = self.block(i)(x, cos, sin, cache, [Part(slice(None), i, mask)])
+        if self.fused is not None:
+            x = self.fused(x, cos, sin, cache, mask, 0, exit_layer)
+        else:
+            for i in range(exit_layer):
+                x = self.block(i)(x, cos, sin, cache, [Part(slice(None), i, mask)])
         return x, cache.read(exit_layer, torch.full((x.shape[0],), cache.length, device=x.device))
 
     def wavefront(self, late: torch.Tensor, stash: list[tuple[torch.Tensor, torch.Tensor]], early: torch.Tensor,

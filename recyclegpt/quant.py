@@ -1,4 +1,9 @@
-"""Weight-only int8 / int4 linear layers for CPU decoding, through PyTorch's own kernels.
+"""Weight-only int8 / int4 linear layers for CPU decoding.
+
+Where this project's compiled kernels build (``kernels``, ``csrc/qmm.h``: the default), the layers keep their
+weights in those kernels' layout and round their input rows to int8 in blocks of 32 (as llama.cpp does); the same
+weights multiply in integers, each weight block read once for all rows of a call. Elsewhere they run through
+PyTorch's own kernels, described here.
 
 A float32 decode step of a small model mostly reads weights; storing them in 8 or 4 bits reads 4x or 8x
 fewer bytes. Two kernels of PyTorch's CPU build do the product with bfloat16 activations (their
@@ -59,27 +64,44 @@ def missing_ops(mode: str) -> list[str]:
 
 
 class QuantLinear(nn.Module):
-    """Common part of the weight-only quantized layers: float32 (or the input's dtype) at the boundary,
-    bfloat16 only at the product's input.
+    """Common part of the weight-only quantized layers: float32 (or the input's dtype) at the boundary.
+
+    Two product paths, fixed when the layer is made. Where this project's compiled kernels load
+    (``kernels.load``: ``csrc/qmm.h``, built once per machine), ``compiled`` is True: the layer keeps ``codes``,
+    ``scale`` and ``zero`` in that kernel's layout, and the input rows are rounded to int8 in blocks of 32 and
+    multiplied as integers (as llama.cpp does), each weight block loaded once for all rows of a call. Otherwise
+    PyTorch's kernels run, with bfloat16 inputs. Either way a row's result does not depend on the rows sharing the call.
 
     The original weight stays referenced as ``weight`` (a tied head is the embedding's matrix, and
     ``head_weight`` readers such as the module's draft rows keep working); the quantized copy is what
     the product reads. No gradient, no ``torch.compile``, no ``.to()`` after quantizing (it would cast
-    the bfloat16 scales).
+    the scales).
     """
 
     mode = ""
+    bits = 0
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compiled: bool | None = None) -> None:
         super().__init__()
+        from recyclegpt import kernels
+
         self.weight, self.bias = weight, bias
         self.out_features, self.in_features = weight.shape
+        self.compiled = kernels.load() is None if compiled is None else compiled
+        if self.compiled and kernels.load() is not None:
+            raise ValueError(f"the compiled product is not available: {kernels.load()}")
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if self.compiled:
+            a = x.reshape(-1, self.in_features).float().contiguous()  # (M, K)
+            y = torch.ops.recyclegpt.qmm(a, self.codes, self.scale, self.zero, self.bits, -1).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(x.dtype)
+            return y.view(*shape[:-1], self.out_features)
         a = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, K)
         if a.data_ptr() % 64:  # the int8 kernel loads its input rows with aligned vector loads
             a = a.clone()
@@ -131,14 +153,26 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return ((q - 8) * scale.float()[..., None] + zero.float()[..., None]).reshape(N, K)
 
 
+def _padded(t: torch.Tensor, k: int) -> torch.Tensor:
+    """t (N, K') with zero columns appended up to k."""
+    return torch.nn.functional.pad(t, (0, k - t.shape[1])).contiguous()
+
+
 class Int8Linear(QuantLinear):
     """int8 weights, one bfloat16 scale per output row (``quantize_int8``)."""
 
     mode = "int8"
+    bits = 8
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__(weight, bias)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, compiled: bool | None = None) -> None:
+        super().__init__(weight, bias, compiled)
         codes, scales = quantize_int8(weight)
+        if self.compiled:  # qmm.h: (N, K rounded up to 64) int8 codes, float32 scales
+            kp = -(-self.in_features // 64) * 64
+            self.register_buffer("codes", _padded(codes, kp))
+            self.register_buffer("scale", scales.float())
+            self.register_buffer("zero", torch.empty(0))
+            return
         self.register_buffer("qweight", codes)  # (N, K) int8
         self.register_buffer("scales", scales)  # (N,) bf16
 
@@ -151,11 +185,23 @@ class Int4Linear(QuantLinear):
     packed in this CPU's layout."""
 
     mode = "int4"
+    bits = 4
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32) -> None:
-        super().__init__(weight, bias)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32,
+                 compiled: bool | None = None) -> None:
+        super().__init__(weight, bias, compiled)
         self.group_size = group_size
         codes, scale, zero = quantize_int4(weight, group_size)
+        if self.compiled:  # qmm.h: blocks of 32 (a group's scale and zero repeated), two blocks per 32 bytes
+            N, K = codes.shape
+            kp = -(-K // 64) * 64
+            per = group_size // 32
+            c = _padded(codes, kp).view(N, kp // 64, 2, 32)
+            self.register_buffer("codes", (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, kp // 2).contiguous())
+            blocks = [_padded(t.repeat_interleave(per, 1), kp // 32).view(N, kp // 64, 2) for t in (scale, zero)]
+            self.register_buffer("scale", torch.cat(blocks, -1).contiguous())  # (N, Kp / 64, 4): 2 scales, 2 zeros
+            self.register_buffer("zero", torch.empty(0))
+            return
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)  # (N, K/2) uint8
         scale_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (G, N, 2) bf16
         self.register_buffer("packed", packed)

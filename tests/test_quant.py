@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from recyclegpt import quant
+from recyclegpt import kernels, quant
 from recyclegpt.bases.tokenizer import ByteTokenizer
 from recyclegpt.config import PRESETS
 from recyclegpt.generate import Engine
@@ -27,8 +27,24 @@ KINDS = [("int8", None), ("int4", 32), ("int4", 64)]
 SHAPES = [(192, 576), (64, 1536), (48, 64)]  # (N, K): k/v, down (fewer rows), tiny
 
 
-def _layer(w: torch.Tensor, mode: str, group: int | None) -> QuantLinear:
-    return Int8Linear(w) if mode == "int8" else Int4Linear(w, group_size=group)
+def _layer(w: torch.Tensor, mode: str, group: int | None, compiled: bool | None = None) -> QuantLinear:
+    return Int8Linear(w, compiled=compiled) if mode == "int8" else Int4Linear(w, group_size=group, compiled=compiled)
+
+
+def _int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) as the compiled product rounds it: int8 in blocks of 32 inputs, scale max |x| / 127 (csrc/qmm.h)."""
+    M, K = x.shape
+    kp = -(-K // 32) * 32
+    b = torch.nn.functional.pad(x, (0, kp - K)).view(M, kp // 32, 32)
+    amax = b.abs().amax(-1, keepdim=True)
+    q = torch.round(b * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
+    return (q * (amax / 127)).view(M, kp)[:, :K]
+
+
+# The compiled product when it builds here (``kernels``), and PyTorch's kernels: both paths of every quantized layer.
+PATHS = [pytest.param(False, id="torch"),
+         pytest.param(True, id="compiled", marks=pytest.mark.skipif(
+             kernels.load() is not None, reason=f"the compiled product did not build: {kernels.load()}"))]
 
 
 def _dequantized(w: torch.Tensor, mode: str, group: int | None) -> torch.Tensor:
@@ -68,21 +84,45 @@ def test_int4_codes_layout_and_grid():
     assert torch.equal(deq[0, :32], torch.full((32,), 0.5))
 
 
+@pytest.mark.parametrize("compiled", PATHS)
 @pytest.mark.parametrize("mode,group", KINDS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kernel_equals_dequantized_product(shape, mode, group):
-    """Tight: the kernel's result is x (rounded to bfloat16) @ the dequantized weights, then rounded to
-    bfloat16: within half a bfloat16 step (2^-8 relative) plus float32 accumulation error."""
+def test_kernel_equals_dequantized_product(shape, mode, group, compiled):
+    """Tight. PyTorch's kernels: x rounded to bfloat16 @ the dequantized weights, then rounded to bfloat16: within
+    half a bfloat16 step (2^-8 relative) plus float32 accumulation error. The compiled product: x rounded to int8 in
+    blocks of 32 @ the dequantized weights, within float32 accumulation error (integer sums are exact)."""
     if not _fits(shape, mode, group):
         pytest.skip("shape not taken by this kernel")
     N, K = shape
     w, x = torch.randn(N, K) * 0.05, torch.randn(8, K)
-    y = _layer(w, mode, group)(x)
+    layer = _layer(w, mode, group, compiled)
+    assert layer.compiled == compiled
+    y = layer(x)
     assert y.dtype == torch.float32 and y.shape == (8, N)
     deq = _dequantized(w, mode, group).double()
+    if compiled:
+        xq = _int8_rows(x).double()
+        assert ((y.double() - xq @ deq.T).abs() <= (xq.abs() @ deq.abs().T) * 2**-19).all()
+        return
     ref = x.bfloat16().double() @ deq.T
     accumulation = (x.bfloat16().double().abs() @ deq.abs().T) * K * 2**-24
     assert ((y.double() - ref).abs() <= ref.abs() * 2**-8 + accumulation).all()
+
+
+@pytest.mark.parametrize("mode,group", KINDS)
+def test_every_instruction_set_computes_the_same_product(mode, group):
+    """The compiled product's AVX-512 VNNI, AVX2 and plain C++ paths (each CPU gets the widest it has) agree up to
+    float32 rounding; this CPU's own path is the one layers call."""
+    if kernels.load() is not None:
+        pytest.skip(f"the compiled product did not build: {kernels.load()}")
+    best = torch.ops.recyclegpt.best_isa()
+    layer = _layer(torch.randn(3072, 576) * 0.02, mode, group, compiled=True)
+    x = torch.randn(5, 576)
+    got = {isa: torch.ops.recyclegpt.qmm(x, layer.codes, layer.scale, layer.zero, layer.bits, isa)
+           for isa in range(best + 1)}
+    assert torch.equal(got[best], layer(x))
+    for y in got.values():
+        assert float((y - got[0]).abs().max()) <= 1e-5 * float(got[0].abs().max())
 
 
 # Relative (Frobenius) error against the float32 product, Gaussian weights: int8 measures ~0.8% (bfloat16
@@ -90,23 +130,25 @@ def test_kernel_equals_dequantized_product(shape, mode, group):
 LOOSE = {("int8", None): 0.015, ("int4", 32): 0.10, ("int4", 64): 0.12}
 
 
+@pytest.mark.parametrize("compiled", PATHS)
 @pytest.mark.parametrize("mode,group", KINDS)
-def test_close_to_float32_product(mode, group):
+def test_close_to_float32_product(mode, group, compiled):
     w, x = torch.randn(1536, 576) * 0.02, torch.randn(16, 576)
-    err = relative_error(_layer(w, mode, group)(x), x.double() @ w.double().T)
+    err = relative_error(_layer(w, mode, group, compiled)(x), x.double() @ w.double().T)
     assert err < LOOSE[(mode, group)]
 
 
+@pytest.mark.parametrize("compiled", PATHS)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode,group", KINDS)
-def test_a_row_does_not_depend_on_the_rows_beside_it(mode, group, threads):
+def test_a_row_does_not_depend_on_the_rows_beside_it(mode, group, threads, compiled):
     """What verified decoding needs: scoring k tokens in one call gives each what a one-token call gives,
     bit for bit, for 1..8 rows, 2-D and 3-D inputs, at 1 and 2 threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for N, K in [(192, 576), (576, 1536), (2048, 576)]:
-            layer = _layer(torch.randn(N, K) * 0.02, mode, group)
+            layer = _layer(torch.randn(N, K) * 0.02, mode, group, compiled)
             x = torch.randn(8, K)
             single = torch.cat([layer(x[i : i + 1]) for i in range(8)])  # (8, N)
             for m in range(1, 9):

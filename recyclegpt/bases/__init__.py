@@ -252,11 +252,11 @@ def decoding_base(
 
 
 def _ready(part: torch.nn.Module, dtype: str, prepack: bool, quant: str = "none") -> None:
-    """Cast a backbone or module (already on its device) for decoding, fuse a native backbone's q/k/v and
-    gate/up products (``model.fuse_projections``), then pack or quantize its products if asked (that comes
-    last)."""
+    """Cast a backbone or module (already on its device) for decoding; fuse its q/k/v and gate/up products
+    (``model.fuse_projections``) before quantizing them (a backbone's before packing them too); quantized, its
+    blocks decode through the compiled block (``kernels.attach``)."""
     part.to(getattr(torch, dtype))
-    if isinstance(part, Backbone) and (prepack or quant != "none"):
+    if (prepack and isinstance(part, Backbone)) or quant != "none":
         fuse_projections(part)
     if prepack:
         prepack_linears(part)
@@ -267,7 +267,7 @@ def _ready(part: torch.nn.Module, dtype: str, prepack: bool, quant: str = "none"
             raise BaseError(str(exc)) from None
         if isinstance(part, Backbone):  # verified stays exact: its calls attend as one-token calls do
             part.stack.row_invariant = True
-            kernels.attach(part.stack)  # the compiled block where it builds, else the eager one
+        kernels.attach(part.stack)  # the compiled block where it builds, else the eager one
 
 
 def module_for(base: Base, module: str | None, dtype: str = "float32", prepack: bool | None = None,

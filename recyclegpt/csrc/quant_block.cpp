@@ -1,20 +1,19 @@
-// One transformer block of a weight-only quantized model, decoding with a KV cache, as one call.
+// One transformer block of a weight-only quantized model, decoding with a KV cache, as one call; and the quantized
+// products it runs (qmm.h), also offered alone (recyclegpt::qmm, what quant.py's layers call).
 //
 // model.Block does the same in some 60 eager tensor operations, each a few microseconds of dispatch on a small
-// model, which made up half of an int4 SmolLM2 step. Here only the products go through PyTorch (its int8 / int4 CPU
-// kernels, aten::_weight_int8pack_mm and aten::_weight_int4pack_mm_for_cpu, bfloat16 in and out); the norms, the
-// rotary embedding, the cache writes, attention and the SwiGLU gate are plain loops over float32.
+// model, which made up half of an int4 SmolLM2 step. Here the norms, the rotary embedding, the cache writes,
+// attention and the SwiGLU gate are plain loops over float32, and the products are qmm.h's integer kernels.
 //
 // Every new token's result is that of a one-token call at its slot, whatever else shares the call: the products
-// never mix rows (quant.py), and attention runs one query at a time over the keys it may see, in slot order, with
-// the same loops for every query. So verified decoding checks several tokens in one call and still gets the logits
+// never mix rows, and attention runs one query at a time over the keys it may see, in slot order, with the same
+// loops for every query. So verified decoding checks several tokens in one call and still gets the logits
 // standard decoding would, bit for bit.
 //
 // Built by recyclegpt/kernels.py for the CPU it runs on (-march=native), loaded with torch.ops.load_library.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -23,16 +22,59 @@
 #include <cstring>
 #include <vector>
 
+#include "qmm.h"
+
 namespace {
 
 using at::Tensor;
-using bf16 = c10::BFloat16;
 constexpr int LANES = 16;  // float lanes summed apart in dot products (vectorised, same order for every row)
 
-// The product of bfloat16 rows a (M, K) with a quantized weight: mode 0 is int8 (weight, per-row scales), a
-// positive mode is int4 with that group size (packed weight, scales and zeros). Returns (M, N) bfloat16.
-Tensor product(const Tensor& a, const Tensor& w, const Tensor& s, int64_t mode) {
-  return mode == 0 ? at::_weight_int8pack_mm(a, w, s) : at::_weight_int4pack_mm_for_cpu(a, w, mode, s);
+// Rows x (M, K) float32 rounded to int8 in blocks of 32 (qmm.h), with what the kernels read beside them; the
+// buffers are the calling thread's own, reused from call to call.
+qmm::Rows quantize_rows(const float* x, int64_t M, int64_t K) {
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> s, sq, lane, lane_sq;
+  const int64_t Kp = (K + 63) / 64 * 64, G = Kp / qmm::BLOCK, P = Kp / 64;
+  q.assign(M * Kp, 0);
+  s.resize(M * G);
+  sq.resize(M * G);
+  lane.resize(M * P * 16);
+  lane_sq.assign(M * P * 16, 0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < G; ++b) {
+      const int64_t k0 = b * qmm::BLOCK, k1 = std::min(K, k0 + qmm::BLOCK);
+      float amax = 0;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::abs(x[m * K + k]));
+      const float scale = amax / 127, inv = amax > 0 ? 127 / amax : 0;
+      int32_t sum = 0;
+      for (int64_t k = k0; k < k1; ++k) {
+        const int8_t v = static_cast<int8_t>(std::nearbyint(x[m * K + k] * inv));
+        q[m * Kp + k] = v;
+        sum += v;
+      }
+      s[m * G + b] = scale;
+      sq[m * G + b] = scale * static_cast<float>(sum);
+      float* l = lane.data() + (m * P + b / 2) * 16 + (b % 2) * 8;
+      std::fill(l, l + 8, scale);
+      lane_sq[(m * P + b / 2) * 16 + (b % 2) * 8] = sq[m * G + b];
+    }
+  return {M, K, Kp, q.data(), s.data(), sq.data(), lane.data(), lane_sq.data()};
+}
+
+// y (M, N) = x (M, K) times a quantized weight (codes, scale, zero as qmm.h lays them out; bits 4 or 8), float32.
+void product(const float* x, int64_t M, int64_t K, const Tensor& codes, const Tensor& scale, const Tensor& zero,
+             int64_t bits, int64_t isa, float* y) {
+  const qmm::Rows rows = quantize_rows(x, M, K);
+  const int64_t N = codes.size(0);
+  TORCH_CHECK(codes.size(1) * (bits == 4 ? 2 : 1) == rows.Kp, "the weight's K does not match the input's");
+  qmm::Weights w{static_cast<int>(bits), N, rows.Kp, reinterpret_cast<const uint8_t*>(codes.data_ptr()),
+                 bits == 4 ? reinterpret_cast<const uint16_t*>(scale.data_ptr()) : nullptr,
+                 bits == 8 ? scale.data_ptr<float>() : nullptr};
+  const int path = isa < 0 ? qmm::best_isa() : static_cast<int>(isa);
+  at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4)
+      qmm::rows(path, rows, w, lo, hi, m0, static_cast<int>(std::min<int64_t>(4, M - m0)), y);
+  });
 }
 
 float dot(const float* a, const float* b, int64_t n) {
@@ -46,12 +88,12 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// out[m] = bfloat16(x[m] / rms(x[m]) * weight), rows of d floats.
-void rms_norm(const float* x, const float* weight, bf16* out, int64_t M, int64_t d, double eps) {
+// out[m] = x[m] / rms(x[m]) * weight, rows of d floats.
+void rms_norm(const float* x, const float* weight, float* out, int64_t M, int64_t d, double eps) {
   for (int64_t m = 0; m < M; ++m) {
     const float* r = x + m * d;
     const float inv = 1.0f / std::sqrt(dot(r, r, d) / static_cast<float>(d) + static_cast<float>(eps));
-    for (int64_t k = 0; k < d; ++k) out[m * d + k] = bf16(r[k] * inv * weight[k]);
+    for (int64_t k = 0; k < d; ++k) out[m * d + k] = r[k] * inv * weight[k];
   }
 }
 
@@ -93,16 +135,21 @@ struct Part {
 }  // namespace
 
 // x (B, T, d) float32 -> the block's output (B, T, d). See model.Block and kernels.fused_block for the arguments.
-Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, std::vector<Tensor> weights,
-                   std::vector<int64_t> ints, double eps, std::vector<Tensor> caches, int64_t start,
-                   std::vector<int64_t> rows, const c10::List<std::optional<Tensor>>& masks,
-                   const c10::List<std::optional<Tensor>>& prefixes) {
+Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, at::TensorList weights, at::IntArrayRef ints,
+                   double eps, at::TensorList caches, int64_t start, at::IntArrayRef rows,
+                   const c10::List<std::optional<Tensor>>& masks, const c10::List<std::optional<Tensor>>& prefixes) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be (B, T, d) float32");
-  TORCH_CHECK(weights.size() == 11 && ints.size() == 7, "weights: 11 tensors, ints: 7");
+  TORCH_CHECK(weights.size() == 15 && ints.size() == 8, "weights: 15 tensors, ints: 8");
   const int64_t B = x.size(0), T = x.size(1), d = x.size(2), M = B * T;
   const int64_t H = ints[0], KV = ints[1], D = ints[2], group = H / KV;
   const int64_t qd = H * D, kvd = KV * D;
-  const Tensor &ln1 = weights[0], &ln2 = weights[1], &bias = weights[10];
+  const Tensor &ln1 = weights[0], &ln2 = weights[1], &bias = weights[14];
+  const int64_t isa = ints[7];
+  // the four products: (codes, scale, zero) at weights[2 + 3 i], bits at ints[3 + i]
+  auto mm = [&](int i, const float* in, int64_t K, float* out) {
+    product(in, M, K, weights[2 + 3 * i], weights[3 + 3 * i], weights[4 + 3 * i], ints[3 + i], isa, out);
+  };
+  const auto f32 = x.options();
   const size_t n_parts = rows.size() / 2;
   TORCH_CHECK(caches.size() == 2 * n_parts && masks.size() == n_parts && prefixes.size() == 2 * n_parts,
               "one (k, v) cache, mask and (k, v) prefix per part");
@@ -115,9 +162,10 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, std::v
                 "parts must cover the rows 0..T in order");
 
   // 1. norm -> q, k, v in one product
-  Tensor a = at::empty({M, d}, x.options().dtype(at::kBFloat16));
-  rms_norm(x.data_ptr<float>(), ln1.data_ptr<float>(), a.data_ptr<bf16>(), M, d, eps);
-  Tensor qkv = product(a, weights[2], weights[3], ints[3]).to(at::kFloat);  // (M, qd + 2 kvd)
+  Tensor a = at::empty({M, d}, f32);
+  rms_norm(x.data_ptr<float>(), ln1.data_ptr<float>(), a.data_ptr<float>(), M, d, eps);
+  Tensor qkv = at::empty({M, qd + 2 * kvd}, f32);
+  mm(0, a.data_ptr<float>(), d, qkv.data_ptr<float>());
   if (bias.numel()) qkv.add_(bias);
   const float* qkvp = qkv.data_ptr<float>();
   const int64_t stride = qd + 2 * kvd;
@@ -176,8 +224,8 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, std::v
 
   // 3. attention, one query at a time over the keys it may see, in slot order; the query heads that share a
   // key/value head go together (one unit), so that each key and value row is loaded once for them
-  Tensor att = at::empty({M, qd}, x.options().dtype(at::kBFloat16));
-  bf16* ap = att.data_ptr<bf16>();
+  Tensor att = at::empty({M, qd}, f32);
+  float* ap = att.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   std::vector<int64_t> first(n_parts + 1, 0);  // units (b, i, g) of part p: first[p] .. first[p + 1]
   int64_t keys_max = 1;
@@ -229,40 +277,84 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, std::v
       }
       for (int64_t h = 0; h < group; ++h) {
         const float inv = n_seen ? 1.0f / total[h] : 0.0f;
-        for (int64_t k = 0; k < D; ++k) ap[m * qd + (g * group + h) * D + k] = bf16(out[h * D + k] * inv);
+        for (int64_t k = 0; k < D; ++k) ap[m * qd + (g * group + h) * D + k] = out[h * D + k] * inv;
       }
     }
   });
 
   // 4. output projection and residual; norm -> gate and up in one product
-  Tensor o = product(att, weights[4], weights[5], ints[4]);  // (M, d) bf16
   Tensor y = at::empty_like(x);
   float* yp = y.data_ptr<float>();
+  mm(1, ap, qd, yp);
   const float* xp = x.data_ptr<float>();
-  const bf16* op = o.data_ptr<bf16>();
-  for (int64_t k = 0; k < M * d; ++k) yp[k] = xp[k] + static_cast<float>(op[k]);
-  rms_norm(yp, ln2.data_ptr<float>(), a.data_ptr<bf16>(), M, d, eps);
-  Tensor gu = product(a, weights[6], weights[7], ints[5]);  // (M, 2F) bf16
-  const int64_t F = gu.size(1) / 2;
+  for (int64_t k = 0; k < M * d; ++k) yp[k] += xp[k];
+  rms_norm(yp, ln2.data_ptr<float>(), a.data_ptr<float>(), M, d, eps);
+  const int64_t F = weights[8].size(0) / 2;  // gate_up codes: (2F, Kp or Kp / 2)
+  Tensor gu = at::empty({M, 2 * F}, f32);
+  mm(2, a.data_ptr<float>(), d, gu.data_ptr<float>());
 
   // 5. SwiGLU: silu(gate) * up -> down, and the residual
-  Tensor hidden = at::empty({M, F}, x.options().dtype(at::kBFloat16));
-  const bf16* gp = gu.data_ptr<bf16>();
-  bf16* hp = hidden.data_ptr<bf16>();
+  Tensor hidden = at::empty({M, F}, f32);
+  const float* gp = gu.data_ptr<float>();
+  float* hp = hidden.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < F; ++k) {
-      const float gate = static_cast<float>(gp[m * 2 * F + k]), up = static_cast<float>(gp[m * 2 * F + F + k]);
-      hp[m * F + k] = bf16(gate / (1.0f + exp_approx(-gate)) * up);
+      const float gate = gp[m * 2 * F + k], up = gp[m * 2 * F + F + k];
+      hp[m * F + k] = gate / (1.0f + exp_approx(-gate)) * up;
     }
-  Tensor down = product(hidden, weights[8], weights[9], ints[6]);  // (M, d) bf16
-  const bf16* dp = down.data_ptr<bf16>();
-  for (int64_t k = 0; k < M * d; ++k) yp[k] += static_cast<float>(dp[k]);
+  Tensor down = at::empty({M, d}, f32);
+  mm(3, hp, F, down.data_ptr<float>());
+  const float* dp = down.data_ptr<float>();
+  for (int64_t k = 0; k < M * d; ++k) yp[k] += dp[k];
+  return y;
+}
+
+// x (M, K) float32 times a quantized weight (qmm.h) -> (M, N) float32; isa -1 picks this CPU's fastest path.
+Tensor qmm_op(const Tensor& x, const Tensor& codes, const Tensor& scale, const Tensor& zero, int64_t bits,
+              int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be (M, K) float32");
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  Tensor y = at::empty({x.size(0), codes.size(0)}, x.options());
+  product(x.data_ptr<float>(), x.size(0), x.size(1), codes, scale, zero, bits, isa, y.data_ptr<float>());
+  return y;
+}
+
+int64_t best_isa_op() { return qmm::best_isa(); }
+
+// Logical layers first .. last - 1 of a stack, each a plain decode call (one part: every row, at the cache's next
+// slots, ``mask`` or causal): weights holds 15 tensors per unique block (layer i runs block i % unique blocks),
+// k_caches / v_caches one tensor per logical layer.
+Tensor quant_stack(const Tensor& x, const Tensor& cos, const Tensor& sin, at::TensorList weights, at::IntArrayRef ints,
+                   double eps, at::TensorList k_caches, at::TensorList v_caches, int64_t start,
+                   const std::optional<Tensor>& mask, int64_t first, int64_t last) {
+  TORCH_CHECK(weights.size() % 15 == 0 && !weights.empty(), "weights: 15 tensors per block");
+  TORCH_CHECK(0 <= first && first <= last && last <= static_cast<int64_t>(k_caches.size()) &&
+                  k_caches.size() == v_caches.size(),
+              "layers out of range");
+  const int64_t unique = weights.size() / 15;
+  c10::List<std::optional<Tensor>> masks, prefixes;
+  masks.push_back(mask);
+  prefixes.push_back(std::nullopt);
+  prefixes.push_back(std::nullopt);
+  const std::vector<int64_t> rows{0, x.size(1)};
+  Tensor y = x;
+  for (int64_t i = first; i < last; ++i)
+    y = quant_block(y, cos, sin, weights.slice((i % unique) * 15, 15), ints, eps, {k_caches[i], v_caches[i]}, start,
+                    rows, masks, prefixes);
   return y;
 }
 
 TORCH_LIBRARY(recyclegpt, m) {
   m.def("quant_block(Tensor x, Tensor cos, Tensor sin, Tensor[] weights, int[] ints, float eps, Tensor[] caches, "
         "int start, int[] rows, Tensor?[] masks, Tensor?[] prefixes) -> Tensor");
+  m.def("qmm(Tensor x, Tensor codes, Tensor scale, Tensor zero, int bits, int isa) -> Tensor");
+  m.def("best_isa() -> int", &best_isa_op);
+  m.def("quant_stack(Tensor x, Tensor cos, Tensor sin, Tensor[] weights, int[] ints, float eps, Tensor[] k_caches, "
+        "Tensor[] v_caches, int start, Tensor? mask, int first, int last) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(recyclegpt, CPU, m) { m.impl("quant_block", &quant_block); }
+TORCH_LIBRARY_IMPL(recyclegpt, CPU, m) {
+  m.impl("quant_block", &quant_block);
+  m.impl("qmm", &qmm_op);
+  m.impl("quant_stack", &quant_stack);
+}
