@@ -192,14 +192,17 @@ class Int4Linear(QuantLinear):
         super().__init__(weight, bias, compiled)
         self.group_size = group_size
         codes, scale, zero = quantize_int4(weight, group_size)
-        if self.compiled:  # qmm.h: blocks of 32 (a group's scale and zero repeated), two blocks per 32 bytes
+        if self.compiled:  # qmm.h: blocks of 32 (a group's scale and zero repeated), in pairs of 32 bytes
             N, K = codes.shape
             kp = -(-K // 64) * 64
             per = group_size // 32
-            c = _padded(codes, kp).view(N, kp // 64, 2, 32)
-            self.register_buffer("codes", (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, kp // 2).contiguous())
-            blocks = [_padded(t.repeat_interleave(per, 1), kp // 32).view(N, kp // 64, 2) for t in (scale, zero)]
-            self.register_buffer("scale", torch.cat(blocks, -1).contiguous())  # (N, Kp / 64, 4): 2 scales, 2 zeros
+            t = torch.arange(64)
+            source = (t // 4) % 2 * 32 + 4 * (t // 8) + t % 4  # the input at each position of a pair (qmm.h)
+            c = _padded(codes, kp).view(N, kp // 64, 64)[:, :, source]  # (N, P, 64) in position order
+            self.register_buffer("codes", (c[:, :, :32] | (c[:, :, 32:] << 4)).reshape(N, kp // 2).contiguous())
+            sc, zc = (_padded(v.float().repeat_interleave(per, 1), kp // 32) for v in (scale, zero))
+            # (N, 2 Kp / 32): the block scales, then the offsets zero - 8 scale
+            self.register_buffer("scale", torch.cat([sc, zc - 8 * sc], 1).contiguous())
             self.register_buffer("zero", torch.empty(0))
             return
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)  # (N, K/2) uint8

@@ -2,13 +2,16 @@
 // llama.cpp's Q4_1 x Q8_1: the rows are rounded to int8 in blocks of 32 (one float scale per block), and every
 // block of weights is multiplied with every row as integers, the weight block loaded once for all rows.
 //
-// Weights (quant.py lays them out):
-//   int4: codes (N, Kp / 2) uint8, Kp = K rounded up to 64. Bytes 32 p .. 32 p + 31 hold the blocks 2 p (low
-//         nibbles) and 2 p + 1 (high nibbles); scales and zeros (N, Kp / 64, 4) bfloat16, per pair p the scales
-//         of its two blocks then their zeros: w = scale (u - 8) + zero.
-//   int8: codes (N, Kp) int8, scale (N,) float32: w = scale * code.
-// Rows: x (M, K) float32 -> int8 codes q (M, Kp) with, per block b, scale s_b = max |x| / 127:
-//   y[m, n] = sum_b s_b (sum_j q_j * wcode_j) * wscale_b + [int4] (zero_b - 8 scale_b) s_b sum_j q_j.
+// Weights (quant.py lays them out), Kp = K rounded up to 64, blocks of 32 inputs taken in pairs (2p, 2p + 1):
+//   int4: codes (N, Kp / 2) uint8. Pair p holds 32 bytes; its position t (0 .. 63) is the low nibble of byte t
+//         (t < 32) or the high nibble of byte t - 32, and holds code j = 4 (t / 8) + t % 4 of block 2p + (t / 4) % 2:
+//         the blocks alternate every 4 positions, so a 32-bit lane of a dot product belongs to one block, the lanes
+//         alternating between the two. sz (N, 2 Kp / 32) float32: a row's Kp / 32 block scales, then its block
+//         offsets zero - 8 scale, so that w = scale * code + offset.
+//   int8: codes (N, Kp) int8 in input order, scale (N,) float32: w = scale * code.
+// Rows: x (M, K) float32 -> int8 codes q (M, Kp), in the int4 pair order for int4 weights and in input order for
+// int8, with per block b the scale s_b = max |x| / 127:
+//   y[m, n] = sum_b s_b (sum_j q_j * code_j) * wscale_b + [int4] offset_b s_b sum_j q_j.
 //
 // Each output is computed by the same instructions whatever M is: a row's result does not depend on the rows that
 // share the call, which keeps verified decoding exact. Three paths, chosen at run time by what the CPU has:
@@ -19,153 +22,159 @@
 #include <immintrin.h>
 
 #include <cstdint>
-#include <cstring>
 
 namespace qmm {
 
 constexpr int64_t BLOCK = 32;
 
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+// The block (0: 2p, 1: 2p + 1) and index in it of position t of an int4 pair.
+inline int pair_block(int t) { return (t / 4) % 2; }
+inline int pair_index(int t) { return 4 * (t / 8) + t % 4; }
 
-// One activation row, rounded to int8 in blocks of 32 (zero past K, up to Kp).
+// Input rows rounded to int8 in blocks of 32 (zero past K, up to Kp), for weights of ``bits`` bits.
 struct Rows {
   int64_t M, K, Kp;
-  const int8_t* q;    // (M, Kp)
-  const float* s;     // (M, Kp / 32): block scales
-  const float* sq;    // (M, Kp / 32): s_b * sum_j q_j (for the int4 zero term)
-  const float* lane;  // (M, Kp / 64, 16): s of the pair's two blocks, each over 8 lanes (the AVX-512 layout)
-  const float* lane_sq;  // (M, Kp / 64, 16): sq of block 2p in lane 0 and of block 2p + 1 in lane 8, else 0
+  const int8_t* q;       // (M, Kp), in the order the weights' codes are
+  const float* s;        // (M, Kp / 32): block scales
+  const float* sq;       // (M, Kp / 32): s_b * sum_j q_j (for the int4 offsets)
+  const float* lane;     // (M, Kp / 64, 16): the scale of the block each 32-bit lane of a pair's dot product sums
 };
 
 struct Weights {
-  int bits;             // 4 or 8
+  int bits;  // 4 or 8
   int64_t N, Kp;
-  const uint8_t* codes;  // int4: (N, Kp / 2); int8: (N, Kp) int8
-  const uint16_t* sz;     // int4: (N, Kp / 64, 4) bfloat16
-  const float* row_scale;  // int8: (N,)
+  const uint8_t* codes;     // int4: (N, Kp / 2); int8: (N, Kp) int8
+  const float* sz;          // int4: (N, 2 Kp / 32): scales, then offsets
+  const float* row_scale;   // int8: (N,)
 };
+
+// The int4 offsets' share of an output: sum over a row's G blocks of offset_b * s_b sum_j q_j, in order.
+inline float offsets(const float* offset, const float* sq, int64_t G) {
+  float acc[8] = {0};
+  int64_t b = 0;
+  for (; b + 8 <= G; b += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += offset[b + l] * sq[b + l];
+  float total = 0;
+  for (int l = 0; l < 8; ++l) total += acc[l];
+  for (; b < G; ++b) total += offset[b] * sq[b];
+  return total;
+}
 
 // ---- plain C++ ----
 inline void rows_scalar(const Rows& r, const Weights& w, int64_t n0, int64_t n1, int64_t m0, int mb, float* y) {
-  const int64_t G = w.Kp / BLOCK;
+  const int64_t P = w.Kp / 64;
   for (int64_t n = n0; n < n1; ++n)
-  for (int i = 0; i < mb; ++i) {
-    const int8_t* q = r.q + (m0 + i) * r.Kp;
-    float acc = 0;
-    for (int64_t b = 0; b < G; ++b) {
-      int32_t dot = 0;
-      if (w.bits == 4) {
-        const uint8_t* c = w.codes + n * (w.Kp / 2) + (b / 2) * 32;
-        const int shift = (b % 2) * 4;
-        for (int64_t j = 0; j < BLOCK; ++j) dot += ((c[j] >> shift) & 15) * q[b * BLOCK + j];
-        const uint16_t* pz = w.sz + (n * G / 2 + b / 2) * 4;
-        const float sc = bf16_to_float(pz[b % 2]), zero = bf16_to_float(pz[2 + b % 2]);
-        acc += static_cast<float>(dot) * (sc * r.s[(m0 + i) * G + b]);
-        acc += (zero - 8 * sc) * r.sq[(m0 + i) * G + b];
-      } else {
-        const int8_t* c = reinterpret_cast<const int8_t*>(w.codes) + n * w.Kp + b * BLOCK;
-        for (int64_t j = 0; j < BLOCK; ++j) dot += c[j] * q[b * BLOCK + j];
-        acc += static_cast<float>(dot) * r.s[(m0 + i) * G + b];
+    for (int i = 0; i < mb; ++i) {
+      const int64_t m = m0 + i;
+      const int8_t* q = r.q + m * r.Kp;
+      float acc = 0;
+      for (int64_t p = 0; p < P; ++p) {
+        int32_t dot[2] = {0, 0};
+        if (w.bits == 4) {
+          const uint8_t* c = w.codes + n * (w.Kp / 2) + p * 32;
+          for (int t = 0; t < 64; ++t) dot[pair_block(t)] += (t < 32 ? c[t] & 15 : c[t - 32] >> 4) * q[p * 64 + t];
+          const float* sz = w.sz + n * 4 * P;
+          for (int b = 0; b < 2; ++b)
+            acc += static_cast<float>(dot[b]) * (sz[2 * p + b] * r.s[m * 2 * P + 2 * p + b]) +
+                   sz[2 * P + 2 * p + b] * r.sq[m * 2 * P + 2 * p + b];
+        } else {
+          const int8_t* c = reinterpret_cast<const int8_t*>(w.codes) + n * w.Kp + p * 64;
+          for (int t = 0; t < 64; ++t) dot[t / 32] += c[t] * q[p * 64 + t];
+          for (int b = 0; b < 2; ++b) acc += static_cast<float>(dot[b]) * r.s[m * 2 * P + 2 * p + b];
+        }
       }
+      y[m * w.N + n] = w.bits == 4 ? acc : acc * w.row_scale[n];
     }
-    y[(m0 + i) * w.N + n] = w.bits == 4 ? acc : acc * w.row_scale[n];
-  }
 }
 
-// ---- AVX2: one block of 32 per step ----
+// ---- AVX2: a pair as two 32-byte halves ----
 template <int MB>
 __attribute__((target("avx2,fma"))) void rows_avx2(const Rows& r, const Weights& w, int64_t n0, int64_t n1,
                                                    int64_t m0, float* y) {
-  const int64_t G = w.Kp / BLOCK;
+  const int64_t P = w.Kp / 64;
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
   for (int64_t n = n0; n < n1; ++n) {
-  __m256 acc[MB];
-  float zacc[MB];
-  for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps(), zacc[i] = 0;
-  for (int64_t b = 0; b < G; ++b) {
-    __m256i u;  // unsigned first operand of vpmaddubsw
-    __m256i sign = _mm256_setzero_si256();
-    float wscale = 1, wzero = 0;
-    if (w.bits == 4) {
-      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + n * (w.Kp / 2) + (b / 2) * 32));
-      u = (b % 2) ? _mm256_and_si256(_mm256_srli_epi16(c, 4), low) : _mm256_and_si256(c, low);
-      const uint16_t* pz = w.sz + (n * G / 2 + b / 2) * 4;
-      wscale = bf16_to_float(pz[b % 2]);
-      wzero = bf16_to_float(pz[2 + b % 2]) - 8 * wscale;
-    } else {
-      sign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + n * w.Kp + b * BLOCK));
-      u = _mm256_abs_epi8(sign);
+    __m256 acc[MB][2];
+    for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < P; ++p) {
+      __m256i u[2], sign[2];
+      __m256 wl = _mm256_set1_ps(1);
+      if (w.bits == 4) {
+        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + n * (w.Kp / 2) + p * 32));
+        u[0] = _mm256_and_si256(c, low);
+        u[1] = _mm256_and_si256(_mm256_srli_epi16(c, 4), low);
+        // s0 s1 s0 s1 ...: lane l sums block l % 2
+        wl = _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(w.sz + n * 4 * P + 2 * p)));
+      } else {
+        for (int h = 0; h < 2; ++h) {
+          sign[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + n * w.Kp + p * 64 + h * 32));
+          u[h] = _mm256_abs_epi8(sign[h]);
+        }
+      }
+      for (int i = 0; i < MB; ++i) {
+        const int64_t m = m0 + i;
+        const float* lane = r.lane + (m * P + p) * 16;
+        for (int h = 0; h < 2; ++h) {
+          __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.q + m * r.Kp + p * 64 + h * 32));
+          if (w.bits == 8) x = _mm256_sign_epi8(x, sign[h]);
+          const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(u[h], x), ones);  // 8 sums of 4
+          acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(wl, _mm256_loadu_ps(lane + 8 * h)),
+                                      acc[i][h]);
+        }
+      }
     }
     for (int i = 0; i < MB; ++i) {
-      __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.q + (m0 + i) * r.Kp + b * BLOCK));
-      if (w.bits == 8) x = _mm256_sign_epi8(x, sign);
-      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones);  // 8 sums of 4
-      const float s = r.s[(m0 + i) * G + b];
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(wscale * s), acc[i]);
-      if (w.bits == 4) zacc[i] += wzero * r.sq[(m0 + i) * G + b];
+      const __m256 a = _mm256_add_ps(acc[i][0], acc[i][1]);
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_movehdup_ps(h));
+      float total = _mm_cvtss_f32(h);
+      if (w.bits == 4) total += offsets(w.sz + n * 4 * P + 2 * P, r.sq + (m0 + i) * 2 * P, 2 * P);
+      y[(m0 + i) * w.N + n] = w.bits == 4 ? total : total * w.row_scale[n];
     }
-  }
-  for (int i = 0; i < MB; ++i) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[i]), _mm256_extractf128_ps(acc[i], 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    const float total = _mm_cvtss_f32(h) + zacc[i];
-    y[(m0 + i) * w.N + n] = w.bits == 4 ? total : total * w.row_scale[n];
-  }
   }
 }
 
-// ---- AVX-512 VNNI: two blocks (64 codes) per step ----
-// Each row keeps three accumulators (even pairs, odd pairs, the zero term) so that consecutive fused multiply-adds
-// do not wait on each other.
+// ---- AVX-512 VNNI: a pair (64 codes) per step ----
+// Each row keeps two accumulators (even pairs, odd pairs) so that consecutive fused multiply-adds do not wait on
+// each other; the int4 offsets' share is added once per output (``offsets``).
 template <int MB, int BITS>
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma"))) void rows_avx512(
     const Rows& r, const Weights& w, int64_t n0, int64_t n1, int64_t m0, float* y) {
   const int64_t P = w.Kp / 64;
   const __m256i low = _mm256_set1_epi8(15);
-  const __m512i first = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);  // lanes 0-7: block 2p
-  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(2));
   for (int64_t n = n0; n < n1; ++n) {
-  __m512 acc[MB][3];
-  for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = acc[i][2] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < P; ++p) {
-    __m512i u;
-    __mmask64 neg = 0;
-    __m512 wl = _mm512_set1_ps(1), zl = _mm512_setzero_ps();
-    if constexpr (BITS == 4) {
-      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + n * (w.Kp / 2) + p * 32));
-      u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(c, low)),
-                             _mm256_and_si256(_mm256_srli_epi16(c, 4), low), 1);
-      // [s0, s1, z0, z1] bfloat16 -> float32, spread over the lanes of each block
-      const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.sz + (n * P + p) * 4));
-      const __m512 sz = _mm512_castps128_ps512(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16)));
-      wl = _mm512_permutexvar_ps(first, sz);
-      zl = _mm512_fmadd_ps(wl, _mm512_set1_ps(-8), _mm512_permutexvar_ps(second, sz));
-    } else {
-      const __m512i c = _mm512_loadu_si512(w.codes + n * w.Kp + p * 64);
-      u = _mm512_abs_epi8(c);
-      neg = _mm512_movepi8_mask(c);
+    __m512 acc[MB][2];
+    for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < P; ++p) {
+      __m512i u;
+      __mmask64 neg = 0;
+      __m512 wl = _mm512_set1_ps(1);
+      if constexpr (BITS == 4) {
+        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + n * (w.Kp / 2) + p * 32));
+        u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(c, low)),
+                               _mm256_and_si256(_mm256_srli_epi16(c, 4), low), 1);
+        // s0 s1 s0 s1 ...: lane l sums block l % 2
+        wl = _mm512_castpd_ps(_mm512_set1_pd(*reinterpret_cast<const double*>(w.sz + n * 4 * P + 2 * p)));
+      } else {
+        const __m512i c = _mm512_loadu_si512(w.codes + n * w.Kp + p * 64);
+        u = _mm512_abs_epi8(c);
+        neg = _mm512_movepi8_mask(c);
+      }
+      for (int i = 0; i < MB; ++i) {
+        const int64_t m = m0 + i;
+        __m512i x = _mm512_loadu_si512(r.q + m * r.Kp + p * 64);
+        if constexpr (BITS == 8) x = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x);  // 16 sums of 4
+        const __m512 s = _mm512_loadu_ps(r.lane + (m * P + p) * 16);
+        acc[i][p & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), BITS == 4 ? _mm512_mul_ps(wl, s) : s, acc[i][p & 1]);
+      }
     }
     for (int i = 0; i < MB; ++i) {
-      __m512i x = _mm512_loadu_si512(r.q + (m0 + i) * r.Kp + p * 64);
-      if constexpr (BITS == 8) x = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
-      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x);  // 16 sums of 4
-      const __m512 s = _mm512_loadu_ps(r.lane + ((m0 + i) * P + p) * 16);
-      const __m512 scale = BITS == 4 ? _mm512_mul_ps(wl, s) : s;
-      acc[i][p & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i][p & 1]);
-      if constexpr (BITS == 4)
-        acc[i][2] = _mm512_fmadd_ps(zl, _mm512_loadu_ps(r.lane_sq + ((m0 + i) * P + p) * 16), acc[i][2]);
+      float total = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+      if constexpr (BITS == 4) total += offsets(w.sz + n * 4 * P + 2 * P, r.sq + (m0 + i) * 2 * P, 2 * P);
+      y[(m0 + i) * w.N + n] = BITS == 4 ? total : total * w.row_scale[n];
     }
-  }
-  for (int i = 0; i < MB; ++i) {
-    const float total = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), acc[i][2]));
-    y[(m0 + i) * w.N + n] = BITS == 4 ? total : total * w.row_scale[n];
-  }
   }
 }
 

@@ -29,51 +29,53 @@ namespace {
 using at::Tensor;
 constexpr int LANES = 16;  // float lanes summed apart in dot products (vectorised, same order for every row)
 
-// Rows x (M, K) float32 rounded to int8 in blocks of 32 (qmm.h), with what the kernels read beside them; the
-// buffers are the calling thread's own, reused from call to call.
-qmm::Rows quantize_rows(const float* x, int64_t M, int64_t K) {
+// Rows x (M, K) float32 rounded to int8 in blocks of 32 for weights of ``bits`` bits (qmm.h lays out both), with
+// what the kernels read beside them; the buffers are the calling thread's own, reused from call to call.
+qmm::Rows quantize_rows(const float* x, int64_t M, int64_t K, int64_t bits) {
   thread_local std::vector<int8_t> q;
-  thread_local std::vector<float> s, sq, lane, lane_sq;
+  thread_local std::vector<float> s, sq, lane;
   const int64_t Kp = (K + 63) / 64 * 64, G = Kp / qmm::BLOCK, P = Kp / 64;
   q.assign(M * Kp, 0);
   s.resize(M * G);
   sq.resize(M * G);
   lane.resize(M * P * 16);
-  lane_sq.assign(M * P * 16, 0.0f);
+  std::vector<int64_t> where(64);  // the position of each input of a pair in q
+  for (int t = 0; t < 64; ++t) where[bits == 4 ? qmm::pair_block(t) * 32 + qmm::pair_index(t) : t] = t;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < G; ++b) {
-      const int64_t k0 = b * qmm::BLOCK, k1 = std::min(K, k0 + qmm::BLOCK);
+      const int64_t k0 = b * qmm::BLOCK, k1 = std::min(K, k0 + qmm::BLOCK), p = b / 2;
       float amax = 0;
       for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::abs(x[m * K + k]));
       const float scale = amax / 127, inv = amax > 0 ? 127 / amax : 0;
       int32_t sum = 0;
       for (int64_t k = k0; k < k1; ++k) {
         const int8_t v = static_cast<int8_t>(std::nearbyint(x[m * K + k] * inv));
-        q[m * Kp + k] = v;
+        q[m * Kp + p * 64 + where[(b % 2) * 32 + k - k0]] = v;
         sum += v;
       }
       s[m * G + b] = scale;
       sq[m * G + b] = scale * static_cast<float>(sum);
-      float* l = lane.data() + (m * P + b / 2) * 16 + (b % 2) * 8;
-      std::fill(l, l + 8, scale);
-      lane_sq[(m * P + b / 2) * 16 + (b % 2) * 8] = sq[m * G + b];
+      for (int l = 0; l < 16; ++l)
+        if ((bits == 4 ? l % 2 : l / 8) == b % 2) lane[(m * P + p) * 16 + l] = scale;
     }
-  return {M, K, Kp, q.data(), s.data(), sq.data(), lane.data(), lane_sq.data()};
+  return {M, K, Kp, q.data(), s.data(), sq.data(), lane.data()};
 }
 
 // y (M, N) = x (M, K) times a quantized weight (codes, scale, zero as qmm.h lays them out; bits 4 or 8), float32.
 void product(const float* x, int64_t M, int64_t K, const Tensor& codes, const Tensor& scale, const Tensor& zero,
              int64_t bits, int64_t isa, float* y) {
-  const qmm::Rows rows = quantize_rows(x, M, K);
+  const qmm::Rows rows = quantize_rows(x, M, K, bits);
   const int64_t N = codes.size(0);
   TORCH_CHECK(codes.size(1) * (bits == 4 ? 2 : 1) == rows.Kp, "the weight's K does not match the input's");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(), "scales must be contiguous float32");
   qmm::Weights w{static_cast<int>(bits), N, rows.Kp, reinterpret_cast<const uint8_t*>(codes.data_ptr()),
-                 bits == 4 ? reinterpret_cast<const uint16_t*>(scale.data_ptr()) : nullptr,
-                 bits == 8 ? scale.data_ptr<float>() : nullptr};
+                 bits == 4 ? scale.data_ptr<float>() : nullptr, bits == 8 ? scale.data_ptr<float>() : nullptr};
   const int path = isa < 0 ? qmm::best_isa() : static_cast<int>(isa);
+  // 16 weight rows at a time through every group of 4 input rows: the weights stay in the core's cache
   at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t m0 = 0; m0 < M; m0 += 4)
-      qmm::rows(path, rows, w, lo, hi, m0, static_cast<int>(std::min<int64_t>(4, M - m0)), y);
+    for (int64_t n0 = lo; n0 < hi; n0 += 16)
+      for (int64_t m0 = 0; m0 < M; m0 += 4)
+        qmm::rows(path, rows, w, n0, std::min(hi, n0 + 16), m0, static_cast<int>(std::min<int64_t>(4, M - m0)), y);
   });
 }
 
