@@ -200,9 +200,8 @@ class Int4Linear(QuantLinear):
             source = (t // 4) % 2 * 32 + 4 * (t // 8) + t % 4  # the input at each position of a pair (qmm.h)
             c = _padded(codes, kp).view(N, kp // 64, 64)[:, :, source]  # (N, P, 64) in position order
             self.register_buffer("codes", (c[:, :, :32] | (c[:, :, 32:] << 4)).reshape(N, kp // 2).contiguous())
-            sc, zc = (_padded(v.float().repeat_interleave(per, 1), kp // 32) for v in (scale, zero))
-            # (N, 2 Kp / 32): the block scales, then the offsets zero - 8 scale
-            self.register_buffer("scale", torch.cat([sc, zc - 8 * sc], 1).contiguous())
+            sc, zc = (_padded(v.repeat_interleave(per, 1), kp // 32) for v in (scale, zero))
+            self.register_buffer("scale", torch.cat([sc, zc], 1).contiguous())  # (N, 2 Kp / 32) bf16: scales, zeros
             self.register_buffer("zero", torch.empty(0))
             return
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)  # (N, K/2) uint8
