@@ -294,3 +294,23 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     """||y - ref|| / ||ref|| over all entries (Frobenius), in float64."""
     y, ref = y.detach().double(), ref.detach().double()
     return float((y - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+@pytest.mark.skipif(kernels.load() is not None, reason="the compiled product did not build")
+def test_products_benchmark_times_both_paths(tmp_path):
+    """benchmarks/products.py: every SmolLM2 shape, both weight widths, PyTorch's kernel and ours, one JSON."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "products.py"
+    spec = importlib.util.spec_from_file_location("products", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "p.json"
+    assert script.main(["--threads", "1", "--rows", "1", "3", "--repeats", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["products"]) == {f"{s} {m}" for s in script.SHAPES for m in ("int8", "int4")}
+    for rows in result["products"].values():
+        assert set(rows) == {"1", "3"} and all(t > 0 for r in rows.values() for t in r.values())
+    assert result["cpu"]["cores"] >= 1 and result["threads"] == 1
