@@ -114,17 +114,20 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: (codes (N, K) int8, scales (N,) bfloat16), ``w ~ codes * scales[:, None]``.
+def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8, one scale per row (``group_size`` None: codes (N, K) int8, scales (N,) bfloat16, ``w ~ codes
+    * scales[:, None]``) or per group of ``group_size`` inputs of a row (scales (N, K / g), as llama.cpp's Q8_0).
 
-    The scale is the row's largest magnitude / 127, rounded to bfloat16 (what the kernel reads) before the
-    codes are rounded against it; an all-zero row gets scale 1.
+    The scale is the row's (group's) largest magnitude / 127, rounded to bfloat16 (what the kernels read) before
+    the codes are rounded against it; an all-zero row (group) gets scale 1.
     """
-    w = weight.detach().float()
-    amax = w.abs().amax(dim=1)  # (N,)
+    N, K = weight.shape
+    g = K if group_size is None else group_size
+    w = weight.detach().float().reshape(N, K // g, g)
+    amax = w.abs().amax(dim=-1)  # (N, K / g)
     scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).to(torch.bfloat16)
-    codes = torch.round(w / scales.float()[:, None]).clamp_(-128, 127).to(torch.int8)  # (N, K)
-    return codes.contiguous(), scales.contiguous()
+    codes = torch.round(w / scales.float()[..., None]).clamp_(-128, 127).to(torch.int8).reshape(N, K)
+    return codes.contiguous(), (scales[:, 0] if group_size is None else scales).contiguous()
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,20 +162,22 @@ def _padded(t: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class Int8Linear(QuantLinear):
-    """int8 weights, one bfloat16 scale per output row (``quantize_int8``)."""
+    """int8 weights (``quantize_int8``): a bfloat16 scale per block of 32 inputs through the compiled kernels, one per
+    output row through PyTorch's (its kernel takes no other)."""
 
     mode = "int8"
     bits = 8
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, compiled: bool | None = None) -> None:
         super().__init__(weight, bias, compiled)
-        codes, scales = quantize_int8(weight)
-        if self.compiled:  # qmm.h: (N, K rounded up to 64) int8 codes, float32 scales
+        if self.compiled:  # qmm.h: (N, K rounded up to 64) int8 codes, a bfloat16 scale per block of 32 inputs
             kp = -(-self.in_features // 64) * 64
-            self.register_buffer("codes", _padded(codes, kp))
-            self.register_buffer("scale", scales.float())
+            codes, scales = quantize_int8(_padded(weight.detach().float(), kp), 32)
+            self.register_buffer("codes", codes)
+            self.register_buffer("scale", scales)
             self.register_buffer("zero", torch.empty(0))
             return
+        codes, scales = quantize_int8(weight)
         self.register_buffer("qweight", codes)  # (N, K) int8
         self.register_buffer("scales", scales)  # (N,) bf16
 

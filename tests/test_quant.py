@@ -47,7 +47,12 @@ PATHS = [pytest.param(False, id="torch"),
              kernels.load() is not None, reason=f"the compiled product did not build: {kernels.load()}"))]
 
 
-def _dequantized(w: torch.Tensor, mode: str, group: int | None) -> torch.Tensor:
+def _dequantized(w: torch.Tensor, mode: str, group: int | None, compiled: bool = False) -> torch.Tensor:
+    """The weights a layer multiplies by: int8 with a scale per row (PyTorch's kernel) or per block of 32 (ours)."""
+    if mode == "int8" and compiled:
+        kp = -(-w.shape[1] // 64) * 64
+        codes, scales = quantize_int8(torch.nn.functional.pad(w, (0, kp - w.shape[1])), 32)
+        return (codes.float() * scales.float().repeat_interleave(32, 1))[:, : w.shape[1]]
     if mode == "int8":
         codes, scales = quantize_int8(w)
         return codes.float() * scales.float()[:, None]
@@ -70,6 +75,8 @@ def test_int8_codes_and_scales():
     # nearest point of the grid: at most half a step away (bfloat16 scale rounding can clip the extreme by < 1%)
     assert ((deq - w).abs() <= scales.float()[:, None] * 0.51 + w.abs() * 2**-8).all()
     assert torch.equal(deq[3], torch.zeros(32))
+    codes, scales = quantize_int8(w.repeat(1, 4), 32)  # a scale per block of 32: each block is one row above
+    assert scales.shape == (10, 4) and torch.equal(codes, codes[:, :32].repeat(1, 4))
 
 
 def test_int4_codes_layout_and_grid():
@@ -99,7 +106,7 @@ def test_kernel_equals_dequantized_product(shape, mode, group, compiled):
     assert layer.compiled == compiled
     y = layer(x)
     assert y.dtype == torch.float32 and y.shape == (8, N)
-    deq = _dequantized(w, mode, group).double()
+    deq = _dequantized(w, mode, group, compiled).double()
     if compiled:
         xq = _int8_rows(x).double()
         assert ((y.double() - xq @ deq.T).abs() <= (xq.abs() @ deq.abs().T) * 2**-19).all()

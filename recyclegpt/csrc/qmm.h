@@ -8,10 +8,10 @@
 //         the blocks alternate every 4 positions, so a 32-bit lane of a dot product belongs to one block, the lanes
 //         alternating between the two. sz (N, 2 Kp / 32) bfloat16: a row's Kp / 32 block scales, then its block
 //         zeros: w = scale * (code - 8) + zero.
-//   int8: codes (N, Kp) int8 in input order, scale (N,) float32: w = scale * code.
+//   int8: codes (N, Kp) int8 in input order, sz (N, Kp / 32) bfloat16 block scales: w = scale * code (as Q8_0).
 // Rows: x (M, K) float32 -> int8 codes q (M, Kp), in the int4 pair order for int4 weights and in input order for
 // int8, with per block b the scale s_b = max |x| / 127:
-//   y[m, n] = sum_b s_b (sum_j q_j * code_j) * wscale_b + [int4] offset_b s_b sum_j q_j.
+//   y[m, n] = sum_b s_b (sum_j q_j * code_j) * wscale_b + [int4] (zero_b - 8 wscale_b) s_b sum_j q_j.
 //
 // Each output is computed by the same instructions whatever M is: a row's result does not depend on the rows that
 // share the call, which keeps verified decoding exact. Three paths, chosen at run time by what the CPU has:
@@ -45,8 +45,7 @@ struct Weights {
   int bits;  // 4 or 8
   int64_t N, Kp;
   const uint8_t* codes;     // int4: (N, Kp / 2); int8: (N, Kp) int8
-  const uint16_t* sz;       // int4: (N, 2 Kp / 32) bfloat16: scales, then zeros
-  const float* row_scale;   // int8: (N,)
+  const uint16_t* sz;       // bfloat16, int4: (N, 2 Kp / 32) scales, then zeros; int8: (N, Kp / 32) scales
 };
 
 inline float bf16_to_float(uint16_t h) {
@@ -87,11 +86,12 @@ inline void rows_scalar(const Rows& r, const Weights& w, int64_t n0, int64_t n1,
         } else {
           const int8_t* c = reinterpret_cast<const int8_t*>(w.codes) + n * w.Kp + p * 64;
           for (int t = 0; t < 64; ++t) dot[t / 32] += c[t] * q[p * 64 + t];
-          for (int b = 0; b < 2; ++b) acc += static_cast<float>(dot[b]) * r.s[m * 2 * P + 2 * p + b];
+          for (int b = 0; b < 2; ++b)
+            acc += static_cast<float>(dot[b]) * (bf16_to_float(w.sz[n * 2 * P + 2 * p + b]) * r.s[m * 2 * P + 2 * p + b]);
         }
       }
-      y[m * w.N + n] = w.bits == 4 ? acc + offsets(w.sz + n * 4 * P, w.sz + n * 4 * P + 2 * P, r.sq + m * 2 * P, 2 * P)
-                                   : acc * w.row_scale[n];
+      y[m * w.N + n] =
+          w.bits == 4 ? acc + offsets(w.sz + n * 4 * P, w.sz + n * 4 * P + 2 * P, r.sq + m * 2 * P, 2 * P) : acc;
     }
 }
 
@@ -106,19 +106,20 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const Rows& r, const Weights&
     for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
     for (int64_t p = 0; p < P; ++p) {
       __m256i u[2], sign[2];
-      __m256 wl = _mm256_set1_ps(1);
+      __m256 wl[2];  // the weights' scale in each lane of each half
       if (w.bits == 4) {
         const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + n * (w.Kp / 2) + p * 32));
         u[0] = _mm256_and_si256(c, low);
         u[1] = _mm256_and_si256(_mm256_srli_epi16(c, 4), low);
         // s0 s1 s0 s1 ...: lane l sums block l % 2
         const __m256i b = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(w.sz + n * 4 * P + 2 * p));
-        wl = _mm256_blend_ps(_mm256_castsi256_ps(_mm256_slli_epi32(b, 16)),  // even lanes: the low bfloat16
-                             _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(-65536))), 0xAA);
+        wl[0] = wl[1] = _mm256_blend_ps(_mm256_castsi256_ps(_mm256_slli_epi32(b, 16)),  // even lanes: low bfloat16
+                                        _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(-65536))), 0xAA);
       } else {
         for (int h = 0; h < 2; ++h) {
           sign[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + n * w.Kp + p * 64 + h * 32));
           u[h] = _mm256_abs_epi8(sign[h]);
+          wl[h] = _mm256_set1_ps(bf16_to_float(w.sz[n * 2 * P + 2 * p + h]));
         }
       }
       for (int i = 0; i < MB; ++i) {
@@ -128,7 +129,7 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const Rows& r, const Weights&
           __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.q + m * r.Kp + p * 64 + h * 32));
           if (w.bits == 8) x = _mm256_sign_epi8(x, sign[h]);
           const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(u[h], x), ones);  // 8 sums of 4
-          acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(wl, _mm256_loadu_ps(lane + 8 * h)),
+          acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(wl[h], _mm256_loadu_ps(lane + 8 * h)),
                                       acc[i][h]);
         }
       }
@@ -140,7 +141,7 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const Rows& r, const Weights&
       h = _mm_add_ss(h, _mm_movehdup_ps(h));
       float total = _mm_cvtss_f32(h);
       if (w.bits == 4) total += offsets(w.sz + n * 4 * P, w.sz + n * 4 * P + 2 * P, r.sq + (m0 + i) * 2 * P, 2 * P);
-      y[(m0 + i) * w.N + n] = w.bits == 4 ? total : total * w.row_scale[n];
+      y[(m0 + i) * w.N + n] = total;
     }
   }
 }
@@ -160,7 +161,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma"))) voi
     for (int64_t p = 0; p < P; ++p) {
       __m512i u;
       __mmask64 neg = 0;
-      __m512 wl = _mm512_set1_ps(1);
+      __m512 wl;  // the weights' scale in each lane
       if constexpr (BITS == 4) {
         const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + n * (w.Kp / 2) + p * 32));
         u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(c, low)),
@@ -172,6 +173,9 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma"))) voi
         const __m512i c = _mm512_loadu_si512(w.codes + n * w.Kp + p * 64);
         u = _mm512_abs_epi8(c);
         neg = _mm512_movepi8_mask(c);
+        const __m512i b = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(w.sz + n * 2 * P + 2 * p));
+        wl = _mm512_castsi512_ps(_mm512_mask_blend_epi32(  // lanes 0-7 sum block 2p, 8-15 block 2p + 1
+            0xFF00, _mm512_slli_epi32(b, 16), _mm512_and_si512(b, _mm512_set1_epi32(-65536))));
       }
       for (int i = 0; i < MB; ++i) {
         const int64_t m = m0 + i;
@@ -179,7 +183,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma"))) voi
         if constexpr (BITS == 8) x = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
         const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x);  // 16 sums of 4
         const __m512 s = _mm512_loadu_ps(r.lane + (m * P + p) * 16);
-        acc[i][p & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), BITS == 4 ? _mm512_mul_ps(wl, s) : s, acc[i][p & 1]);
+        acc[i][p & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wl, s), acc[i][p & 1]);
       }
     }
     for (int i = 0; i < MB; ++i) {
@@ -188,7 +192,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma"))) voi
         const uint16_t* sz = w.sz + n * 4 * P;
         y[(m0 + i) * w.N + n] = total + offsets(sz, sz + 2 * P, r.sq + (m0 + i) * 2 * P, 2 * P);
       } else {
-        y[(m0 + i) * w.N + n] = total * w.row_scale[n];
+        y[(m0 + i) * w.N + n] = total;
       }
     }
   }

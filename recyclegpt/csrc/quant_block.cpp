@@ -67,11 +67,11 @@ void product(const float* x, int64_t M, int64_t K, const Tensor& codes, const Te
   const qmm::Rows rows = quantize_rows(x, M, K, bits);
   const int64_t N = codes.size(0);
   TORCH_CHECK(codes.size(1) * (bits == 4 ? 2 : 1) == rows.Kp, "the weight's K does not match the input's");
-  TORCH_CHECK(scale.scalar_type() == (bits == 4 ? at::kBFloat16 : at::kFloat) && scale.is_contiguous(),
-              "scales must be contiguous, bfloat16 for int4 and float32 for int8");
+  TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() &&
+                  scale.numel() == N * (rows.Kp / qmm::BLOCK) * (bits == 4 ? 2 : 1),
+              "scales must be contiguous bfloat16, per block of 32 (and zeros for int4)");
   qmm::Weights w{static_cast<int>(bits), N, rows.Kp, reinterpret_cast<const uint8_t*>(codes.data_ptr()),
-                 bits == 4 ? reinterpret_cast<const uint16_t*>(scale.data_ptr()) : nullptr,
-                 bits == 8 ? scale.data_ptr<float>() : nullptr};
+                 reinterpret_cast<const uint16_t*>(scale.data_ptr())};
   const int path = isa < 0 ? qmm::best_isa() : static_cast<int>(isa);
   // 16 weight rows at a time through every group of 4 input rows: the weights stay in the core's cache
   at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
