@@ -50,6 +50,11 @@ def cache_dir() -> Path:
     return home() / "kernels"
 
 
+def _library() -> Path:
+    """The built library for these sources, flags, torch and this CPU (it may not exist yet)."""
+    return cache_dir() / f"quant_block-{_key()}.so"
+
+
 def _key() -> str:
     """What a built library depends on: the source, torch, the compiler's target (this CPU's features)."""
     cpu = cpu_info()
@@ -62,14 +67,14 @@ def build(quiet: bool = False) -> Path:
     """Compile ``quant_block.cpp`` for this CPU (once; later calls return the cached library).
 
     Args:
-        quiet: say nothing while compiling (it takes about a minute on 2 cores).
+        quiet: say nothing while compiling (about 15 s on 2 cores).
 
     Raises:
         KernelError: no C++ compiler, or the compiler failed (its output is in the message).
     """
     from torch.utils.cpp_extension import include_paths, library_paths
 
-    target = cache_dir() / f"quant_block-{_key()}.so"
+    target = _library()
     if target.is_file():
         return target
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -82,7 +87,7 @@ def build(quiet: bool = False) -> Path:
            *[f"-I{p}" for p in include_paths()], str(SOURCE),
            *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10", "-ltorch_cpu"]
     if not quiet:
-        print("building the quantized decode block for this CPU (once, about a minute)...", file=sys.stderr)
+        print("building the quantized kernels for this CPU (once, about 15 s)...", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         done = subprocess.run([*cmd, "-o", str(out)], capture_output=True, text=True)
@@ -112,7 +117,7 @@ def describe(build_now: bool = False) -> str:
     Args:
         build_now: build the kernels if they are not built yet (else say so without building).
     """
-    if not build_now and not (cache_dir() / f"quant_block-{_key()}.so").is_file():
+    if not build_now and not _library().is_file():
         return "this project's compiled kernels, not built yet (built once, on the first --quant run)"
     why = load()
     if why is not None:
@@ -136,7 +141,7 @@ def block_args(block) -> tuple[list[torch.Tensor], list[int], float] | None:
         return None
     weights = [norms[0].weight.detach(), norms[1].weight.detach()]
     for lay in layers:
-        weights += [lay.codes, lay.scale, lay.zero]
+        weights += [lay.codes, lay.scale]
     bias = attn.qkv_proj.bias
     weights.append(torch.empty(0) if bias is None else bias.detach().float())
     ints = [attn.n_heads, attn.n_kv_heads, attn.head_dim, *(lay.bits for lay in layers), -1]  # -1: this CPU's kernels

@@ -67,9 +67,10 @@ class QuantLinear(nn.Module):
     """Common part of the weight-only quantized layers: float32 (or the input's dtype) at the boundary.
 
     Two product paths, fixed when the layer is made. Where this project's compiled kernels load
-    (``kernels.load``: ``csrc/qmm.h``, built once per machine), ``compiled`` is True: the layer keeps ``codes``,
-    ``scale`` and ``zero`` in that kernel's layout, and the input rows are rounded to int8 in blocks of 32 and
-    multiplied as integers (as llama.cpp does), each weight block loaded once for all rows of a call. Otherwise
+    (``kernels.load``: ``csrc/qmm.h``, built once per machine), ``compiled`` is True: the layer keeps ``codes`` and
+    ``scale`` (int4: the scales, then the zeros) in that kernel's layout, and the input rows are rounded to int8 in
+    blocks of 32 and multiplied as integers (as llama.cpp does), each weight block loaded once for all rows of a
+    call. Otherwise
     PyTorch's kernels run, with bfloat16 inputs. Either way a row's result does not depend on the rows sharing the call.
 
     The original weight stays referenced as ``weight`` (a tied head is the embedding's matrix, and
@@ -87,9 +88,10 @@ class QuantLinear(nn.Module):
 
         self.weight, self.bias = weight, bias
         self.out_features, self.in_features = weight.shape
-        self.compiled = kernels.load() is None if compiled is None else compiled
-        if self.compiled and kernels.load() is not None:
-            raise ValueError(f"the compiled product is not available: {kernels.load()}")
+        why = kernels.load()
+        self.compiled = why is None if compiled is None else compiled
+        if self.compiled and why is not None:
+            raise ValueError(f"the compiled product is not available: {why}")
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -98,7 +100,7 @@ class QuantLinear(nn.Module):
         shape = x.shape
         if self.compiled:
             a = x.reshape(-1, self.in_features).float().contiguous()  # (M, K)
-            y = torch.ops.recyclegpt.qmm(a, self.codes, self.scale, self.zero, self.bits, -1).to(x.dtype)
+            y = torch.ops.recyclegpt.qmm(a, self.codes, self.scale, self.bits, -1).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias.to(x.dtype)
             return y.view(*shape[:-1], self.out_features)
@@ -175,7 +177,6 @@ class Int8Linear(QuantLinear):
             codes, scales = quantize_int8(_padded(weight.detach().float(), kp), 32)
             self.register_buffer("codes", codes)
             self.register_buffer("scale", scales)
-            self.register_buffer("zero", torch.empty(0))
             return
         codes, scales = quantize_int8(weight)
         self.register_buffer("qweight", codes)  # (N, K) int8
@@ -207,7 +208,6 @@ class Int4Linear(QuantLinear):
             self.register_buffer("codes", (c[:, :, :32] | (c[:, :, 32:] << 4)).reshape(N, kp // 2).contiguous())
             sc, zc = (_padded(v.repeat_interleave(per, 1), kp // 32) for v in (scale, zero))
             self.register_buffer("scale", torch.cat([sc, zc], 1).contiguous())  # (N, 2 Kp / 32) bf16: scales, zeros
-            self.register_buffer("zero", torch.empty(0))
             return
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)  # (N, K/2) uint8
         scale_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (G, N, 2) bf16

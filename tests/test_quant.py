@@ -125,7 +125,7 @@ def test_every_instruction_set_computes_the_same_product(mode, group):
     best = torch.ops.recyclegpt.best_isa()
     layer = _layer(torch.randn(3072, 576) * 0.02, mode, group, compiled=True)
     x = torch.randn(5, 576)
-    got = {isa: torch.ops.recyclegpt.qmm(x, layer.codes, layer.scale, layer.zero, layer.bits, isa)
+    got = {isa: torch.ops.recyclegpt.qmm(x, layer.codes, layer.scale, layer.bits, isa)
            for isa in range(best + 1)}
     assert torch.equal(got[best], layer(x))
     for y in got.values():

@@ -28,9 +28,9 @@ namespace qmm {
 
 constexpr int64_t BLOCK = 32;
 
-// The block (0: 2p, 1: 2p + 1) and index in it of position t of an int4 pair.
+// The block (0: 2p, 1: 2p + 1) of position t of an int4 pair, and the position of input j of a pair's block.
 inline int pair_block(int t) { return (t / 4) % 2; }
-inline int pair_index(int t) { return 4 * (t / 8) + t % 4; }
+inline int pair_position(int block, int j) { return 8 * (j / 4) + 4 * block + j % 4; }
 
 // Input rows rounded to int8 in blocks of 32 (zero past K, up to Kp), for weights of ``bits`` bits.
 struct Rows {

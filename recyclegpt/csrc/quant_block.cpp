@@ -39,31 +39,31 @@ qmm::Rows quantize_rows(const float* x, int64_t M, int64_t K, int64_t bits) {
   s.resize(M * G);
   sq.resize(M * G);
   lane.resize(M * P * 16);
-  std::vector<int64_t> where(64);  // the position of each input of a pair in q
-  for (int t = 0; t < 64; ++t) where[bits == 4 ? qmm::pair_block(t) * 32 + qmm::pair_index(t) : t] = t;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < G; ++b) {
       const int64_t k0 = b * qmm::BLOCK, k1 = std::min(K, k0 + qmm::BLOCK), p = b / 2;
+      const int half = static_cast<int>(b % 2);  // which block of pair p
       float amax = 0;
       for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::abs(x[m * K + k]));
       const float scale = amax / 127, inv = amax > 0 ? 127 / amax : 0;
       int32_t sum = 0;
       for (int64_t k = k0; k < k1; ++k) {
         const int8_t v = static_cast<int8_t>(std::nearbyint(x[m * K + k] * inv));
-        q[m * Kp + p * 64 + where[(b % 2) * 32 + k - k0]] = v;
+        const int j = static_cast<int>(k - k0);
+        q[m * Kp + p * 64 + (bits == 4 ? qmm::pair_position(half, j) : half * 32 + j)] = v;
         sum += v;
       }
       s[m * G + b] = scale;
       sq[m * G + b] = scale * static_cast<float>(sum);
       for (int l = 0; l < 16; ++l)
-        if ((bits == 4 ? l % 2 : l / 8) == b % 2) lane[(m * P + p) * 16 + l] = scale;
+        if ((bits == 4 ? l % 2 : l / 8) == half) lane[(m * P + p) * 16 + l] = scale;
     }
   return {M, K, Kp, q.data(), s.data(), sq.data(), lane.data()};
 }
 
-// y (M, N) = x (M, K) times a quantized weight (codes, scale, zero as qmm.h lays them out; bits 4 or 8), float32.
-void product(const float* x, int64_t M, int64_t K, const Tensor& codes, const Tensor& scale, const Tensor& zero,
-             int64_t bits, int64_t isa, float* y) {
+// y (M, N) = x (M, K) times a quantized weight (codes and scales as qmm.h lays them out; bits 4 or 8), float32.
+void product(const float* x, int64_t M, int64_t K, const Tensor& codes, const Tensor& scale, int64_t bits,
+             int64_t isa, float* y) {
   const qmm::Rows rows = quantize_rows(x, M, K, bits);
   const int64_t N = codes.size(0);
   TORCH_CHECK(codes.size(1) * (bits == 4 ? 2 : 1) == rows.Kp, "the weight's K does not match the input's");
@@ -138,20 +138,20 @@ struct Part {
 
 }  // namespace
 
-// x (B, T, d) float32 -> the block's output (B, T, d). See model.Block and kernels.fused_block for the arguments.
+// x (B, T, d) float32 -> the block's output (B, T, d). See model.Block and kernels.run_block for the arguments.
 Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, at::TensorList weights, at::IntArrayRef ints,
                    double eps, at::TensorList caches, int64_t start, at::IntArrayRef rows,
                    const c10::List<std::optional<Tensor>>& masks, const c10::List<std::optional<Tensor>>& prefixes) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be (B, T, d) float32");
-  TORCH_CHECK(weights.size() == 15 && ints.size() == 8, "weights: 15 tensors, ints: 8");
+  TORCH_CHECK(weights.size() == 11 && ints.size() == 8, "weights: 11 tensors, ints: 8");
   const int64_t B = x.size(0), T = x.size(1), d = x.size(2), M = B * T;
   const int64_t H = ints[0], KV = ints[1], D = ints[2], group = H / KV;
   const int64_t qd = H * D, kvd = KV * D;
-  const Tensor &ln1 = weights[0], &ln2 = weights[1], &bias = weights[14];
+  const Tensor &ln1 = weights[0], &ln2 = weights[1], &bias = weights[10];
   const int64_t isa = ints[7];
-  // the four products: (codes, scale, zero) at weights[2 + 3 i], bits at ints[3 + i]
+  // the four products: (codes, scales) at weights[2 + 2 i], bits at ints[3 + i]
   auto mm = [&](int i, const float* in, int64_t K, float* out) {
-    product(in, M, K, weights[2 + 3 * i], weights[3 + 3 * i], weights[4 + 3 * i], ints[3 + i], isa, out);
+    product(in, M, K, weights[2 + 2 * i], weights[3 + 2 * i], ints[3 + i], isa, out);
   };
   const auto f32 = x.options();
   const size_t n_parts = rows.size() / 2;
@@ -239,7 +239,7 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
   }
   const int64_t grain = std::max<int64_t>(1, 65536 / (keys_max * D * 2 * group));  // ~64k flops a task
   at::parallel_for(0, first[n_parts], grain, [&](int64_t lo, int64_t hi) {
-    std::vector<float> score(group * keys_max), out(group * D);
+    std::vector<float> score(group * keys_max), out(group * D), total(group);
     std::vector<int64_t> seen(keys_max);
     for (int64_t u = lo; u < hi; ++u) {
       const size_t p = std::upper_bound(first.begin(), first.end(), u) - first.begin() - 1;
@@ -263,7 +263,7 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
         for (int64_t h = 0; h < group; ++h) score[h * keys_max + s] = dot(qv + h * D, kr, D) * scale;
       }
       std::fill(out.begin(), out.end(), 0.0f);
-      std::vector<float> total(group, 0.0f);
+      std::fill(total.begin(), total.end(), 0.0f);
       for (int64_t h = 0; h < group; ++h) {
         float* e = score.data() + h * keys_max;
         float top = -INFINITY;
@@ -293,7 +293,7 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
   const float* xp = x.data_ptr<float>();
   for (int64_t k = 0; k < M * d; ++k) yp[k] += xp[k];
   rms_norm(yp, ln2.data_ptr<float>(), a.data_ptr<float>(), M, d, eps);
-  const int64_t F = weights[8].size(0) / 2;  // gate_up codes: (2F, Kp or Kp / 2)
+  const int64_t F = weights[6].size(0) / 2;  // gate_up codes: (2F, Kp or Kp / 2)
   Tensor gu = at::empty({M, 2 * F}, f32);
   mm(2, a.data_ptr<float>(), d, gu.data_ptr<float>());
 
@@ -314,28 +314,27 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
 }
 
 // x (M, K) float32 times a quantized weight (qmm.h) -> (M, N) float32; isa -1 picks this CPU's fastest path.
-Tensor qmm_op(const Tensor& x, const Tensor& codes, const Tensor& scale, const Tensor& zero, int64_t bits,
-              int64_t isa) {
+Tensor qmm_op(const Tensor& x, const Tensor& codes, const Tensor& scale, int64_t bits, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be (M, K) float32");
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   Tensor y = at::empty({x.size(0), codes.size(0)}, x.options());
-  product(x.data_ptr<float>(), x.size(0), x.size(1), codes, scale, zero, bits, isa, y.data_ptr<float>());
+  product(x.data_ptr<float>(), x.size(0), x.size(1), codes, scale, bits, isa, y.data_ptr<float>());
   return y;
 }
 
 int64_t best_isa_op() { return qmm::best_isa(); }
 
 // Logical layers first .. last - 1 of a stack, each a plain decode call (one part: every row, at the cache's next
-// slots, ``mask`` or causal): weights holds 15 tensors per unique block (layer i runs block i % unique blocks),
+// slots, ``mask`` or causal): weights holds 11 tensors per unique block (layer i runs block i % unique blocks),
 // k_caches / v_caches one tensor per logical layer.
 Tensor quant_stack(const Tensor& x, const Tensor& cos, const Tensor& sin, at::TensorList weights, at::IntArrayRef ints,
                    double eps, at::TensorList k_caches, at::TensorList v_caches, int64_t start,
                    const std::optional<Tensor>& mask, int64_t first, int64_t last) {
-  TORCH_CHECK(weights.size() % 15 == 0 && !weights.empty(), "weights: 15 tensors per block");
+  TORCH_CHECK(weights.size() % 11 == 0 && !weights.empty(), "weights: 11 tensors per block");
   TORCH_CHECK(0 <= first && first <= last && last <= static_cast<int64_t>(k_caches.size()) &&
                   k_caches.size() == v_caches.size(),
               "layers out of range");
-  const int64_t unique = weights.size() / 15;
+  const int64_t unique = weights.size() / 11;
   c10::List<std::optional<Tensor>> masks, prefixes;
   masks.push_back(mask);
   prefixes.push_back(std::nullopt);
@@ -343,7 +342,7 @@ Tensor quant_stack(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
   const std::vector<int64_t> rows{0, x.size(1)};
   Tensor y = x;
   for (int64_t i = first; i < last; ++i)
-    y = quant_block(y, cos, sin, weights.slice((i % unique) * 15, 15), ints, eps, {k_caches[i], v_caches[i]}, start,
+    y = quant_block(y, cos, sin, weights.slice((i % unique) * 11, 11), ints, eps, {k_caches[i], v_caches[i]}, start,
                     rows, masks, prefixes);
   return y;
 }
@@ -351,7 +350,7 @@ Tensor quant_stack(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
 TORCH_LIBRARY(recyclegpt, m) {
   m.def("quant_block(Tensor x, Tensor cos, Tensor sin, Tensor[] weights, int[] ints, float eps, Tensor[] caches, "
         "int start, int[] rows, Tensor?[] masks, Tensor?[] prefixes) -> Tensor");
-  m.def("qmm(Tensor x, Tensor codes, Tensor scale, Tensor zero, int bits, int isa) -> Tensor");
+  m.def("qmm(Tensor x, Tensor codes, Tensor scale, int bits, int isa) -> Tensor");
   m.def("best_isa() -> int", &best_isa_op);
   m.def("quant_stack(Tensor x, Tensor cos, Tensor sin, Tensor[] weights, int[] ints, float eps, Tensor[] k_caches, "
         "Tensor[] v_caches, int start, Tensor? mask, int first, int last) -> Tensor");
