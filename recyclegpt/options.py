@@ -50,8 +50,9 @@ OPTIONS: dict[str, dict] = {
                     "copy of the weights; float32 results unchanged). Default: on for AMD CPUs, where it is the "
                     "fastest exact path, off elsewhere (recyclegpt info shows the choice; docs/decoding.md)"),
     "quant": dict(default="none", choices=list(QUANTS),
-                  help="weight-only quantized products for base and module: int8 (a scale per row) or int4 "
-                  "(groups of 32; the head in int8), 4-7x fewer bytes per step; verified stays exact against "
+                  help="weight-only quantized products for base and module: int8 (a scale per 32 weights) or "
+                  "int4 (groups of 32; the head in int8), 4-7x fewer bytes per step, through kernels compiled with "
+                  "g++ on first use (about 15 s; PyTorch's own without a compiler); verified stays exact against "
                   "standard decoding of the same quantized model (default none; native backend)"),
     # decoding
     "strategy": dict(default="standard", choices=list(STRATEGIES),
