@@ -148,9 +148,14 @@ def block_args(block) -> tuple[list[torch.Tensor], list[int], float] | None:
     return weights, ints, float(norms[0].eps)
 
 
-def attach(stack) -> str | None:
+def attach(stack, isa: int = -1) -> str | None:
     """Have every block of a quantized ``model.Stack`` run through the compiled kernel when it decodes with a cache;
-    returns None when they do, else why not (they stay eager, attending row by row through ``cache.RowViews``)."""
+    returns None when they do, else why not (they stay eager, attending row by row through ``cache.RowViews``).
+
+    Args:
+        isa: the kernels' instruction set, an index of ``ISAS`` the CPU has, or -1 for this CPU's fastest (tests
+            run the others).
+    """
     why = load()
     if why is not None:
         return why
@@ -158,6 +163,8 @@ def attach(stack) -> str | None:
     if any(a is None for a in args):
         return ("a block's products are not all int8 / int4 in this library's layout with q/k/v and gate/up fused, "
                 "or its norms are not float32")
+    for a in args:
+        a[1][-1] = isa
     for block, a in zip(stack.layers, args, strict=True):
         block.fused = functools.partial(run_block, a)
     weights = [t for a in args for t in a[0]]  # every unique block's, in order

@@ -17,9 +17,9 @@ from recyclegpt.strategies import make_strategy
 pytestmark = pytest.mark.skipif(kernels.load() is not None, reason=f"the decode block did not build: {kernels.load()}")
 
 
-def _quantized(model, mode: str, fused: bool = True):
+def _quantized(model, mode: str, fused: bool = True, isa: int = -1):
     """A decoding copy of ``model``'s backbone as ``bases._ready`` makes it: fused products, quantized (head int8),
-    attending row by row, through the compiled block if ``fused``."""
+    attending row by row, through the compiled block if ``fused`` (its ``isa`` path: -1 this CPU's best)."""
     backbone = copy.deepcopy(model.backbone)
     with torch.no_grad():
         backbone.embed_tokens.weight.mul_(20)  # peaked logits: no greedy near-ties
@@ -27,7 +27,7 @@ def _quantized(model, mode: str, fused: bool = True):
     quantize_linears(backbone, mode, 32, head_mode="int8")
     backbone.stack.row_invariant = True
     if fused:
-        assert kernels.attach(backbone.stack) is None
+        assert kernels.attach(backbone.stack, isa) is None
         assert all(b.fused is not None for b in backbone.stack.layers) and not backbone.stack.row_invariant
     return backbone
 
@@ -39,13 +39,15 @@ def _decode(backbone, prompt: torch.Tensor, new: torch.Tensor, tree: Tree | None
         return backbone(new, cache, tree=tree)[0]
 
 
+@pytest.mark.parametrize("isa", [-1, 0], ids=["best", "plain"])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_the_compiled_block_computes_what_the_eager_block_does(tiny, shared_tiny, mode):
+def test_the_compiled_block_computes_what_the_eager_block_does(tiny, shared_tiny, mode, isa):
     """Same weights, same product kernels: the logits of decode calls (one token, a chain of three, a tree) agree
-    with the eager blocks' up to the rounding of norms, rotation and attention (relative error below 1 %)."""
+    with the eager blocks' up to the rounding of norms, rotation and attention (relative error below 1 %), through
+    this CPU's vectorised loops and through the plain C++ ones."""
     g = torch.Generator().manual_seed(1)
     for model in (tiny, shared_tiny):
-        fused, eager = _quantized(model, mode), _quantized(model, mode, fused=False)
+        fused, eager = _quantized(model, mode, isa=isa), _quantized(model, mode, fused=False)
         prompt = torch.randint(0, 256, (2, 11), generator=g)
         tree = Tree.from_parents([-1, 0, 0, 1])
         for new, t in ((prompt[:, :1], None), (prompt[:, :3], None), (prompt[:, :4], tree)):

@@ -147,35 +147,61 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const Rows& r, const Weights&
 }
 
 // ---- AVX-512 VNNI: a pair (64 codes) per step ----
-// Each row keeps two accumulators (even pairs, odd pairs) so that consecutive fused multiply-adds do not wait on
-// each other. Weight rows go one after another: a decode step streams its weights from memory, and reading four
-// rows side by side (their sums reduced together, faster with the weights in cache) made a SmolLM2 step 30 % slower.
+// Out lane l of the result: the sum of v[l]'s 16 lanes, for 16 vectors at once (a transposing tree of adds). Each
+// output's additions are the same fixed tree over its own vector's lanes, (l, l + 8), (l, l + 4), (l, l + 2),
+// (l, l + 1), whatever the other vectors hold.
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) inline __m512 sum16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int j = 0; j < 8; ++j)  // halves: vector 2j's 8 partial sums, then 2j + 1's
+    a[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0xEE));
+  for (int j = 0; j < 4; ++j)  // quarters: vectors 4j .. 4j + 3, 4 partial sums each
+    b[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0xDD));
+  for (int j = 0; j < 2; ++j)  // in quarter Q: vectors 8j + Q, 8j + 4 + Q, 2 partial sums each, interleaved
+    c[j] = _mm512_add_ps(_mm512_unpacklo_ps(b[2 * j], b[2 * j + 1]), _mm512_unpackhi_ps(b[2 * j], b[2 * j + 1]));
+  const __m512 d = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x44), _mm512_shuffle_ps(c[0], c[1], 0xEE));
+  // lane 4Q + r holds vector 4r + Q
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, d);
+}
+
+// A tile of at most 16 weight rows: per output, the integer dot products of each pair are scaled into two float
+// accumulators (even and odd pairs, so that consecutive fused multiply-adds do not wait on each other); int4 adds its
+// offsets, per 16 blocks at once; the tile's 16 sums per input row are then reduced together (sum16). Weight rows go
+// one after another: a decode step streams its weights from memory, and reading four rows side by side (faster
+// with the weights in cache) made a SmolLM2 step 30 % slower.
 template <int MB, int BITS>
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma"))) void rows_avx512(
     const Rows& r, const Weights& w, int64_t n0, int64_t n1, int64_t m0, float* y) {
-  const int64_t P = w.Kp / 64;
-  const __m256i low = _mm256_set1_epi8(15);
+  const int64_t P = w.Kp / 64, G = 2 * P;
+  const __m512i low = _mm512_set1_epi8(15);
+  const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);  // high nibbles above
+  // int4, from a pair's two bfloat16 scales broadcast to every 32-bit lane: lane l gets scale l % 2 as a float
+  const __m512i pick = _mm512_setr_epi32(0, 0x00010000, 0, 0x00010000, 0, 0x00010000, 0, 0x00010000, 0, 0x00010000,
+                                         0, 0x00010000, 0, 0x00010000, 0, 0x00010000);
+  // int8: lanes 0-7 get the first scale, 8-15 the second
+  const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0x00010000, 0x00010000, 0x00010000, 0x00010000,
+                                           0x00010000, 0x00010000, 0x00010000, 0x00010000);
+  __m512 sums[MB][16];
   for (int64_t n = n0; n < n1; ++n) {
     __m512 acc[MB][2];
     for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (int64_t p = 0; p < P; ++p) {
       __m512i u;
       __mmask64 neg = 0;
+      const __m512i b = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(w.sz + n * (BITS == 4 ? 2 : 1) * G + 2 * p));
       __m512 wl;  // the weights' scale in each lane
       if constexpr (BITS == 4) {
-        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + n * (w.Kp / 2) + p * 32));
-        u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(c, low)),
-                               _mm256_and_si256(_mm256_srli_epi16(c, 4), low), 1);
-        const __m512i b = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(w.sz + n * 4 * P + 2 * p));
-        wl = _mm512_castsi512_ps(_mm512_mask_blend_epi32(  // s0 s1 s0 s1 ...: lane l sums block l % 2
-            0xAAAA, _mm512_slli_epi32(b, 16), _mm512_and_si512(b, _mm512_set1_epi32(-65536))));
+        const __m512i c = _mm512_broadcast_i64x4(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + n * (w.Kp / 2) + p * 32)));
+        u = _mm512_and_si512(_mm512_srlv_epi16(c, shift), low);
+        wl = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAA, pick, b));
       } else {
         const __m512i c = _mm512_loadu_si512(w.codes + n * w.Kp + p * 64);
         u = _mm512_abs_epi8(c);
         neg = _mm512_movepi8_mask(c);
-        const __m512i b = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(w.sz + n * 2 * P + 2 * p));
-        wl = _mm512_castsi512_ps(_mm512_mask_blend_epi32(  // lanes 0-7 sum block 2p, 8-15 block 2p + 1
-            0xFF00, _mm512_slli_epi32(b, 16), _mm512_and_si512(b, _mm512_set1_epi32(-65536))));
+        wl = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAA, halves, b));
       }
       for (int i = 0; i < MB; ++i) {
         const int64_t m = m0 + i;
@@ -186,21 +212,71 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma"))) voi
         acc[i][p & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wl, s), acc[i][p & 1]);
       }
     }
-    for (int i = 0; i < MB; ++i) {
-      const float total = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
-      if constexpr (BITS == 4) {
-        const uint16_t* sz = w.sz + n * 4 * P;
-        y[(m0 + i) * w.N + n] = total + offsets(sz, sz + 2 * P, r.sq + (m0 + i) * 2 * P, 2 * P);
-      } else {
-        y[(m0 + i) * w.N + n] = total;
+    if constexpr (BITS == 4) {  // + (zero_b - 8 scale_b) * s_b sum_j q_j over the blocks, 16 at a time
+      const uint16_t* sz = w.sz + n * 2 * G;
+      for (int64_t b = 0; b < G; b += 16) {
+        const __mmask16 k = G - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (G - b)) - 1);
+        auto wide = [&](const uint16_t* h) {
+          return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, h)), 16));
+        };
+        const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8), wide(sz + b), wide(sz + G + b));
+        for (int i = 0; i < MB; ++i)
+          acc[i][0] = _mm512_fmadd_ps(off, _mm512_maskz_loadu_ps(k, r.sq + (m0 + i) * G + b), acc[i][0]);
       }
     }
+    for (int i = 0; i < MB; ++i) sums[i][n - n0] = _mm512_add_ps(acc[i][0], acc[i][1]);
+  }
+  for (int i = 0; i < MB; ++i) {
+    for (int64_t n = n1; n < n0 + 16; ++n) sums[i][n - n0] = _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(y + (m0 + i) * w.N + n0, static_cast<__mmask16>((1u << (n1 - n0)) - 1), sum16(sums[i]));
+  }
+}
+
+// One input row x (K floats) rounded to int8 in blocks of 32, as quant_block.cpp's quantize_rows lays it out (q:
+// Kp codes in the weights' order, s / sq: Kp / 32 block scales and scaled sums, lane: 16 per pair), with the same
+// arithmetic (a block's largest magnitude / 127; x * 127 / largest rounded to nearest even), so the same bits.
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) inline void quantize_row_avx512(
+    const float* x, int64_t K, int bits, int8_t* q, float* s, float* sq, float* lane) {
+  const int64_t Kp = (K + 63) / 64 * 64;
+  // int4: the pair's 32-bit groups of 4 codes alternate between its blocks (pair_position)
+  const __m512i alternate = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  for (int64_t p = 0; p < Kp / 64; ++p) {
+    __m512i codes[2];
+    float scale[2];
+    for (int h = 0; h < 2; ++h) {
+      const int64_t k0 = p * 64 + h * 32;
+      __m512 v[2];
+      for (int i = 0; i < 2; ++i) {
+        const int64_t left = K - (k0 + 16 * i);
+        const __mmask16 k = left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+        v[i] = _mm512_maskz_loadu_ps(k, x + k0 + 16 * i);
+      }
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+      const __m512 inv = _mm512_set1_ps(amax > 0 ? 127 / amax : 0);
+      const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(v[0], inv)), b = _mm512_cvtps_epi32(_mm512_mul_ps(v[1], inv));
+      scale[h] = amax / 127;
+      s[2 * p + h] = scale[h];
+      sq[2 * p + h] = scale[h] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(a, b)));
+      codes[h] = _mm512_castsi256_si512(
+          _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(a)), _mm512_cvtepi32_epi8(b), 1));
+    }
+    __m512i out;
+    __m512 l;
+    if (bits == 4) {
+      out = _mm512_permutex2var_epi32(codes[0], alternate, codes[1]);
+      l = _mm512_mask_blend_ps(0xAAAA, _mm512_set1_ps(scale[0]), _mm512_set1_ps(scale[1]));
+    } else {
+      out = _mm512_inserti64x4(codes[0], _mm512_castsi512_si256(codes[1]), 1);
+      l = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(scale[0]), _mm512_set1_ps(scale[1]));
+    }
+    _mm512_storeu_si512(q + p * 64, out);
+    _mm512_storeu_ps(lane + p * 16, l);
   }
 }
 
 enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
 
-inline int best_isa() {
+inline int detect_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
@@ -208,6 +284,11 @@ inline int best_isa() {
     return AVX512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return AVX2;
   return SCALAR;
+}
+
+inline int best_isa() {
+  static const int isa = detect_isa();
+  return isa;
 }
 
 using Kernel = void (*)(const Rows&, const Weights&, int64_t, int64_t, int64_t, float*);

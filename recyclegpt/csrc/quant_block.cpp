@@ -31,7 +31,7 @@ constexpr int LANES = 16;  // float lanes summed apart in dot products (vectoris
 
 // Rows x (M, K) float32 rounded to int8 in blocks of 32 for weights of ``bits`` bits (qmm.h lays out both), with
 // what the kernels read beside them; the buffers are the calling thread's own, reused from call to call.
-qmm::Rows quantize_rows(const float* x, int64_t M, int64_t K, int64_t bits) {
+qmm::Rows quantize_rows(const float* x, int64_t M, int64_t K, int64_t bits, int path) {
   thread_local std::vector<int8_t> q;
   thread_local std::vector<float> s, sq, lane;
   const int64_t Kp = (K + 63) / 64 * 64, G = Kp / qmm::BLOCK, P = Kp / 64;
@@ -39,6 +39,12 @@ qmm::Rows quantize_rows(const float* x, int64_t M, int64_t K, int64_t bits) {
   s.resize(M * G);
   sq.resize(M * G);
   lane.resize(M * P * 16);
+  if (path == qmm::AVX512) {  // the same bits, vectorised
+    for (int64_t m = 0; m < M; ++m)
+      qmm::quantize_row_avx512(x + m * K, K, static_cast<int>(bits), q.data() + m * Kp, s.data() + m * G,
+                               sq.data() + m * G, lane.data() + m * P * 16);
+    return {M, K, Kp, q.data(), s.data(), sq.data(), lane.data()};
+  }
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < G; ++b) {
       const int64_t k0 = b * qmm::BLOCK, k1 = std::min(K, k0 + qmm::BLOCK), p = b / 2;
@@ -64,7 +70,8 @@ qmm::Rows quantize_rows(const float* x, int64_t M, int64_t K, int64_t bits) {
 // y (M, N) = x (M, K) times a quantized weight (codes and scales as qmm.h lays them out; bits 4 or 8), float32.
 void product(const float* x, int64_t M, int64_t K, const Tensor& codes, const Tensor& scale, int64_t bits,
              int64_t isa, float* y) {
-  const qmm::Rows rows = quantize_rows(x, M, K, bits);
+  const int path = isa < 0 ? qmm::best_isa() : static_cast<int>(isa);
+  const qmm::Rows rows = quantize_rows(x, M, K, bits, path);
   const int64_t N = codes.size(0);
   TORCH_CHECK(codes.size(1) * (bits == 4 ? 2 : 1) == rows.Kp, "the weight's K does not match the input's");
   TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() &&
@@ -72,7 +79,6 @@ void product(const float* x, int64_t M, int64_t K, const Tensor& codes, const Te
               "scales must be contiguous bfloat16, per block of 32 (and zeros for int4)");
   qmm::Weights w{static_cast<int>(bits), N, rows.Kp, reinterpret_cast<const uint8_t*>(codes.data_ptr()),
                  reinterpret_cast<const uint16_t*>(scale.data_ptr())};
-  const int path = isa < 0 ? qmm::best_isa() : static_cast<int>(isa);
   // 16 weight rows at a time through every group of 4 input rows: the weights stay in the core's cache
   at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t n0 = lo; n0 < hi; n0 += 16)
@@ -120,11 +126,95 @@ inline float exp_approx(float x) {
   return p * scale;
 }
 
+// exp_approx on 16 floats at once (the same steps).
+__attribute__((target("avx512f,avx512dq,fma"))) inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860676533018704e-06f),
+                                    _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x));
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+// Attention of one query's ``group`` heads (q: group x D floats, D = 16 DC) over the n keys and values ``seen`` of
+// one key/value head (kb, vb: rows of D floats), into out (group x D); score: room for 16 * ceil(n / 16) floats.
+// Scores go 16 keys at a time (each key's products summed in a vector, then 16 keys reduced together, qmm::sum16);
+// the weighted values accumulate in registers, even and odd keys apart.
+template <int DC>
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma"))) void attend_avx512(
+    const float* q, int64_t group, const float* kb, const float* vb, const int64_t* seen, int64_t n, float scale,
+    float* score, float* out) {
+  constexpr int64_t D = 16 * DC;
+  for (int64_t h = 0; h < group; ++h) {
+    __m512 qv[DC];
+    for (int c = 0; c < DC; ++c) qv[c] = _mm512_loadu_ps(q + h * D + 16 * c);
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t s0 = 0; s0 < n; s0 += 16) {
+      const int64_t count = std::min<int64_t>(16, n - s0);
+      __m512 part[16];
+      for (int64_t j = 0; j < 16; ++j) {
+        if (j >= count) {
+          part[j] = _mm512_setzero_ps();
+          continue;
+        }
+        const float* kr = kb + seen[s0 + j] * D;
+        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
+        for (int c = 1; c < DC; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kr + 16 * c), acc);
+        part[j] = acc;
+      }
+      const __mmask16 k = static_cast<__mmask16>((1u << count) - 1);
+      const __m512 sc = _mm512_mul_ps(qmm::sum16(part), _mm512_set1_ps(scale));
+      _mm512_storeu_ps(score + s0, sc);
+      top = _mm512_mask_max_ps(top, k, top, sc);
+    }
+    const __m512 peak = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 sums = _mm512_setzero_ps();
+    for (int64_t s0 = 0; s0 < n; s0 += 16) {
+      const __mmask16 k = static_cast<__mmask16>(n - s0 >= 16 ? 0xFFFF : (1u << (n - s0)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_loadu_ps(score + s0), peak)));
+      _mm512_storeu_ps(score + s0, e);
+      sums = _mm512_add_ps(sums, e);
+    }
+    __m512 o[2][DC];
+    for (int c = 0; c < DC; ++c) o[0][c] = o[1][c] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n; ++s) {
+      const float* vr = vb + seen[s] * D;
+      const __m512 e = _mm512_set1_ps(score[s]);
+      for (int c = 0; c < DC; ++c) o[s & 1][c] = _mm512_fmadd_ps(e, _mm512_loadu_ps(vr + 16 * c), o[s & 1][c]);
+    }
+    const __m512 inv = _mm512_set1_ps(n ? 1.0f / _mm512_reduce_add_ps(sums) : 0.0f);
+    for (int c = 0; c < DC; ++c) _mm512_storeu_ps(out + h * D + 16 * c, _mm512_mul_ps(_mm512_add_ps(o[0][c], o[1][c]), inv));
+  }
+}
+
 // Rotate one head (D floats) by a position's cos and signed sin rows (model.rope_tables):
 // out[i] = x[i] cos[i] + x[(i + D/2) % D] sin[i].
 void rope(const float* x, const float* cos, const float* sin, float* out, int64_t D) {
   const int64_t half = D / 2;
-  for (int64_t i = 0; i < D; ++i) out[i] = x[i] * cos[i] + x[(i + half) % D] * sin[i];
+  for (int64_t i = 0; i < half; ++i) out[i] = x[i] * cos[i] + x[i + half] * sin[i];  // two loops: they vectorise
+  for (int64_t i = half; i < D; ++i) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
+}
+
+// out = silu(gate) * up over n floats: gate / (1 + e^-gate) * up, 16 at a time where ``fast`` (AVX-512).
+void swiglu(const float* gate, const float* up, float* out, int64_t n, bool fast);
+
+__attribute__((target("avx512f,avx512dq,fma"))) void swiglu_avx512(const float* gate, const float* up, float* out,
+                                                                    int64_t n) {
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 m = static_cast<__mmask16>(n - k >= 16 ? 0xFFFF : (1u << (n - k)) - 1);
+    const __m512 g = _mm512_maskz_loadu_ps(m, gate + k);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    _mm512_mask_storeu_ps(out + k, m, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
+                                                    _mm512_maskz_loadu_ps(m, up + k)));
+  }
+}
+
+void swiglu(const float* gate, const float* up, float* out, int64_t n, bool fast) {
+  if (fast) return swiglu_avx512(gate, up, out, n);
+  for (int64_t k = 0; k < n; ++k) out[k] = gate[k] / (1.0f + exp_approx(-gate[k])) * up[k];
 }
 
 struct Part {
@@ -238,8 +328,10 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
     keys_max = std::max(keys_max, start + parts[p].n_pre + parts[p].r1 - parts[p].r0);
   }
   const int64_t grain = std::max<int64_t>(1, 65536 / (keys_max * D * 2 * group));  // ~64k flops a task
+  const bool avx512 = (isa < 0 ? qmm::best_isa() : isa) == qmm::AVX512;  // else plain loops
+  const bool fast = avx512 && (D == 16 || D == 32 || D == 64 || D == 128);
   at::parallel_for(0, first[n_parts], grain, [&](int64_t lo, int64_t hi) {
-    std::vector<float> score(group * keys_max), out(group * D), total(group);
+    std::vector<float> score(std::max(group * keys_max, (keys_max + 15) / 16 * 16)), out(group * D), total(group);
     std::vector<int64_t> seen(keys_max);
     for (int64_t u = lo; u < hi; ++u) {
       const size_t p = std::upper_bound(first.begin(), first.end(), u) - first.begin() - 1;
@@ -257,6 +349,14 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
         const bool* mr = P.mask + b * P.mb + i * P.mi;
         for (int64_t j = 0; j < end; ++j)
           if (mr[j * P.mj]) seen[n_seen++] = j;
+      }
+      if (fast) {  // this CPU's vectorised loops: the same for every query
+        float* dst = ap + m * qd + g * group * D;
+        constexpr decltype(&attend_avx512<1>) by_size[] = {attend_avx512<1>, attend_avx512<2>, nullptr,
+                                                            attend_avx512<4>, nullptr, nullptr, nullptr,
+                                                            attend_avx512<8>};
+        by_size[D / 16 - 1](qv, group, kb, vb, seen.data(), n_seen, scale, score.data(), dst);
+        continue;
       }
       for (int64_t s = 0; s < n_seen; ++s) {
         const float* kr = kb + seen[s] * D;
@@ -301,11 +401,7 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
   Tensor hidden = at::empty({M, F}, f32);
   const float* gp = gu.data_ptr<float>();
   float* hp = hidden.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < F; ++k) {
-      const float gate = gp[m * 2 * F + k], up = gp[m * 2 * F + F + k];
-      hp[m * F + k] = gate / (1.0f + exp_approx(-gate)) * up;
-    }
+  for (int64_t m = 0; m < M; ++m) swiglu(gp + m * 2 * F, gp + m * 2 * F + F, hp + m * F, F, avx512);
   Tensor down = at::empty({M, d}, f32);
   mm(3, hp, F, down.data_ptr<float>());
   const float* dp = down.data_ptr<float>();
