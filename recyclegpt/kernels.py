@@ -126,10 +126,10 @@ def describe(build_now: bool = False) -> str:
             "in blocks of 32, integer products, one call per decode step (csrc/qmm.h, csrc/quant_block.cpp)")
 
 
-def block_args(block) -> tuple[list[torch.Tensor], list[int], float] | None:
+def block_args(block, isa: int = -1) -> tuple[list[torch.Tensor], list[int], float] | None:
     """The weights, integer settings and epsilon ``quant_block`` reads for a ``model.Block`` whose four products
     are int8 / int4 layers in this library's layout (q/k/v and gate/up fused), or None when it does not fit (then
-    it runs eagerly)."""
+    it runs eagerly); ``isa`` as ``attach`` takes it."""
     attn, mlp = block.self_attn, block.mlp
     layers = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     if not all(getattr(lay, "compiled", False) for lay in layers):  # quant.QuantLinear in the kernels' layout
@@ -144,7 +144,7 @@ def block_args(block) -> tuple[list[torch.Tensor], list[int], float] | None:
         weights += [lay.codes, lay.scale]
     bias = attn.qkv_proj.bias
     weights.append(torch.empty(0) if bias is None else bias.detach().float())
-    ints = [attn.n_heads, attn.n_kv_heads, attn.head_dim, *(lay.bits for lay in layers), -1]  # -1: this CPU's kernels
+    ints = [attn.n_heads, attn.n_kv_heads, attn.head_dim, *(lay.bits for lay in layers), isa]
     return weights, ints, float(norms[0].eps)
 
 
@@ -159,12 +159,10 @@ def attach(stack, isa: int = -1) -> str | None:
     why = load()
     if why is not None:
         return why
-    args = [block_args(b) for b in stack.layers]
+    args = [block_args(b, isa) for b in stack.layers]
     if any(a is None for a in args):
         return ("a block's products are not all int8 / int4 in this library's layout with q/k/v and gate/up fused, "
                 "or its norms are not float32")
-    for a in args:
-        a[1][-1] = isa
     for block, a in zip(stack.layers, args, strict=True):
         block.fused = functools.partial(run_block, a)
     weights = [t for a in args for t in a[0]]  # every unique block's, in order

@@ -155,6 +155,12 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def _decode_call(cache: KVCache | None, T: int) -> bool:
+    """Whether a call of T new tokens decodes (a cache already holding tokens, or one token): what the compiled
+    blocks take (``kernels.attach``); prefills stay eager."""
+    return cache is not None and (cache.length > 0 or T == 1)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block; the recyclable module stacks the same class."""
 
@@ -168,7 +174,7 @@ class Block(nn.Module):
         self.fused = None
 
     def forward(self, x, cos, sin, cache, parts) -> torch.Tensor:
-        if self.fused is not None and cache is not None and (cache.length or x.shape[1] == 1):
+        if self.fused is not None and _decode_call(cache, x.shape[1]):
             return self.fused(x, cos, sin, cache, parts)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, parts)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -222,7 +228,7 @@ class Stack(nn.Module):
         if self.row_invariant and cache is not None and T > 1 and start > 0:  # a decode call, not a prefill
             mask = cache.row_views(T, None if tree is None else tree.mask)
         early = None
-        if self.fused is not None and cache is not None and (start or T == 1):  # a decode call: compiled layers
+        if self.fused is not None and _decode_call(cache, T):  # compiled layers
             if exit_layer is not None:
                 x = early = self.fused(x, cos, sin, cache, mask, 0, exit_layer)
             x = self.fused(x, cos, sin, cache, mask, exit_layer or 0, self.n_layers)

@@ -27,6 +27,7 @@
 namespace qmm {
 
 constexpr int64_t BLOCK = 32;
+constexpr int64_t TILE = 16;  // weight rows (outputs) a kernel call takes at most: rows_avx512 sums them together
 
 // The block (0: 2p, 1: 2p + 1) of position t of an int4 pair, and the position of input j of a pair's block.
 inline int pair_block(int t) { return (t / 4) % 2; }
@@ -183,7 +184,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma"))) voi
   // int8: lanes 0-7 get the first scale, 8-15 the second
   const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0x00010000, 0x00010000, 0x00010000, 0x00010000,
                                            0x00010000, 0x00010000, 0x00010000, 0x00010000);
-  __m512 sums[MB][16];
+  __m512 sums[MB][TILE];  // sum16 reduces 16 vectors: TILE is 16
   for (int64_t n = n0; n < n1; ++n) {
     __m512 acc[MB][2];
     for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -227,7 +228,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma"))) voi
     for (int i = 0; i < MB; ++i) sums[i][n - n0] = _mm512_add_ps(acc[i][0], acc[i][1]);
   }
   for (int i = 0; i < MB; ++i) {
-    for (int64_t n = n1; n < n0 + 16; ++n) sums[i][n - n0] = _mm512_setzero_ps();
+    for (int64_t n = n1; n < n0 + TILE; ++n) sums[i][n - n0] = _mm512_setzero_ps();
     _mm512_mask_storeu_ps(y + (m0 + i) * w.N + n0, static_cast<__mmask16>((1u << (n1 - n0)) - 1), sum16(sums[i]));
   }
 }
@@ -291,12 +292,16 @@ inline int best_isa() {
   return isa;
 }
 
+// The path a caller's ``isa`` asks for: -1 this CPU's best, else that Isa.
+inline int path_for(int64_t isa) { return isa < 0 ? best_isa() : static_cast<int>(isa); }
+
 using Kernel = void (*)(const Rows&, const Weights&, int64_t, int64_t, int64_t, float*);
 constexpr Kernel AVX512_INT4[] = {rows_avx512<1, 4>, rows_avx512<2, 4>, rows_avx512<3, 4>, rows_avx512<4, 4>};
 constexpr Kernel AVX512_INT8[] = {rows_avx512<1, 8>, rows_avx512<2, 8>, rows_avx512<3, 8>, rows_avx512<4, 8>};
 constexpr Kernel AVX2_ANY[] = {rows_avx2<1>, rows_avx2<2>, rows_avx2<3>, rows_avx2<4>};
 
-// The outputs y[m, n] (y (M, N), row-major) of weight rows n0 .. n1 - 1 for rows m0 .. m0 + mb - 1 (1 <= mb <= 4).
+// The outputs y[m, n] (y (M, N), row-major) of weight rows n0 .. n1 - 1 (n1 - n0 <= TILE) for rows m0 .. m0 + mb - 1
+// (1 <= mb <= 4).
 inline void rows(int isa, const Rows& r, const Weights& w, int64_t n0, int64_t n1, int64_t m0, int mb, float* y) {
   if (isa == AVX512) return (w.bits == 4 ? AVX512_INT4 : AVX512_INT8)[mb - 1](r, w, n0, n1, m0, y);
   if (isa == AVX2) return AVX2_ANY[mb - 1](r, w, n0, n1, m0, y);

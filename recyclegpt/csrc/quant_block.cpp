@@ -70,7 +70,7 @@ qmm::Rows quantize_rows(const float* x, int64_t M, int64_t K, int64_t bits, int 
 // y (M, N) = x (M, K) times a quantized weight (codes and scales as qmm.h lays them out; bits 4 or 8), float32.
 void product(const float* x, int64_t M, int64_t K, const Tensor& codes, const Tensor& scale, int64_t bits,
              int64_t isa, float* y) {
-  const int path = isa < 0 ? qmm::best_isa() : static_cast<int>(isa);
+  const int path = qmm::path_for(isa);
   const qmm::Rows rows = quantize_rows(x, M, K, bits, path);
   const int64_t N = codes.size(0);
   TORCH_CHECK(codes.size(1) * (bits == 4 ? 2 : 1) == rows.Kp, "the weight's K does not match the input's");
@@ -79,11 +79,12 @@ void product(const float* x, int64_t M, int64_t K, const Tensor& codes, const Te
               "scales must be contiguous bfloat16, per block of 32 (and zeros for int4)");
   qmm::Weights w{static_cast<int>(bits), N, rows.Kp, reinterpret_cast<const uint8_t*>(codes.data_ptr()),
                  reinterpret_cast<const uint16_t*>(scale.data_ptr())};
-  // 16 weight rows at a time through every group of 4 input rows: the weights stay in the core's cache
-  at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t n0 = lo; n0 < hi; n0 += 16)
+  // TILE weight rows at a time through every group of 4 input rows: the weights stay in the core's cache
+  at::parallel_for(0, N, qmm::TILE, [&](int64_t lo, int64_t hi) {
+    for (int64_t n0 = lo; n0 < hi; n0 += qmm::TILE)
       for (int64_t m0 = 0; m0 < M; m0 += 4)
-        qmm::rows(path, rows, w, n0, std::min(hi, n0 + 16), m0, static_cast<int>(std::min<int64_t>(4, M - m0)), y);
+        qmm::rows(path, rows, w, n0, std::min(hi, n0 + qmm::TILE), m0, static_cast<int>(std::min<int64_t>(4, M - m0)),
+                  y);
   });
 }
 
@@ -198,9 +199,6 @@ void rope(const float* x, const float* cos, const float* sin, float* out, int64_
   for (int64_t i = half; i < D; ++i) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
 }
 
-// out = silu(gate) * up over n floats: gate / (1 + e^-gate) * up, 16 at a time where ``fast`` (AVX-512).
-void swiglu(const float* gate, const float* up, float* out, int64_t n, bool fast);
-
 __attribute__((target("avx512f,avx512dq,fma"))) void swiglu_avx512(const float* gate, const float* up, float* out,
                                                                     int64_t n) {
   for (int64_t k = 0; k < n; k += 16) {
@@ -212,6 +210,7 @@ __attribute__((target("avx512f,avx512dq,fma"))) void swiglu_avx512(const float* 
   }
 }
 
+// out = silu(gate) * up over n floats: gate / (1 + e^-gate) * up, 16 at a time where ``fast`` (AVX-512).
 void swiglu(const float* gate, const float* up, float* out, int64_t n, bool fast) {
   if (fast) return swiglu_avx512(gate, up, out, n);
   for (int64_t k = 0; k < n; ++k) out[k] = gate[k] / (1.0f + exp_approx(-gate[k])) * up[k];
@@ -238,10 +237,11 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
   const int64_t H = ints[0], KV = ints[1], D = ints[2], group = H / KV;
   const int64_t qd = H * D, kvd = KV * D;
   const Tensor &ln1 = weights[0], &ln2 = weights[1], &bias = weights[10];
-  const int64_t isa = ints[7];
+  const int64_t path = qmm::path_for(ints[7]);  // the products' and the loops' instruction set
+  const bool avx512 = path == qmm::AVX512;  // else plain loops
   // the four products: (codes, scales) at weights[2 + 2 i], bits at ints[3 + i]
   auto mm = [&](int i, const float* in, int64_t K, float* out) {
-    product(in, M, K, weights[2 + 2 * i], weights[3 + 2 * i], ints[3 + i], isa, out);
+    product(in, M, K, weights[2 + 2 * i], weights[3 + 2 * i], ints[3 + i], path, out);
   };
   const auto f32 = x.options();
   const size_t n_parts = rows.size() / 2;
@@ -328,8 +328,10 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
     keys_max = std::max(keys_max, start + parts[p].n_pre + parts[p].r1 - parts[p].r0);
   }
   const int64_t grain = std::max<int64_t>(1, 65536 / (keys_max * D * 2 * group));  // ~64k flops a task
-  const bool avx512 = (isa < 0 ? qmm::best_isa() : isa) == qmm::AVX512;  // else plain loops
-  const bool fast = avx512 && (D == 16 || D == 32 || D == 64 || D == 128);
+  // this CPU's vectorised loops for head sizes 16, 32, 64 and 128 (the same for every query), else plain ones
+  constexpr decltype(&attend_avx512<1>) by_size[] = {attend_avx512<1>, attend_avx512<2>, nullptr, attend_avx512<4>,
+                                                      nullptr, nullptr, nullptr, attend_avx512<8>};
+  const auto attend = avx512 && D % 16 == 0 && D / 16 <= 8 ? by_size[D / 16 - 1] : nullptr;
   at::parallel_for(0, first[n_parts], grain, [&](int64_t lo, int64_t hi) {
     std::vector<float> score(std::max(group * keys_max, (keys_max + 15) / 16 * 16)), out(group * D), total(group);
     std::vector<int64_t> seen(keys_max);
@@ -350,12 +352,8 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
         for (int64_t j = 0; j < end; ++j)
           if (mr[j * P.mj]) seen[n_seen++] = j;
       }
-      if (fast) {  // this CPU's vectorised loops: the same for every query
-        float* dst = ap + m * qd + g * group * D;
-        constexpr decltype(&attend_avx512<1>) by_size[] = {attend_avx512<1>, attend_avx512<2>, nullptr,
-                                                            attend_avx512<4>, nullptr, nullptr, nullptr,
-                                                            attend_avx512<8>};
-        by_size[D / 16 - 1](qv, group, kb, vb, seen.data(), n_seen, scale, score.data(), dst);
+      if (attend != nullptr) {
+        attend(qv, group, kb, vb, seen.data(), n_seen, scale, score.data(), ap + m * qd + g * group * D);
         continue;
       }
       for (int64_t s = 0; s < n_seen; ++s) {
