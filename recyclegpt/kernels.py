@@ -134,6 +134,8 @@ def block_args(block, isa: int = -1) -> tuple[list[torch.Tensor], list[int], flo
     layers = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     if not all(getattr(lay, "compiled", False) for lay in layers):  # quant.QuantLinear in the kernels' layout
         return None
+    if any(lay.codes.shape[0] != lay.out_features for lay in layers):  # outputs padded to a tile: eager slices them
+        return None
     if any(lay.bias is not None for lay in layers[1:]) or attn.head_dim % 2:
         return None
     norms = (block.input_layernorm, block.post_attention_layernorm)

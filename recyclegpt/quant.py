@@ -100,7 +100,8 @@ class QuantLinear(nn.Module):
         shape = x.shape
         if self.compiled:
             a = x.reshape(-1, self.in_features).float().contiguous()  # (M, K)
-            y = torch.ops.recyclegpt.qmm(a, self.codes, self.scale, self.bits, -1).to(x.dtype)
+            y = torch.ops.recyclegpt.qmm(a, self.codes, self.scale, self.bits, -1)[:, : self.out_features]
+            y = y.to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias.to(x.dtype)
             return y.view(*shape[:-1], self.out_features)
@@ -158,9 +159,36 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return ((q - 8) * scale.float()[..., None] + zero.float()[..., None]).reshape(N, K)
 
 
-def _padded(t: torch.Tensor, k: int) -> torch.Tensor:
-    """t (N, K') with zero columns appended up to k."""
-    return torch.nn.functional.pad(t, (0, k - t.shape[1])).contiguous()
+def _padded(t: torch.Tensor, k: int, n: int | None = None) -> torch.Tensor:
+    """t (N', K') with zero columns appended up to k (and zero rows up to n)."""
+    return torch.nn.functional.pad(t, (0, k - t.shape[1], 0, 0 if n is None else n - t.shape[0])).contiguous()
+
+
+def _kernel_shape(weight: torch.Tensor) -> tuple[int, int]:
+    """(N, K) of ``weight`` as the compiled kernels store it: outputs up to a multiple of 16 (a tile), inputs up to
+    a multiple of 32 (a block); the extra rows and columns are zero."""
+    N, K = weight.shape
+    return -(-N // 16) * 16, -(-K // 32) * 32
+
+
+def _tiles(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(N, Kp) codes (int4: 0..15; int8: -128..127) in the compiled kernels' layout (csrc/qmm.h): per tile of 16
+    outputs and block of 32 inputs, the 16 outputs' 4 codes of each group of 4 inputs side by side; int4 packs group
+    g + 4 in the high nibbles of group g's bytes, int8 stores code + 128. Returns (N, Kp / 2 or Kp) uint8."""
+    N, K = codes.shape
+    c = codes.to(torch.int32) + (128 if bits == 8 else 0)
+    c = c.view(N // 16, 16, K // 32, 8, 4).permute(0, 2, 3, 1, 4).reshape(N // 16, K // 32, 8, 64)  # (T, G, g, 64)
+    if bits == 4:
+        c = c[:, :, :4] | (c[:, :, 4:] << 4)
+    return c.to(torch.uint8).reshape(N, -1).contiguous()
+
+
+def _tiled_scales(*per_block: torch.Tensor) -> torch.Tensor:
+    """(N, G) bfloat16 tensors (int4: scales, zeros; int8: scales) in the kernels' layout: per tile of 16 outputs and
+    block, the 16 outputs' scales (then zeros). Returns (N, G times how many) bfloat16."""
+    N, G = per_block[0].shape
+    tiles = [v.view(N // 16, 16, G).transpose(1, 2) for v in per_block]  # (T, G, 16) each
+    return torch.cat(tiles, -1).reshape(N, -1).contiguous()
 
 
 class Int8Linear(QuantLinear):
@@ -172,11 +200,11 @@ class Int8Linear(QuantLinear):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, compiled: bool | None = None) -> None:
         super().__init__(weight, bias, compiled)
-        if self.compiled:  # qmm.h: (N, K rounded up to 64) int8 codes, a bfloat16 scale per block of 32 inputs
-            kp = -(-self.in_features // 64) * 64
-            codes, scales = quantize_int8(_padded(weight.detach().float(), kp), 32)
-            self.register_buffer("codes", codes)
-            self.register_buffer("scale", scales)
+        if self.compiled:  # qmm.h: int8 codes with a bfloat16 scale per block of 32 inputs, in tiles of 16 outputs
+            n, kp = _kernel_shape(weight)
+            codes, scales = quantize_int8(_padded(weight.detach().float(), kp, n), 32)
+            self.register_buffer("codes", _tiles(codes, 8))
+            self.register_buffer("scale", _tiled_scales(scales))
             return
         codes, scales = quantize_int8(weight)
         self.register_buffer("qweight", codes)  # (N, K) int8
@@ -198,16 +226,12 @@ class Int4Linear(QuantLinear):
         super().__init__(weight, bias, compiled)
         self.group_size = group_size
         codes, scale, zero = quantize_int4(weight, group_size)
-        if self.compiled:  # qmm.h: blocks of 32 (a group's scale and zero repeated), in pairs of 32 bytes
-            N, K = codes.shape
-            kp = -(-K // 64) * 64
+        if self.compiled:  # qmm.h: blocks of 32 (a group's scale and zero repeated), in tiles of 16 outputs
+            n, kp = _kernel_shape(weight)
             per = group_size // 32
-            t = torch.arange(64)
-            source = (t // 4) % 2 * 32 + 4 * (t // 8) + t % 4  # the input at each position of a pair (qmm.h)
-            c = _padded(codes, kp).view(N, kp // 64, 64)[:, :, source]  # (N, P, 64) in position order
-            self.register_buffer("codes", (c[:, :, :32] | (c[:, :, 32:] << 4)).reshape(N, kp // 2).contiguous())
-            sc, zc = (_padded(v.repeat_interleave(per, 1), kp // 32) for v in (scale, zero))
-            self.register_buffer("scale", torch.cat([sc, zc], 1).contiguous())  # (N, 2 Kp / 32) bf16: scales, zeros
+            self.register_buffer("codes", _tiles(_padded(codes, kp, n), 4))
+            sc, zc = (_padded(v.repeat_interleave(per, 1), kp // 32, n) for v in (scale, zero))
+            self.register_buffer("scale", _tiled_scales(sc, zc))
             return
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)  # (N, K/2) uint8
         scale_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (G, N, 2) bf16

@@ -50,7 +50,7 @@ PATHS = [pytest.param(False, id="torch"),
 def _dequantized(w: torch.Tensor, mode: str, group: int | None, compiled: bool = False) -> torch.Tensor:
     """The weights a layer multiplies by: int8 with a scale per row (PyTorch's kernel) or per block of 32 (ours)."""
     if mode == "int8" and compiled:
-        kp = -(-w.shape[1] // 64) * 64
+        kp = -(-w.shape[1] // 32) * 32
         codes, scales = quantize_int8(torch.nn.functional.pad(w, (0, kp - w.shape[1])), 32)
         return (codes.float() * scales.float().repeat_interleave(32, 1))[:, : w.shape[1]]
     if mode == "int8":
@@ -118,18 +118,33 @@ def test_kernel_equals_dequantized_product(shape, mode, group, compiled):
 
 @pytest.mark.parametrize("mode,group", KINDS)
 def test_every_instruction_set_computes_the_same_product(mode, group):
-    """The compiled product's AVX-512 VNNI, AVX2 and plain C++ paths (each CPU gets the widest it has) agree up to
-    float32 rounding; this CPU's own path is the one layers call."""
+    """The compiled product's AVX-512 VNNI, AVX2 and plain C++ paths (each CPU gets the widest it has) take the same
+    steps (exact integer block sums, then the same float roundings in block order): the same bits, for 1 to 19 rows
+    (the kernels take up to 8 at a time) and a K that is not a multiple of the block; this CPU's own path is the one
+    layers call."""
     if kernels.load() is not None:
         pytest.skip(f"the compiled product did not build: {kernels.load()}")
     best = torch.ops.recyclegpt.best_isa()
-    layer = _layer(torch.randn(3072, 576) * 0.02, mode, group, compiled=True)
-    x = torch.randn(5, 576)
-    got = {isa: torch.ops.recyclegpt.qmm(x, layer.codes, layer.scale, layer.bits, isa)
-           for isa in range(best + 1)}
-    assert torch.equal(got[best], layer(x))
-    for y in got.values():
-        assert float((y - got[0]).abs().max()) <= 1e-5 * float(got[0].abs().max())
+    for N, K in [(3072, 576)] + ([(48, 80)] if mode == "int8" else []):
+        layer = _layer(torch.randn(N, K) * 0.02, mode, group, compiled=True)
+        for M in (1, 5, 19):
+            x = torch.randn(M, K)
+            got = {isa: torch.ops.recyclegpt.qmm(x, layer.codes, layer.scale, layer.bits, isa)
+                   for isa in range(best + 1)}
+            assert torch.equal(got[best], layer(x))
+            for y in got.values():
+                assert torch.equal(y, got[0]), (N, K, M)
+
+
+def test_outputs_that_do_not_fill_a_tile_are_padded_and_cut():
+    """The kernels take outputs 16 at a time: an int8 layer with N = 40 pads its weights to 48 rows of zeros and
+    returns its 40 outputs, as close to the float product as any int8 layer."""
+    if kernels.load() is not None:
+        pytest.skip(f"the compiled product did not build: {kernels.load()}")
+    w, x = torch.randn(40, 80) * 0.02, torch.randn(3, 80)
+    layer = Int8Linear(w, compiled=True)
+    assert layer.codes.shape == (48, 96) and layer(x).shape == (3, 40)
+    assert relative_error(layer(x), x.double() @ w.double().T) < LOOSE[("int8", None)]
 
 
 # Relative (Frobenius) error against the float32 product, Gaussian weights: int8 measures ~0.8% (bfloat16

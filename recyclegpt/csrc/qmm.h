@@ -1,52 +1,56 @@
-// Products of float32 rows with int4 / int8 weights for a few rows at a time (decoding), in the manner of
-// llama.cpp's Q4_1 x Q8_1: the rows are rounded to int8 in blocks of 32 (one float scale per block), and every
-// block of weights is multiplied with every row as integers, the weight block loaded once for all rows.
+// Products of float32 rows with int4 / int8 weights for a few to a few dozen rows at a time (decoding, prefill), in
+// the manner of llama.cpp's Q4_1 x Q8_1: the rows are rounded to int8 in blocks of 32 (one float scale per block),
+// and every block of weights is multiplied with every row as integers, the weight block loaded once for all rows.
 //
-// Weights (quant.py lays them out), Kp = K rounded up to 64, blocks of 32 inputs taken in pairs (2p, 2p + 1):
-//   int4: codes (N, Kp / 2) uint8. Pair p holds 32 bytes; its position t (0 .. 63) is the low nibble of byte t
-//         (t < 32) or the high nibble of byte t - 32, and holds code j = 4 (t / 8) + t % 4 of block 2p + (t / 4) % 2:
-//         the blocks alternate every 4 positions, so a 32-bit lane of a dot product belongs to one block, the lanes
-//         alternating between the two. sz (N, 2 Kp / 32) bfloat16: a row's Kp / 32 block scales, then its block
-//         zeros: w = scale * (code - 8) + zero.
-//   int8: codes (N, Kp) int8 in input order, sz (N, Kp / 32) bfloat16 block scales: w = scale * code (as Q8_0).
-// Rows: x (M, K) float32 -> int8 codes q (M, Kp), in the int4 pair order for int4 weights and in input order for
-// int8, with per block b the scale s_b = max |x| / 127:
-//   y[m, n] = sum_b s_b (sum_j q_j * code_j) * wscale_b + [int4] (zero_b - 8 wscale_b) s_b sum_j q_j.
-//
-// Each output is computed by the same instructions whatever M is: a row's result does not depend on the rows that
-// share the call, which keeps verified decoding exact. Three paths, chosen at run time by what the CPU has:
-// AVX-512 VNNI (vpdpbusd), AVX2 (vpmaddubsw) and plain C++; they agree up to float rounding.
+// Weights (quant.py lays them out): N a multiple of 16, Kp = K rounded up to 32, G = Kp / 32 blocks of 32 inputs.
+// The rows go in tiles of 16 (TILE) and a tile's weights lie block after block, the 16 outputs side by side: within
+// block b, the codes of inputs 32 b + 4 g .. 32 b + 4 g + 3 (group g, 0 .. 7) of the tile's output o sit in the 4
+// bytes 4 o .. 4 o + 3 of a 64-byte vector, so that one integer dot-product instruction with a row's 4 inputs of the
+// group broadcast sums them for 16 outputs at once.
+//   int4: a tile's block is 256 bytes, 4 vectors: vector j holds group j in its low nibbles and group j + 4 in its
+//         high nibbles; w = scale * (code - 8) + zero. sz: per tile and block, 16 bfloat16 scales then 16 zeros.
+//   int8: a tile's block is 512 bytes, 8 vectors (group g in vector g), each code stored + 128 (as an unsigned byte);
+//         w = scale * (code - 128). sz: per tile and block, 16 bfloat16 scales.
+// So codes take N Kp / 2 (int4) or N Kp (int8) bytes and sz N 2 G or N G bfloat16, as a row-major (N, Kp / 2 or Kp)
+// and (N, 2 G or G) tensor would, in the order above.
+// Rows: x (M, K) float32 -> int8 codes q (M, Kp) in input order, per block b the scale s_b = max |x| / 127, the
+// integer sum of the block's codes times the weights' offset (8 or 128), and s_b times the sum (int4's zeros):
+//   y[m, n] = sum_b fl(scale_b s_b) * (sum_j code_j q_j - offset sum_j q_j) [+ zero_b (s_b sum_j q_j) for int4],
+// each block's integer sum exact, its float steps two (int4: three) roundings in block order: the same operations
+// on every path, so the AVX-512 VNNI (vpdpbusd), AVX2 (vpmaddubsw) and plain C++ paths give the same bits, and a row's
+// result does not depend on the rows that share the call (which keeps verified decoding exact).
 
 #pragma once
 
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
 namespace qmm {
 
 constexpr int64_t BLOCK = 32;
-constexpr int64_t TILE = 16;  // weight rows (outputs) a kernel call takes at most: rows_avx512 sums them together
+constexpr int64_t TILE = 16;   // outputs side by side in the weights' layout
+constexpr int MAX_ROWS = 8;    // input rows a kernel call takes at most (the tile's weights unpacked once for them)
 
-// The block (0: 2p, 1: 2p + 1) of position t of an int4 pair, and the position of input j of a pair's block.
-inline int pair_block(int t) { return (t / 4) % 2; }
-inline int pair_position(int block, int j) { return 8 * (j / 4) + 4 * block + j % 4; }
+inline int offset_of(int bits) { return bits == 4 ? 8 : 128; }
+inline int64_t padded_k(int64_t K) { return (K + BLOCK - 1) / BLOCK * BLOCK; }
 
-// Input rows rounded to int8 in blocks of 32 (zero past K, up to Kp), for weights of ``bits`` bits.
+// Input rows rounded to int8 in blocks of 32 (zero past K, up to Kp), for weights of some bits.
 struct Rows {
   int64_t M, K, Kp;
-  const int8_t* q;       // (M, Kp), in the order the weights' codes are
+  const int8_t* q;       // (M, Kp), input order
   const float* s;        // (M, Kp / 32): block scales
-  const float* sq;       // (M, Kp / 32): s_b * sum_j q_j (for the int4 offsets)
-  const float* lane;     // (M, Kp / 64, 16): the scale of the block each 32-bit lane of a pair's dot product sums
+  const float* sq;       // (M, Kp / 32): s_b * sum_j q_j (int4's zeros)
+  const int32_t* off;    // (M, Kp / 32): the weights' offset (8 or 128) * sum_j q_j
 };
 
 struct Weights {
   int bits;  // 4 or 8
   int64_t N, Kp;
-  const uint8_t* codes;     // int4: (N, Kp / 2); int8: (N, Kp) int8
-  const uint16_t* sz;       // bfloat16, int4: (N, 2 Kp / 32) scales, then zeros; int8: (N, Kp / 32) scales
+  const uint8_t* codes;     // the layout above
+  const uint16_t* sz;       // bfloat16 scales (and zeros), the layout above
 };
 
 inline float bf16_to_float(uint16_t h) {
@@ -56,222 +60,156 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-// The int4 offsets' share of an output: sum over a row's G blocks of (zero_b - 8 scale_b) * s_b sum_j q_j, in order.
-inline float offsets(const uint16_t* scale, const uint16_t* zero, const float* sq, int64_t G) {
-  float acc[8] = {0};
-  int64_t b = 0;
-  for (; b + 8 <= G; b += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += (bf16_to_float(zero[b + l]) - 8 * bf16_to_float(scale[b + l])) * sq[b + l];
-  float total = 0;
-  for (int l = 0; l < 8; ++l) total += acc[l];
-  for (; b < G; ++b) total += (bf16_to_float(zero[b]) - 8 * bf16_to_float(scale[b])) * sq[b];
-  return total;
+// The code of input k = 32 b + 4 g + i for output o of a tile (its codes ``c``, its sz ``z``); plain C++ and tests.
+inline int code_at(const Weights& w, const uint8_t* c, int64_t b, int g, int o, int i) {
+  if (w.bits == 8) return c[b * 512 + g * 64 + 4 * o + i];
+  const uint8_t byte = c[b * 256 + (g % 4) * 64 + 4 * o + i];
+  return g < 4 ? byte & 15 : byte >> 4;
 }
 
 // ---- plain C++ ----
-inline void rows_scalar(const Rows& r, const Weights& w, int64_t n0, int64_t n1, int64_t m0, int mb, float* y) {
-  const int64_t P = w.Kp / 64;
-  for (int64_t n = n0; n < n1; ++n)
-    for (int i = 0; i < mb; ++i) {
-      const int64_t m = m0 + i;
-      const int8_t* q = r.q + m * r.Kp;
+inline void rows_scalar(const Rows& r, const Weights& w, int64_t t, int64_t m0, int mb, float* y) {
+  const int64_t G = w.Kp / BLOCK, per = w.bits == 4 ? 2 : 1;
+  const uint8_t* c = w.codes + t * TILE * (w.bits == 4 ? w.Kp / 2 : w.Kp);
+  const uint16_t* sz = w.sz + t * TILE * per * G;
+  for (int i = 0; i < mb; ++i) {
+    const int64_t m = m0 + i;
+    for (int o = 0; o < TILE; ++o) {
       float acc = 0;
-      for (int64_t p = 0; p < P; ++p) {
-        int32_t dot[2] = {0, 0};
-        if (w.bits == 4) {
-          const uint8_t* c = w.codes + n * (w.Kp / 2) + p * 32;
-          for (int t = 0; t < 64; ++t) dot[pair_block(t)] += (t < 32 ? c[t] & 15 : c[t - 32] >> 4) * q[p * 64 + t];
-          const uint16_t* sz = w.sz + n * 4 * P;
-          for (int b = 0; b < 2; ++b)
-            acc += static_cast<float>(dot[b]) * (bf16_to_float(sz[2 * p + b]) * r.s[m * 2 * P + 2 * p + b]);
-        } else {
-          const int8_t* c = reinterpret_cast<const int8_t*>(w.codes) + n * w.Kp + p * 64;
-          for (int t = 0; t < 64; ++t) dot[t / 32] += c[t] * q[p * 64 + t];
-          for (int b = 0; b < 2; ++b)
-            acc += static_cast<float>(dot[b]) * (bf16_to_float(w.sz[n * 2 * P + 2 * p + b]) * r.s[m * 2 * P + 2 * p + b]);
-        }
+      for (int64_t b = 0; b < G; ++b) {
+        int32_t dot = 0;
+        for (int g = 0; g < 8; ++g)
+          for (int j = 0; j < 4; ++j) dot += code_at(w, c, b, g, o, j) * r.q[m * r.Kp + b * BLOCK + 4 * g + j];
+        dot -= r.off[m * G + b];
+        const float scale = bf16_to_float(sz[b * per * TILE + o]) * r.s[m * G + b];
+        acc = std::fma(static_cast<float>(dot), scale, acc);
+        if (w.bits == 4) acc = std::fma(bf16_to_float(sz[b * per * TILE + TILE + o]), r.sq[m * G + b], acc);
       }
-      y[m * w.N + n] =
-          w.bits == 4 ? acc + offsets(w.sz + n * 4 * P, w.sz + n * 4 * P + 2 * P, r.sq + m * 2 * P, 2 * P) : acc;
-    }
-}
-
-// ---- AVX2: a pair as two 32-byte halves ----
-template <int MB>
-__attribute__((target("avx2,fma"))) void rows_avx2(const Rows& r, const Weights& w, int64_t n0, int64_t n1,
-                                                   int64_t m0, float* y) {
-  const int64_t P = w.Kp / 64;
-  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
-  for (int64_t n = n0; n < n1; ++n) {
-    __m256 acc[MB][2];
-    for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-    for (int64_t p = 0; p < P; ++p) {
-      __m256i u[2], sign[2];
-      __m256 wl[2];  // the weights' scale in each lane of each half
-      if (w.bits == 4) {
-        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + n * (w.Kp / 2) + p * 32));
-        u[0] = _mm256_and_si256(c, low);
-        u[1] = _mm256_and_si256(_mm256_srli_epi16(c, 4), low);
-        // s0 s1 s0 s1 ...: lane l sums block l % 2
-        const __m256i b = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(w.sz + n * 4 * P + 2 * p));
-        wl[0] = wl[1] = _mm256_blend_ps(_mm256_castsi256_ps(_mm256_slli_epi32(b, 16)),  // even lanes: low bfloat16
-                                        _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(-65536))), 0xAA);
-      } else {
-        for (int h = 0; h < 2; ++h) {
-          sign[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + n * w.Kp + p * 64 + h * 32));
-          u[h] = _mm256_abs_epi8(sign[h]);
-          wl[h] = _mm256_set1_ps(bf16_to_float(w.sz[n * 2 * P + 2 * p + h]));
-        }
-      }
-      for (int i = 0; i < MB; ++i) {
-        const int64_t m = m0 + i;
-        const float* lane = r.lane + (m * P + p) * 16;
-        for (int h = 0; h < 2; ++h) {
-          __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.q + m * r.Kp + p * 64 + h * 32));
-          if (w.bits == 8) x = _mm256_sign_epi8(x, sign[h]);
-          const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(u[h], x), ones);  // 8 sums of 4
-          acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(wl[h], _mm256_loadu_ps(lane + 8 * h)),
-                                      acc[i][h]);
-        }
-      }
-    }
-    for (int i = 0; i < MB; ++i) {
-      const __m256 a = _mm256_add_ps(acc[i][0], acc[i][1]);
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_add_ss(h, _mm_movehdup_ps(h));
-      float total = _mm_cvtss_f32(h);
-      if (w.bits == 4) total += offsets(w.sz + n * 4 * P, w.sz + n * 4 * P + 2 * P, r.sq + (m0 + i) * 2 * P, 2 * P);
-      y[(m0 + i) * w.N + n] = total;
+      y[m * w.N + t * TILE + o] = acc;
     }
   }
 }
 
-// ---- AVX-512 VNNI: a pair (64 codes) per step ----
-// Out lane l of the result: the sum of v[l]'s 16 lanes, for 16 vectors at once (a transposing tree of adds). Each
-// output's additions are the same fixed tree over its own vector's lanes, (l, l + 8), (l, l + 4), (l, l + 2),
-// (l, l + 1), whatever the other vectors hold.
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) inline __m512 sum16(const __m512* v) {
-  __m512 a[8], b[4], c[2];
-  for (int j = 0; j < 8; ++j)  // halves: vector 2j's 8 partial sums, then 2j + 1's
-    a[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0xEE));
-  for (int j = 0; j < 4; ++j)  // quarters: vectors 4j .. 4j + 3, 4 partial sums each
-    b[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0x88),
-                         _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0xDD));
-  for (int j = 0; j < 2; ++j)  // in quarter Q: vectors 8j + Q, 8j + 4 + Q, 2 partial sums each, interleaved
-    c[j] = _mm512_add_ps(_mm512_unpacklo_ps(b[2 * j], b[2 * j + 1]), _mm512_unpackhi_ps(b[2 * j], b[2 * j + 1]));
-  const __m512 d = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x44), _mm512_shuffle_ps(c[0], c[1], 0xEE));
-  // lane 4Q + r holds vector 4r + Q
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  return _mm512_permutexvar_ps(order, d);
+// ---- AVX2: a tile as two halves of 8 outputs ----
+template <int MB>
+__attribute__((target("avx2,fma"))) void rows_avx2(const Rows& r, const Weights& w, int64_t t, int64_t m0, float* y) {
+  const int64_t G = w.Kp / BLOCK, per = w.bits == 4 ? 2 : 1;
+  const uint8_t* c = w.codes + t * TILE * (w.bits == 4 ? w.Kp / 2 : w.Kp);
+  const uint16_t* sz = w.sz + t * TILE * per * G;
+  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15), flip = _mm256_set1_epi8(-128);
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[MB];
+    for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < G; ++b) {
+      __m256i u[8];  // the 8 groups' codes: unsigned for int4; int8's magnitudes (their signs in s8)
+      __m256i s8[8];
+      if (w.bits == 4) {
+        for (int j = 0; j < 4; ++j) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b * 256 + j * 64 + h * 32));
+          u[j] = _mm256_and_si256(v, low);
+          u[j + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        }
+      } else {
+        for (int g = 0; g < 8; ++g) {
+          s8[g] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b * 512 + g * 64 + h * 32)),
+                                   flip);  // code - 128
+          u[g] = _mm256_abs_epi8(s8[g]);
+        }
+      }
+      const __m128i sv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sz + b * per * TILE + 8 * h));
+      const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(sv), 16));
+      __m256 zero = _mm256_setzero_ps();
+      if (w.bits == 4) {
+        const __m128i zv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sz + b * per * TILE + TILE + 8 * h));
+        zero = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(zv), 16));
+      }
+      for (int i = 0; i < MB; ++i) {
+        const int64_t m = m0 + i;
+        const int8_t* q = r.q + m * r.Kp + b * BLOCK;
+        __m256i dot = _mm256_setzero_si256();
+        for (int g = 0; g < 8; ++g) {
+          __m256i x = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(q + 4 * g));
+          if (w.bits == 8) x = _mm256_sign_epi8(x, s8[g]);
+          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(u[g], x), ones));
+        }
+        if (w.bits == 4) dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(r.off[m * G + b]));  // int8: signed already
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(scale, _mm256_set1_ps(r.s[m * G + b])), acc[i]);
+        if (w.bits == 4) acc[i] = _mm256_fmadd_ps(zero, _mm256_set1_ps(r.sq[m * G + b]), acc[i]);
+      }
+    }
+    for (int i = 0; i < MB; ++i) _mm256_storeu_ps(y + (m0 + i) * w.N + t * TILE + 8 * h, acc[i]);
+  }
 }
 
-// A tile of at most 16 weight rows: per output, the integer dot products of each pair are scaled into two float
-// accumulators (even and odd pairs, so that consecutive fused multiply-adds do not wait on each other); int4 adds its
-// offsets, per 16 blocks at once; the tile's 16 sums per input row are then reduced together (sum16). Weight rows go
-// one after another: a decode step streams its weights from memory, and reading four rows side by side (faster
-// with the weights in cache) made a SmolLM2 step 30 % slower.
+// ---- AVX-512 VNNI: a tile's 16 outputs in one vector ----
+// A tile's block of weights is unpacked once (8 vectors of unsigned codes, one per group) for the MB rows; each row's
+// block sum takes 8 vpdpbusd with its inputs broadcast (two chains of 4), then the offsets and scales.
 template <int MB, int BITS>
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma"))) void rows_avx512(
-    const Rows& r, const Weights& w, int64_t n0, int64_t n1, int64_t m0, float* y) {
-  const int64_t P = w.Kp / 64, G = 2 * P;
+    const Rows& r, const Weights& w, int64_t t, int64_t m0, float* y) {
+  const int64_t G = w.Kp / BLOCK, per = BITS == 4 ? 2 : 1;
+  const uint8_t* c = w.codes + t * TILE * (BITS == 4 ? w.Kp / 2 : w.Kp);
+  const uint16_t* sz = w.sz + t * TILE * per * G;
   const __m512i low = _mm512_set1_epi8(15);
-  const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);  // high nibbles above
-  // int4, from a pair's two bfloat16 scales broadcast to every 32-bit lane: lane l gets scale l % 2 as a float
-  const __m512i pick = _mm512_setr_epi32(0, 0x00010000, 0, 0x00010000, 0, 0x00010000, 0, 0x00010000, 0, 0x00010000,
-                                         0, 0x00010000, 0, 0x00010000, 0, 0x00010000);
-  // int8: lanes 0-7 get the first scale, 8-15 the second
-  const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0x00010000, 0x00010000, 0x00010000, 0x00010000,
-                                           0x00010000, 0x00010000, 0x00010000, 0x00010000);
-  __m512 sums[MB][TILE];  // sum16 reduces 16 vectors: TILE is 16
-  for (int64_t n = n0; n < n1; ++n) {
-    __m512 acc[MB][2];
-    for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < P; ++p) {
-      __m512i u;
-      __mmask64 neg = 0;
-      const __m512i b = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(w.sz + n * (BITS == 4 ? 2 : 1) * G + 2 * p));
-      __m512 wl;  // the weights' scale in each lane
-      if constexpr (BITS == 4) {
-        const __m512i c = _mm512_broadcast_i64x4(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.codes + n * (w.Kp / 2) + p * 32)));
-        u = _mm512_and_si512(_mm512_srlv_epi16(c, shift), low);
-        wl = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAA, pick, b));
-      } else {
-        const __m512i c = _mm512_loadu_si512(w.codes + n * w.Kp + p * 64);
-        u = _mm512_abs_epi8(c);
-        neg = _mm512_movepi8_mask(c);
-        wl = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAA, halves, b));
+  auto wide = [](const uint16_t* h) {  // 16 bfloat16 -> float32
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h))), 16));
+  };
+  __m512 acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < G; ++b) {
+    __m512i u[8];
+    if constexpr (BITS == 4) {
+      for (int j = 0; j < 4; ++j) {
+        const __m512i v = _mm512_loadu_si512(c + b * 256 + j * 64);
+        u[j] = _mm512_and_si512(v, low);
+        u[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
       }
-      for (int i = 0; i < MB; ++i) {
-        const int64_t m = m0 + i;
-        __m512i x = _mm512_loadu_si512(r.q + m * r.Kp + p * 64);
-        if constexpr (BITS == 8) x = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x);  // 16 sums of 4
-        const __m512 s = _mm512_loadu_ps(r.lane + (m * P + p) * 16);
-        acc[i][p & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wl, s), acc[i][p & 1]);
-      }
+    } else {
+      for (int g = 0; g < 8; ++g) u[g] = _mm512_loadu_si512(c + b * 512 + g * 64);
     }
-    if constexpr (BITS == 4) {  // + (zero_b - 8 scale_b) * s_b sum_j q_j over the blocks, 16 at a time
-      const uint16_t* sz = w.sz + n * 2 * G;
-      for (int64_t b = 0; b < G; b += 16) {
-        const __mmask16 k = G - b >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (G - b)) - 1);
-        auto wide = [&](const uint16_t* h) {
-          return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, h)), 16));
-        };
-        const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8), wide(sz + b), wide(sz + G + b));
-        for (int i = 0; i < MB; ++i)
-          acc[i][0] = _mm512_fmadd_ps(off, _mm512_maskz_loadu_ps(k, r.sq + (m0 + i) * G + b), acc[i][0]);
+    const __m512 scale = wide(sz + b * per * TILE);
+    const __m512 zero = BITS == 4 ? wide(sz + b * per * TILE + TILE) : _mm512_setzero_ps();
+    for (int i = 0; i < MB; ++i) {
+      const int64_t m = m0 + i;
+      const int32_t* q = reinterpret_cast<const int32_t*>(r.q + m * r.Kp + b * BLOCK);
+      __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], _mm512_set1_epi32(q[0]));
+      __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[1], _mm512_set1_epi32(q[1]));
+      for (int g = 2; g < 8; g += 2) {
+        d0 = _mm512_dpbusd_epi32(d0, u[g], _mm512_set1_epi32(q[g]));
+        d1 = _mm512_dpbusd_epi32(d1, u[g + 1], _mm512_set1_epi32(q[g + 1]));
       }
+      const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(d0, d1), _mm512_set1_epi32(r.off[m * G + b]));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scale, _mm512_set1_ps(r.s[m * G + b])), acc[i]);
+      if constexpr (BITS == 4) acc[i] = _mm512_fmadd_ps(zero, _mm512_set1_ps(r.sq[m * G + b]), acc[i]);
     }
-    for (int i = 0; i < MB; ++i) sums[i][n - n0] = _mm512_add_ps(acc[i][0], acc[i][1]);
   }
-  for (int i = 0; i < MB; ++i) {
-    for (int64_t n = n1; n < n0 + TILE; ++n) sums[i][n - n0] = _mm512_setzero_ps();
-    _mm512_mask_storeu_ps(y + (m0 + i) * w.N + n0, static_cast<__mmask16>((1u << (n1 - n0)) - 1), sum16(sums[i]));
-  }
+  for (int i = 0; i < MB; ++i) _mm512_storeu_ps(y + (m0 + i) * w.N + t * TILE, acc[i]);
 }
 
-// One input row x (K floats) rounded to int8 in blocks of 32, as quant_block.cpp's quantize_rows lays it out (q:
-// Kp codes in the weights' order, s / sq: Kp / 32 block scales and scaled sums, lane: 16 per pair), with the same
-// arithmetic (a block's largest magnitude / 127; x * 127 / largest rounded to nearest even), so the same bits.
+// One input row x (K floats) rounded to int8 in blocks of 32 (q: Kp codes in input order, zero past K; s, sq, off:
+// per block), as quant_block.cpp's quantize_rows does with plain loops: the same arithmetic (a block's largest
+// magnitude / 127; x * 127 / largest rounded to nearest even), so the same bits.
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) inline void quantize_row_avx512(
-    const float* x, int64_t K, int bits, int8_t* q, float* s, float* sq, float* lane) {
-  const int64_t Kp = (K + 63) / 64 * 64;
-  // int4: the pair's 32-bit groups of 4 codes alternate between its blocks (pair_position)
-  const __m512i alternate = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  for (int64_t p = 0; p < Kp / 64; ++p) {
-    __m512i codes[2];
-    float scale[2];
-    for (int h = 0; h < 2; ++h) {
-      const int64_t k0 = p * 64 + h * 32;
-      __m512 v[2];
-      for (int i = 0; i < 2; ++i) {
-        const int64_t left = K - (k0 + 16 * i);
-        const __mmask16 k = left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
-        v[i] = _mm512_maskz_loadu_ps(k, x + k0 + 16 * i);
-      }
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
-      const __m512 inv = _mm512_set1_ps(amax > 0 ? 127 / amax : 0);
-      const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(v[0], inv)), b = _mm512_cvtps_epi32(_mm512_mul_ps(v[1], inv));
-      scale[h] = amax / 127;
-      s[2 * p + h] = scale[h];
-      sq[2 * p + h] = scale[h] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(a, b)));
-      codes[h] = _mm512_castsi256_si512(
-          _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtepi32_epi8(a)), _mm512_cvtepi32_epi8(b), 1));
+    const float* x, int64_t K, int bits, int8_t* q, float* s, float* sq, int32_t* off) {
+  const int64_t Kp = padded_k(K);
+  for (int64_t b = 0; b < Kp / BLOCK; ++b) {
+    const int64_t k0 = b * BLOCK;
+    __m512 v[2];
+    for (int i = 0; i < 2; ++i) {
+      const int64_t left = K - (k0 + 16 * i);
+      const __mmask16 k = left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+      v[i] = _mm512_maskz_loadu_ps(k, x + k0 + 16 * i);
     }
-    __m512i out;
-    __m512 l;
-    if (bits == 4) {
-      out = _mm512_permutex2var_epi32(codes[0], alternate, codes[1]);
-      l = _mm512_mask_blend_ps(0xAAAA, _mm512_set1_ps(scale[0]), _mm512_set1_ps(scale[1]));
-    } else {
-      out = _mm512_inserti64x4(codes[0], _mm512_castsi512_si256(codes[1]), 1);
-      l = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(scale[0]), _mm512_set1_ps(scale[1]));
-    }
-    _mm512_storeu_si512(q + p * 64, out);
-    _mm512_storeu_ps(lane + p * 16, l);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+    const __m512 inv = _mm512_set1_ps(amax > 0 ? 127 / amax : 0);
+    const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(v[0], inv)), c = _mm512_cvtps_epi32(_mm512_mul_ps(v[1], inv));
+    const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(a, c));
+    s[b] = amax / 127;
+    sq[b] = s[b] * static_cast<float>(sum);
+    off[b] = offset_of(bits) * sum;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k0), _mm512_cvtepi32_epi8(a));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k0 + 16), _mm512_cvtepi32_epi8(c));
   }
 }
 
@@ -295,17 +233,19 @@ inline int best_isa() {
 // The path a caller's ``isa`` asks for: -1 this CPU's best, else that Isa.
 inline int path_for(int64_t isa) { return isa < 0 ? best_isa() : static_cast<int>(isa); }
 
-using Kernel = void (*)(const Rows&, const Weights&, int64_t, int64_t, int64_t, float*);
-constexpr Kernel AVX512_INT4[] = {rows_avx512<1, 4>, rows_avx512<2, 4>, rows_avx512<3, 4>, rows_avx512<4, 4>};
-constexpr Kernel AVX512_INT8[] = {rows_avx512<1, 8>, rows_avx512<2, 8>, rows_avx512<3, 8>, rows_avx512<4, 8>};
-constexpr Kernel AVX2_ANY[] = {rows_avx2<1>, rows_avx2<2>, rows_avx2<3>, rows_avx2<4>};
+using Kernel = void (*)(const Rows&, const Weights&, int64_t, int64_t, float*);
+template <int BITS>
+constexpr Kernel AVX512_BY_ROWS[] = {rows_avx512<1, BITS>, rows_avx512<2, BITS>, rows_avx512<3, BITS>,
+                                     rows_avx512<4, BITS>, rows_avx512<5, BITS>, rows_avx512<6, BITS>,
+                                     rows_avx512<7, BITS>, rows_avx512<8, BITS>};
+constexpr Kernel AVX2_BY_ROWS[] = {rows_avx2<1>, rows_avx2<2>, rows_avx2<3>, rows_avx2<4>,
+                                   rows_avx2<5>, rows_avx2<6>, rows_avx2<7>, rows_avx2<8>};
 
-// The outputs y[m, n] (y (M, N), row-major) of weight rows n0 .. n1 - 1 (n1 - n0 <= TILE) for rows m0 .. m0 + mb - 1
-// (1 <= mb <= 4).
-inline void rows(int isa, const Rows& r, const Weights& w, int64_t n0, int64_t n1, int64_t m0, int mb, float* y) {
-  if (isa == AVX512) return (w.bits == 4 ? AVX512_INT4 : AVX512_INT8)[mb - 1](r, w, n0, n1, m0, y);
-  if (isa == AVX2) return AVX2_ANY[mb - 1](r, w, n0, n1, m0, y);
-  rows_scalar(r, w, n0, n1, m0, mb, y);
+// The 16 outputs y[m, 16 t ..] (y (M, N), row-major) of weight tile t for rows m0 .. m0 + mb - 1 (1 <= mb <= 8).
+inline void rows(int isa, const Rows& r, const Weights& w, int64_t t, int64_t m0, int mb, float* y) {
+  if (isa == AVX512) return (w.bits == 4 ? AVX512_BY_ROWS<4> : AVX512_BY_ROWS<8>)[mb - 1](r, w, t, m0, y);
+  if (isa == AVX2) return AVX2_BY_ROWS[mb - 1](r, w, t, m0, y);
+  rows_scalar(r, w, t, m0, mb, y);
 }
 
 }  // namespace qmm

@@ -29,42 +29,40 @@ namespace {
 using at::Tensor;
 constexpr int LANES = 16;  // float lanes summed apart in dot products (vectorised, same order for every row)
 
-// Rows x (M, K) float32 rounded to int8 in blocks of 32 for weights of ``bits`` bits (qmm.h lays out both), with
-// what the kernels read beside them; the buffers are the calling thread's own, reused from call to call.
+// Rows x (M, K) float32 rounded to int8 in blocks of 32 for weights of ``bits`` bits (qmm.h), with what the kernels
+// read beside them; the buffers are the calling thread's own, reused from call to call.
 qmm::Rows quantize_rows(const float* x, int64_t M, int64_t K, int64_t bits, int path) {
   thread_local std::vector<int8_t> q;
-  thread_local std::vector<float> s, sq, lane;
-  const int64_t Kp = (K + 63) / 64 * 64, G = Kp / qmm::BLOCK, P = Kp / 64;
+  thread_local std::vector<float> s, sq;
+  thread_local std::vector<int32_t> off;
+  const int64_t Kp = qmm::padded_k(K), G = Kp / qmm::BLOCK;
   q.assign(M * Kp, 0);
   s.resize(M * G);
   sq.resize(M * G);
-  lane.resize(M * P * 16);
-  if (path == qmm::AVX512) {  // the same bits, vectorised
-    for (int64_t m = 0; m < M; ++m)
+  off.resize(M * G);
+  for (int64_t m = 0; m < M; ++m) {
+    if (path == qmm::AVX512) {  // the same bits, vectorised
       qmm::quantize_row_avx512(x + m * K, K, static_cast<int>(bits), q.data() + m * Kp, s.data() + m * G,
-                               sq.data() + m * G, lane.data() + m * P * 16);
-    return {M, K, Kp, q.data(), s.data(), sq.data(), lane.data()};
-  }
-  for (int64_t m = 0; m < M; ++m)
+                               sq.data() + m * G, off.data() + m * G);
+      continue;
+    }
     for (int64_t b = 0; b < G; ++b) {
-      const int64_t k0 = b * qmm::BLOCK, k1 = std::min(K, k0 + qmm::BLOCK), p = b / 2;
-      const int half = static_cast<int>(b % 2);  // which block of pair p
+      const int64_t k0 = b * qmm::BLOCK, k1 = std::min(K, k0 + qmm::BLOCK);
       float amax = 0;
       for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::abs(x[m * K + k]));
-      const float scale = amax / 127, inv = amax > 0 ? 127 / amax : 0;
+      const float inv = amax > 0 ? 127 / amax : 0;
       int32_t sum = 0;
       for (int64_t k = k0; k < k1; ++k) {
         const int8_t v = static_cast<int8_t>(std::nearbyint(x[m * K + k] * inv));
-        const int j = static_cast<int>(k - k0);
-        q[m * Kp + p * 64 + (bits == 4 ? qmm::pair_position(half, j) : half * 32 + j)] = v;
+        q[m * Kp + k] = v;
         sum += v;
       }
-      s[m * G + b] = scale;
-      sq[m * G + b] = scale * static_cast<float>(sum);
-      for (int l = 0; l < 16; ++l)
-        if ((bits == 4 ? l % 2 : l / 8) == half) lane[(m * P + p) * 16 + l] = scale;
+      s[m * G + b] = amax / 127;
+      sq[m * G + b] = s[m * G + b] * static_cast<float>(sum);
+      off[m * G + b] = qmm::offset_of(static_cast<int>(bits)) * sum;
     }
-  return {M, K, Kp, q.data(), s.data(), sq.data(), lane.data()};
+  }
+  return {M, K, Kp, q.data(), s.data(), sq.data(), off.data()};
 }
 
 // y (M, N) = x (M, K) times a quantized weight (codes and scales as qmm.h lays them out; bits 4 or 8), float32.
@@ -73,18 +71,18 @@ void product(const float* x, int64_t M, int64_t K, const Tensor& codes, const Te
   const int path = qmm::path_for(isa);
   const qmm::Rows rows = quantize_rows(x, M, K, bits, path);
   const int64_t N = codes.size(0);
+  TORCH_CHECK(N % qmm::TILE == 0, "the weight's outputs must come in tiles of 16");
   TORCH_CHECK(codes.size(1) * (bits == 4 ? 2 : 1) == rows.Kp, "the weight's K does not match the input's");
   TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() &&
                   scale.numel() == N * (rows.Kp / qmm::BLOCK) * (bits == 4 ? 2 : 1),
               "scales must be contiguous bfloat16, per block of 32 (and zeros for int4)");
   qmm::Weights w{static_cast<int>(bits), N, rows.Kp, reinterpret_cast<const uint8_t*>(codes.data_ptr()),
                  reinterpret_cast<const uint16_t*>(scale.data_ptr())};
-  // TILE weight rows at a time through every group of 4 input rows: the weights stay in the core's cache
-  at::parallel_for(0, N, qmm::TILE, [&](int64_t lo, int64_t hi) {
-    for (int64_t n0 = lo; n0 < hi; n0 += qmm::TILE)
-      for (int64_t m0 = 0; m0 < M; m0 += 4)
-        qmm::rows(path, rows, w, n0, std::min(hi, n0 + qmm::TILE), m0, static_cast<int>(std::min<int64_t>(4, M - m0)),
-                  y);
+  // a tile at a time through every group of up to 8 input rows: the tile's weights stay in the core's cache
+  at::parallel_for(0, N / qmm::TILE, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t)
+      for (int64_t m0 = 0; m0 < M; m0 += qmm::MAX_ROWS)
+        qmm::rows(path, rows, w, t, m0, static_cast<int>(std::min<int64_t>(qmm::MAX_ROWS, M - m0)), y);
   });
 }
 
@@ -140,9 +138,28 @@ __attribute__((target("avx512f,avx512dq,fma"))) inline __m512 exp16(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
 
+// Out lane l of the result: the sum of v[l]'s 16 lanes, for 16 vectors at once (a transposing tree of adds). Each
+// output's additions are the same fixed tree over its own vector's lanes, (l, l + 8), (l, l + 4), (l, l + 2),
+// (l, l + 1), whatever the other vectors hold.
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) __m512 sum16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int j = 0; j < 8; ++j)  // halves: vector 2j's 8 partial sums, then 2j + 1's
+    a[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0xEE));
+  for (int j = 0; j < 4; ++j)  // quarters: vectors 4j .. 4j + 3, 4 partial sums each
+    b[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0xDD));
+  for (int j = 0; j < 2; ++j)  // in quarter Q: vectors 8j + Q, 8j + 4 + Q, 2 partial sums each, interleaved
+    c[j] = _mm512_add_ps(_mm512_unpacklo_ps(b[2 * j], b[2 * j + 1]), _mm512_unpackhi_ps(b[2 * j], b[2 * j + 1]));
+  const __m512 d = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x44), _mm512_shuffle_ps(c[0], c[1], 0xEE));
+  // lane 4Q + r holds vector 4r + Q
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, d);
+}
+
 // Attention of one query's ``group`` heads (q: group x D floats, D = 16 DC) over the n keys and values ``seen`` of
 // one key/value head (kb, vb: rows of D floats), into out (group x D); score: room for 16 * ceil(n / 16) floats.
-// Scores go 16 keys at a time (each key's products summed in a vector, then 16 keys reduced together, qmm::sum16);
+// Scores go 16 keys at a time (each key's products summed in a vector, then 16 keys reduced together, sum16);
 // the weighted values accumulate in registers, even and odd keys apart.
 template <int DC>
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma"))) void attend_avx512(
@@ -167,7 +184,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma"))) void attend_av
         part[j] = acc;
       }
       const __mmask16 k = static_cast<__mmask16>((1u << count) - 1);
-      const __m512 sc = _mm512_mul_ps(qmm::sum16(part), _mm512_set1_ps(scale));
+      const __m512 sc = _mm512_mul_ps(sum16(part), _mm512_set1_ps(scale));
       _mm512_storeu_ps(score + s0, sc);
       top = _mm512_mask_max_ps(top, k, top, sc);
     }
