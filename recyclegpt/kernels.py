@@ -151,7 +151,7 @@ def block_args(block, isa: int = -1) -> tuple[list[torch.Tensor], list[int], flo
 
 
 def attach(stack, isa: int = -1) -> str | None:
-    """Have every block of a quantized ``model.Stack`` run through the compiled kernel when it decodes with a cache;
+    """Have every block of a quantized ``model.Stack`` run through the compiled kernel in calls with a cache;
     returns None when they do, else why not (they stay eager, attending row by row through ``cache.RowViews``).
 
     Args:

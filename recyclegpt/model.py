@@ -155,12 +155,6 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-def _decode_call(cache: KVCache | None, T: int) -> bool:
-    """Whether a call of T new tokens decodes (a cache already holding tokens, or one token): what the compiled
-    blocks take (``kernels.attach``); prefills stay eager."""
-    return cache is not None and (cache.length > 0 or T == 1)
-
-
 class Block(nn.Module):
     """Pre-norm transformer block; the recyclable module stacks the same class."""
 
@@ -170,11 +164,12 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
-        # The compiled block (``kernels.attach``, quantized models): decode calls go through it, prefills stay eager.
+        # The compiled block (``kernels.attach``, quantized models): every call with a cache (prefill and decoding)
+        # goes through it; calls without one (scoring, training) stay eager.
         self.fused = None
 
     def forward(self, x, cos, sin, cache, parts) -> torch.Tensor:
-        if self.fused is not None and _decode_call(cache, x.shape[1]):
+        if self.fused is not None and cache is not None:
             return self.fused(x, cos, sin, cache, parts)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, parts)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -194,7 +189,7 @@ class Stack(nn.Module):
         # Attend row by row in calls over several new tokens (``cache.RowViews``): set for quantized products,
         # whose bfloat16 inputs turn a last-bit difference between one call and several into a flipped token.
         self.row_invariant = False
-        # The compiled stack (``kernels.attach``, quantized models): plain decode calls run every layer in one call.
+        # The compiled stack (``kernels.attach``, quantized models): calls with a cache run every layer in one call.
         self.fused = None
         self.n_layers = n_layers
         self.layers = nn.ModuleList(Block(cfg) for _ in range(n_unique or n_layers))
@@ -228,7 +223,7 @@ class Stack(nn.Module):
         if self.row_invariant and cache is not None and T > 1 and start > 0:  # a decode call, not a prefill
             mask = cache.row_views(T, None if tree is None else tree.mask)
         early = None
-        if self.fused is not None and _decode_call(cache, T):  # compiled layers
+        if self.fused is not None and cache is not None:  # compiled layers
             if exit_layer is not None:
                 x = early = self.fused(x, cos, sin, cache, mask, 0, exit_layer)
             x = self.fused(x, cos, sin, cache, mask, exit_layer or 0, self.n_layers)
