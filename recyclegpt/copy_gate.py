@@ -112,7 +112,9 @@ def module_side(logp: torch.Tensor, cand: torch.Tensor, draft_vocab: torch.Tenso
     """log p(c), log p(top), top-1 and whether c is in the draft vocabulary, from log-probs (N, V)."""
     logp_c = logp.gather(-1, cand[:, None])[:, 0]
     logp_top, top = logp.max(-1)
-    in_draft = torch.ones_like(cand, dtype=torch.bool) if draft_vocab is None else torch.isin(cand, draft_vocab)
+    # a comparison with every id (decoding has a row or a few): torch.isin sorts, 0.4 ms a call with 8,192 ids
+    in_draft = (torch.ones_like(cand, dtype=torch.bool) if draft_vocab is None
+                else (cand[:, None] == draft_vocab[None, :]).any(-1))
     return logp_c, logp_top, top, in_draft
 
 
