@@ -316,14 +316,15 @@ class Stack(nn.Module):
         return late, early
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        """A cache sized for this stack, in the dtype and on the device of its parameters."""
+        """A cache sized for this stack, in the dtype and on the device of its parameters; float16 where the compiled
+        blocks run (``kernels.attach``: the only readers and writers of its keys and values, which they convert as
+        they go; attention reads half the bytes)."""
         p = next(self.parameters())
         max_len = self.cfg.max_seq_len if max_len is None else max_len
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds max_seq_len {self.cfg.max_seq_len}")
-        return KVCache(
-            self.n_layers, batch, self.cfg.n_kv_heads, self.cfg.head_dim, max_len, p.dtype, p.device
-        )
+        dtype = torch.float16 if self.fused is not None else p.dtype
+        return KVCache(self.n_layers, batch, self.cfg.n_kv_heads, self.cfg.head_dim, max_len, dtype, p.device)
 
 
 @functools.lru_cache(maxsize=8)

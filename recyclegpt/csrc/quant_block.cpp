@@ -20,12 +20,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "qmm.h"
 
 namespace {
 
+using at::Half;
 using at::Tensor;
 constexpr int LANES = 16;  // float lanes summed apart in dot products (vectorised, same order for every row)
 
@@ -157,13 +159,19 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) __m512 sum16(const
   return _mm512_permutexvar_ps(order, d);
 }
 
+// The cache holds keys and values as float32 or float16 (E); 16 of them as floats.
+__attribute__((target("avx512f"))) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"))) inline __m512 load16(const Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
 // Attention of one query's ``group`` heads (q: group x D floats, D = 16 DC) over the n keys and values ``seen`` of
-// one key/value head (kb, vb: rows of D floats), into out (group x D); score: room for 16 * ceil(n / 16) floats.
+// one key/value head (kb, vb: rows of D entries), into out (group x D); score: room for 16 * ceil(n / 16) floats.
 // Scores go 16 keys at a time (each key's products summed in a vector, then 16 keys reduced together, sum16);
 // the weighted values accumulate in registers, even and odd keys apart.
-template <int DC>
+template <int DC, typename E>
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma"))) void attend_avx512(
-    const float* q, int64_t group, const float* kb, const float* vb, const int64_t* seen, int64_t n, float scale,
+    const float* q, int64_t group, const E* kb, const E* vb, const int64_t* seen, int64_t n, float scale,
     float* score, float* out) {
   constexpr int64_t D = 16 * DC;
   for (int64_t h = 0; h < group; ++h) {
@@ -178,9 +186,9 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma"))) void attend_av
           part[j] = _mm512_setzero_ps();
           continue;
         }
-        const float* kr = kb + seen[s0 + j] * D;
-        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
-        for (int c = 1; c < DC; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kr + 16 * c), acc);
+        const E* kr = kb + seen[s0 + j] * D;
+        __m512 acc = _mm512_mul_ps(qv[0], load16(kr));
+        for (int c = 1; c < DC; ++c) acc = _mm512_fmadd_ps(qv[c], load16(kr + 16 * c), acc);
         part[j] = acc;
       }
       const __mmask16 k = static_cast<__mmask16>((1u << count) - 1);
@@ -199,13 +207,35 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma"))) void attend_av
     __m512 o[2][DC];
     for (int c = 0; c < DC; ++c) o[0][c] = o[1][c] = _mm512_setzero_ps();
     for (int64_t s = 0; s < n; ++s) {
-      const float* vr = vb + seen[s] * D;
+      const E* vr = vb + seen[s] * D;
       const __m512 e = _mm512_set1_ps(score[s]);
-      for (int c = 0; c < DC; ++c) o[s & 1][c] = _mm512_fmadd_ps(e, _mm512_loadu_ps(vr + 16 * c), o[s & 1][c]);
+      for (int c = 0; c < DC; ++c) o[s & 1][c] = _mm512_fmadd_ps(e, load16(vr + 16 * c), o[s & 1][c]);
     }
     const __m512 inv = _mm512_set1_ps(n ? 1.0f / _mm512_reduce_add_ps(sums) : 0.0f);
     for (int c = 0; c < DC; ++c) _mm512_storeu_ps(out + h * D + 16 * c, _mm512_mul_ps(_mm512_add_ps(o[0][c], o[1][c]), inv));
   }
+}
+
+// This CPU's vectorised attention for head size D and cache entries E (16, 32, 64 or 128 with AVX-512), else null:
+// plain loops.
+template <typename E>
+auto vector_attention(bool avx512, int64_t D) {
+  constexpr decltype(&attend_avx512<1, E>) by_size[] = {attend_avx512<1, E>, attend_avx512<2, E>, nullptr,
+                                                        attend_avx512<4, E>, nullptr, nullptr, nullptr,
+                                                        attend_avx512<8, E>};
+  return avx512 && D % 16 == 0 && D / 16 <= 8 ? by_size[D / 16 - 1] : nullptr;
+}
+
+// n floats into cache entries, and back (float16: rounded to nearest even).
+template <typename E>
+void store(const float* src, E* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<E>(src[i]);
+}
+template <typename E>
+const float* as_floats(const E* src, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<E, float>) return src;
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+  return buf;
 }
 
 // Rotate one head (D floats) by a position's cos and signed sin rows (model.rope_tables):
@@ -235,7 +265,8 @@ void swiglu(const float* gate, const float* up, float* out, int64_t n, bool fast
 
 struct Part {
   int64_t r0, r1;           // its rows among the call's new tokens
-  float *k, *v;             // its layer's cache (B, KV, L, D)
+  void *k, *v;              // its layer's cache (B, KV, L, D), float32 or float16 (``half``)
+  bool half;
   int64_t L;                // the cache's slots per row
   const bool* mask;         // (1 or B, 1, rows, end) strided, or null: causal
   int64_t mb, mi, mj;       // mask strides (batch stride 0 when shared)
@@ -286,27 +317,34 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
   Tensor q = at::empty({M, qd}, x.options());
   float* qp = q.data_ptr<float>();
   const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  std::vector<float> rotated(D);  // a key, rotated, before it goes into the cache
   for (size_t p = 0; p < n_parts; ++p) {
     Part& P = parts[p];
     P.r0 = rows[2 * p];
     P.r1 = rows[2 * p + 1];
     const Tensor &kc = caches[2 * p], &vc = caches[2 * p + 1];
-    TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == at::kFloat && kc.dim() == 4 &&
-                    kc.size(0) == B && kc.size(1) == KV && kc.size(3) == D,
-                "caches must be contiguous float32 (B, KV, max_len, D)");
-    const int64_t L = P.L = kc.size(2);
-    P.k = kc.data_ptr<float>();
-    P.v = vc.data_ptr<float>();
+    const auto dtype = kc.scalar_type();
+    TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && (dtype == at::kFloat || dtype == at::kHalf) &&
+                    vc.scalar_type() == dtype && kc.dim() == 4 && kc.size(0) == B && kc.size(1) == KV &&
+                    kc.size(3) == D,
+                "caches must be contiguous float32 or float16 (B, KV, max_len, D)");
+    const int64_t L = P.L = kc.size(2), bytes = kc.element_size();
+    P.half = dtype == at::kHalf;
+    P.k = kc.data_ptr();
+    P.v = vc.data_ptr();
     P.n_pre = 0;
     if (prefixes[2 * p].has_value()) {
       const Tensor pk = prefixes[2 * p].value().contiguous(), pv = prefixes[2 * p + 1].value().contiguous();
+      TORCH_CHECK(pk.scalar_type() == dtype && pv.scalar_type() == dtype, "prefixes must have the cache's dtype");
       P.n_pre = pk.size(2);
       for (int64_t b = 0; b < B; ++b)
         for (int64_t g = 0; g < KV; ++g)
           for (int64_t j = 0; j < P.n_pre; ++j) {
             const int64_t src = ((b * KV + g) * P.n_pre + j) * D, dst = ((b * KV + g) * L + start + j) * D;
-            std::copy_n(pk.data_ptr<float>() + src, D, P.k + dst);
-            std::copy_n(pv.data_ptr<float>() + src, D, P.v + dst);
+            std::memcpy(static_cast<char*>(P.k) + dst * bytes, static_cast<const char*>(pk.data_ptr()) + src * bytes,
+                        D * bytes);
+            std::memcpy(static_cast<char*>(P.v) + dst * bytes, static_cast<const char*>(pv.data_ptr()) + src * bytes,
+                        D * bytes);
           }
     }
     TORCH_CHECK(start + P.n_pre + (P.r1 - P.r0) <= L, "the cache is full");
@@ -327,8 +365,14 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
         for (int64_t h = 0; h < H; ++h) rope(row + h * D, cp + pos, sp + pos, qp + m * qd + h * D, D);
         for (int64_t g = 0; g < KV; ++g) {
           const int64_t dst = ((b * KV + g) * L + slot) * D;
-          rope(row + qd + g * D, cp + pos, sp + pos, P.k + dst, D);
-          std::copy_n(row + qd + kvd + g * D, D, P.v + dst);
+          rope(row + qd + g * D, cp + pos, sp + pos, rotated.data(), D);
+          if (P.half) {
+            store(rotated.data(), static_cast<Half*>(P.k) + dst, D);
+            store(row + qd + kvd + g * D, static_cast<Half*>(P.v) + dst, D);
+          } else {
+            store(rotated.data(), static_cast<float*>(P.k) + dst, D);
+            store(row + qd + kvd + g * D, static_cast<float*>(P.v) + dst, D);
+          }
         }
       }
   }
@@ -346,20 +390,17 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
   }
   const int64_t grain = std::max<int64_t>(1, 65536 / (keys_max * D * 2 * group));  // ~64k flops a task
   // this CPU's vectorised loops for head sizes 16, 32, 64 and 128 (the same for every query), else plain ones
-  constexpr decltype(&attend_avx512<1>) by_size[] = {attend_avx512<1>, attend_avx512<2>, nullptr, attend_avx512<4>,
-                                                      nullptr, nullptr, nullptr, attend_avx512<8>};
-  const auto attend = avx512 && D % 16 == 0 && D / 16 <= 8 ? by_size[D / 16 - 1] : nullptr;
+  const auto attend_f32 = vector_attention<float>(avx512, D);
+  const auto attend_f16 = vector_attention<Half>(avx512, D);
   at::parallel_for(0, first[n_parts], grain, [&](int64_t lo, int64_t hi) {
     std::vector<float> score(std::max(group * keys_max, (keys_max + 15) / 16 * 16)), out(group * D), total(group);
+    std::vector<float> row(D);  // a key or value as floats (plain loops over a float16 cache)
     std::vector<int64_t> seen(keys_max);
-    for (int64_t u = lo; u < hi; ++u) {
-      const size_t p = std::upper_bound(first.begin(), first.end(), u) - first.begin() - 1;
-      const Part& P = parts[p];
-      const int64_t n = u - first[p], Tp = P.r1 - P.r0;
-      const int64_t g = n % KV, i = (n / KV) % Tp, b = n / (KV * Tp);
-      const int64_t m = b * T + P.r0 + i, own = start + P.n_pre + i, end = start + P.n_pre + Tp;
-      const float* kb = P.k + (b * KV + g) * P.L * D;
-      const float* vb = P.v + (b * KV + g) * P.L * D;
+    // one unit: the query heads of key/value head g for new token i of row b, over the keys it may see
+    auto unit = [&](const Part& P, int64_t b, int64_t i, int64_t g, auto* cache_k, auto* cache_v, auto attend) {
+      const int64_t m = b * T + P.r0 + i, own = start + P.n_pre + i, end = start + P.n_pre + (P.r1 - P.r0);
+      const auto* kb = cache_k + (b * KV + g) * P.L * D;
+      const auto* vb = cache_v + (b * KV + g) * P.L * D;
       const float* qv = qp + m * qd + g * group * D;  // the group's query heads, one after another
       int64_t n_seen = 0;
       if (P.mask == nullptr) {
@@ -371,10 +412,10 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
       }
       if (attend != nullptr) {
         attend(qv, group, kb, vb, seen.data(), n_seen, scale, score.data(), ap + m * qd + g * group * D);
-        continue;
+        return;
       }
       for (int64_t s = 0; s < n_seen; ++s) {
-        const float* kr = kb + seen[s] * D;
+        const float* kr = as_floats(kb + seen[s] * D, row.data(), D);
         for (int64_t h = 0; h < group; ++h) score[h * keys_max + s] = dot(qv + h * D, kr, D) * scale;
       }
       std::fill(out.begin(), out.end(), 0.0f);
@@ -387,7 +428,7 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
         for (int64_t s = 0; s < n_seen; ++s) total[h] += e[s];
       }
       for (int64_t s = 0; s < n_seen; ++s) {
-        const float* vr = vb + seen[s] * D;
+        const float* vr = as_floats(vb + seen[s] * D, row.data(), D);
         for (int64_t h = 0; h < group; ++h) {
           const float e = score[h * keys_max + s];
           float* o = out.data() + h * D;
@@ -398,6 +439,16 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
         const float inv = n_seen ? 1.0f / total[h] : 0.0f;
         for (int64_t k = 0; k < D; ++k) ap[m * qd + (g * group + h) * D + k] = out[h * D + k] * inv;
       }
+    };
+    for (int64_t u = lo; u < hi; ++u) {
+      const size_t p = std::upper_bound(first.begin(), first.end(), u) - first.begin() - 1;
+      const Part& P = parts[p];
+      const int64_t n = u - first[p], Tp = P.r1 - P.r0;
+      const int64_t g = n % KV, i = (n / KV) % Tp, b = n / (KV * Tp);
+      if (P.half)
+        unit(P, b, i, g, static_cast<const Half*>(P.k), static_cast<const Half*>(P.v), attend_f16);
+      else
+        unit(P, b, i, g, static_cast<const float*>(P.k), static_cast<const float*>(P.v), attend_f32);
     }
   });
 
