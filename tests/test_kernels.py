@@ -80,6 +80,27 @@ def test_a_call_over_several_tokens_gives_each_what_a_one_token_call_does(tiny, 
     assert torch.equal(tree_logits[:, [0, 2, 3]], torch.cat(chain, 1))
 
 
+@pytest.mark.parametrize("isa", [-1, 0], ids=["best", "plain"])
+def test_the_compiled_block_keeps_float16_caches_and_takes_float32_ones(tiny, isa):
+    """Compiled stacks make float16 caches (``Stack.new_cache``); a float32 cache (one made before ``attach``) goes
+    through the same kernel: logits within float16's rounding of the keys and values (relative error below 1 %),
+    through the vectorised and the plain loops."""
+    backbone = _quantized(tiny, "int8", isa=isa)
+    prompt, new = torch.randint(0, 256, (2, 11)), torch.randint(0, 256, (2, 3))
+    with torch.inference_mode():
+        half = backbone.new_cache(2, 64)
+        assert half.k[0].dtype == torch.float16
+        backbone(prompt, half)
+        want = backbone(new, half)[0]
+        backbone.stack.fused, fused = None, backbone.stack.fused
+        full = backbone.new_cache(2, 64)  # float32: as the stack's parameters
+        backbone.stack.fused = fused
+        assert full.k[0].dtype == torch.float32
+        backbone(prompt, full)
+        got = backbone(new, full)[0]
+    assert float((got - want).norm() / want.norm()) < 1e-2 and not torch.equal(got, want)
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_exact_strategies_equal_standard_through_the_compiled_block(tiny, shared_tiny, mode):
     """verified (chains and trees, alone and batched with left padding) and speed (the pipelined call's two parts,
