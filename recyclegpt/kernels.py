@@ -123,7 +123,8 @@ def describe(build_now: bool = False) -> str:
     if why is not None:
         return f"PyTorch's int8 / int4 CPU kernels (bfloat16 activations), eager blocks ({why.splitlines()[0]})"
     return (f"this project's compiled kernels ({ISAS[torch.ops.recyclegpt.best_isa()]}): activations rounded to int8 "
-            "in blocks of 32, integer products, one call per decode step (csrc/qmm.h, csrc/quant_block.cpp)")
+            "in blocks of 32, integer products over tiles of 16 outputs, one call per forward with a cache "
+            "(csrc/qmm.h, csrc/quant_block.cpp)")
 
 
 def block_args(block, isa: int = -1) -> tuple[list[torch.Tensor], list[int], float] | None:
