@@ -1,9 +1,10 @@
-// One transformer block of a weight-only quantized model, decoding with a KV cache, as one call; and the quantized
-// products it runs (qmm.h), also offered alone (recyclegpt::qmm, what quant.py's layers call).
+// One transformer block of a weight-only quantized model over a KV cache (a prompt's prefill or a decode step), as one
+// call; and the quantized products it runs (qmm.h), also offered alone (recyclegpt::qmm, what quant.py's layers call).
 //
 // model.Block does the same in some 60 eager tensor operations, each a few microseconds of dispatch on a small
 // model, which made up half of an int4 SmolLM2 step. Here the norms, the rotary embedding, the cache writes,
-// attention and the SwiGLU gate are plain loops over float32, and the products are qmm.h's integer kernels.
+// attention and the SwiGLU gate are plain loops over float32 (the cache's keys and values float32 or float16,
+// converted as they are read and written), and the products are qmm.h's integer kernels.
 //
 // Every new token's result is that of a one-token call at its slot, whatever else shares the call: the products
 // never mix rows, and attention runs one query at a time over the keys it may see, in slot order, with the same
