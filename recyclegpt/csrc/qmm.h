@@ -60,7 +60,7 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-// The code of input k = 32 b + 4 g + i for output o of a tile (its codes ``c``, its sz ``z``); plain C++ and tests.
+// The code of input k = 32 b + 4 g + i for output o of a tile whose codes start at c (the plain C++ path).
 inline int code_at(const Weights& w, const uint8_t* c, int64_t b, int g, int o, int i) {
   if (w.bits == 8) return c[b * 512 + g * 64 + 4 * o + i];
   const uint8_t byte = c[b * 256 + (g % 4) * 64 + 4 * o + i];
