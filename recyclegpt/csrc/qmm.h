@@ -36,6 +36,9 @@ constexpr int MAX_ROWS = 8;    // input rows a kernel call takes at most (the ti
 
 inline int offset_of(int bits) { return bits == 4 ? 8 : 128; }
 inline int64_t padded_k(int64_t K) { return (K + BLOCK - 1) / BLOCK * BLOCK; }
+// A tile's codes of one block (256 or 512 bytes), and its bfloat16 scales (and int4's zeros) of one block.
+constexpr int64_t block_bytes(int bits) { return TILE * BLOCK * bits / 8; }
+constexpr int64_t sz_per_block(int bits) { return bits == 4 ? 2 * TILE : TILE; }
 
 // Input rows rounded to int8 in blocks of 32 (zero past K, up to Kp), for weights of some bits.
 struct Rows {
@@ -51,6 +54,10 @@ struct Weights {
   int64_t N, Kp;
   const uint8_t* codes;     // the layout above
   const uint16_t* sz;       // bfloat16 scales (and zeros), the layout above
+
+  int64_t blocks() const { return Kp / BLOCK; }
+  const uint8_t* tile_codes(int64_t t) const { return codes + t * blocks() * block_bytes(bits); }
+  const uint16_t* tile_sz(int64_t t) const { return sz + t * blocks() * sz_per_block(bits); }
 };
 
 inline float bf16_to_float(uint16_t h) {
@@ -62,16 +69,16 @@ inline float bf16_to_float(uint16_t h) {
 
 // The code of input k = 32 b + 4 g + i for output o of a tile whose codes start at c (the plain C++ path).
 inline int code_at(const Weights& w, const uint8_t* c, int64_t b, int g, int o, int i) {
-  if (w.bits == 8) return c[b * 512 + g * 64 + 4 * o + i];
-  const uint8_t byte = c[b * 256 + (g % 4) * 64 + 4 * o + i];
+  if (w.bits == 8) return c[b * block_bytes(8) + g * 64 + 4 * o + i];
+  const uint8_t byte = c[b * block_bytes(4) + (g % 4) * 64 + 4 * o + i];
   return g < 4 ? byte & 15 : byte >> 4;
 }
 
 // ---- plain C++ ----
 inline void rows_scalar(const Rows& r, const Weights& w, int64_t t, int64_t m0, int mb, float* y) {
-  const int64_t G = w.Kp / BLOCK, per = w.bits == 4 ? 2 : 1;
-  const uint8_t* c = w.codes + t * TILE * (w.bits == 4 ? w.Kp / 2 : w.Kp);
-  const uint16_t* sz = w.sz + t * TILE * per * G;
+  const int64_t G = w.blocks(), per = sz_per_block(w.bits);
+  const uint8_t* c = w.tile_codes(t);
+  const uint16_t* sz = w.tile_sz(t);
   for (int i = 0; i < mb; ++i) {
     const int64_t m = m0 + i;
     for (int o = 0; o < TILE; ++o) {
@@ -81,9 +88,9 @@ inline void rows_scalar(const Rows& r, const Weights& w, int64_t t, int64_t m0, 
         for (int g = 0; g < 8; ++g)
           for (int j = 0; j < 4; ++j) dot += code_at(w, c, b, g, o, j) * r.q[m * r.Kp + b * BLOCK + 4 * g + j];
         dot -= r.off[m * G + b];
-        const float scale = bf16_to_float(sz[b * per * TILE + o]) * r.s[m * G + b];
+        const float scale = bf16_to_float(sz[b * per + o]) * r.s[m * G + b];
         acc = std::fma(static_cast<float>(dot), scale, acc);
-        if (w.bits == 4) acc = std::fma(bf16_to_float(sz[b * per * TILE + TILE + o]), r.sq[m * G + b], acc);
+        if (w.bits == 4) acc = std::fma(bf16_to_float(sz[b * per + TILE + o]), r.sq[m * G + b], acc);
       }
       y[m * w.N + t * TILE + o] = acc;
     }
@@ -93,9 +100,9 @@ inline void rows_scalar(const Rows& r, const Weights& w, int64_t t, int64_t m0, 
 // ---- AVX2: a tile as two halves of 8 outputs ----
 template <int MB>
 __attribute__((target("avx2,fma"))) void rows_avx2(const Rows& r, const Weights& w, int64_t t, int64_t m0, float* y) {
-  const int64_t G = w.Kp / BLOCK, per = w.bits == 4 ? 2 : 1;
-  const uint8_t* c = w.codes + t * TILE * (w.bits == 4 ? w.Kp / 2 : w.Kp);
-  const uint16_t* sz = w.sz + t * TILE * per * G;
+  const int64_t G = w.blocks(), per = sz_per_block(w.bits), bytes = block_bytes(w.bits);
+  const uint8_t* c = w.tile_codes(t);
+  const uint16_t* sz = w.tile_sz(t);
   const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15), flip = _mm256_set1_epi8(-128);
   for (int h = 0; h < 2; ++h) {
     __m256 acc[MB];
@@ -105,22 +112,22 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const Rows& r, const Weights&
       __m256i s8[8];
       if (w.bits == 4) {
         for (int j = 0; j < 4; ++j) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b * 256 + j * 64 + h * 32));
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b * bytes + j * 64 + h * 32));
           u[j] = _mm256_and_si256(v, low);
           u[j + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
         }
       } else {
         for (int g = 0; g < 8; ++g) {
-          s8[g] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b * 512 + g * 64 + h * 32)),
+          s8[g] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b * bytes + g * 64 + h * 32)),
                                    flip);  // code - 128
           u[g] = _mm256_abs_epi8(s8[g]);
         }
       }
-      const __m128i sv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sz + b * per * TILE + 8 * h));
+      const __m128i sv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sz + b * per + 8 * h));
       const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(sv), 16));
       __m256 zero = _mm256_setzero_ps();
       if (w.bits == 4) {
-        const __m128i zv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sz + b * per * TILE + TILE + 8 * h));
+        const __m128i zv = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sz + b * per + TILE + 8 * h));
         zero = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(zv), 16));
       }
       for (int i = 0; i < MB; ++i) {
@@ -147,9 +154,10 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const Rows& r, const Weights&
 template <int MB, int BITS>
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma"))) void rows_avx512(
     const Rows& r, const Weights& w, int64_t t, int64_t m0, float* y) {
-  const int64_t G = w.Kp / BLOCK, per = BITS == 4 ? 2 : 1;
-  const uint8_t* c = w.codes + t * TILE * (BITS == 4 ? w.Kp / 2 : w.Kp);
-  const uint16_t* sz = w.sz + t * TILE * per * G;
+  constexpr int64_t bytes = block_bytes(BITS), per = sz_per_block(BITS);
+  const int64_t G = w.blocks();
+  const uint8_t* c = w.tile_codes(t);
+  const uint16_t* sz = w.tile_sz(t);
   const __m512i low = _mm512_set1_epi8(15);
   auto wide = [](const uint16_t* h) {  // 16 bfloat16 -> float32
     return _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -161,15 +169,15 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma"))) voi
     __m512i u[8];
     if constexpr (BITS == 4) {
       for (int j = 0; j < 4; ++j) {
-        const __m512i v = _mm512_loadu_si512(c + b * 256 + j * 64);
+        const __m512i v = _mm512_loadu_si512(c + b * bytes + j * 64);
         u[j] = _mm512_and_si512(v, low);
         u[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
       }
     } else {
-      for (int g = 0; g < 8; ++g) u[g] = _mm512_loadu_si512(c + b * 512 + g * 64);
+      for (int g = 0; g < 8; ++g) u[g] = _mm512_loadu_si512(c + b * bytes + g * 64);
     }
-    const __m512 scale = wide(sz + b * per * TILE);
-    const __m512 zero = BITS == 4 ? wide(sz + b * per * TILE + TILE) : _mm512_setzero_ps();
+    const __m512 scale = wide(sz + b * per);
+    const __m512 zero = BITS == 4 ? wide(sz + b * per + TILE) : _mm512_setzero_ps();
     for (int i = 0; i < MB; ++i) {
       const int64_t m = m0 + i;
       const int32_t* q = reinterpret_cast<const int32_t*>(r.q + m * r.Kp + b * BLOCK);

@@ -77,7 +77,7 @@ void product(const float* x, int64_t M, int64_t K, const Tensor& codes, const Te
   TORCH_CHECK(N % qmm::TILE == 0, "the weight's outputs must come in tiles of 16");
   TORCH_CHECK(codes.size(1) * (bits == 4 ? 2 : 1) == rows.Kp, "the weight's K does not match the input's");
   TORCH_CHECK(scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() &&
-                  scale.numel() == N * (rows.Kp / qmm::BLOCK) * (bits == 4 ? 2 : 1),
+                  scale.numel() == N / qmm::TILE * (rows.Kp / qmm::BLOCK) * qmm::sz_per_block(bits),
               "scales must be contiguous bfloat16, per block of 32 (and zeros for int4)");
   qmm::Weights w{static_cast<int>(bits), N, rows.Kp, reinterpret_cast<const uint8_t*>(codes.data_ptr()),
                  reinterpret_cast<const uint16_t*>(scale.data_ptr())};
