@@ -31,6 +31,8 @@ namespace {
 using at::Half;
 using at::Tensor;
 constexpr int LANES = 16;  // float lanes summed apart in dot products (vectorised, same order for every row)
+// A block's weights (kernels.block_args): 2 norms, (codes, scales) of its 4 products, the q/k/v bias.
+constexpr int64_t BLOCK_TENSORS = 11;
 
 // Rows x (M, K) float32 rounded to int8 in blocks of 32 for weights of ``bits`` bits (qmm.h), with what the kernels
 // read beside them; the buffers are the calling thread's own, reused from call to call.
@@ -281,7 +283,8 @@ Tensor quant_block(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
                    double eps, at::TensorList caches, int64_t start, at::IntArrayRef rows,
                    const c10::List<std::optional<Tensor>>& masks, const c10::List<std::optional<Tensor>>& prefixes) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be (B, T, d) float32");
-  TORCH_CHECK(weights.size() == 11 && ints.size() == 8, "weights: 11 tensors, ints: 8");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == BLOCK_TENSORS && ints.size() == 8, "weights: ", BLOCK_TENSORS,
+              " tensors, ints: 8");
   const int64_t B = x.size(0), T = x.size(1), d = x.size(2), M = B * T;
   const int64_t H = ints[0], KV = ints[1], D = ints[2], group = H / KV;
   const int64_t qd = H * D, kvd = KV * D;
@@ -488,16 +491,17 @@ Tensor qmm_op(const Tensor& x, const Tensor& codes, const Tensor& scale, int64_t
 int64_t best_isa_op() { return qmm::best_isa(); }
 
 // Logical layers first .. last - 1 of a stack, each a plain decode call (one part: every row, at the cache's next
-// slots, ``mask`` or causal): weights holds 11 tensors per unique block (layer i runs block i % unique blocks),
+// slots, ``mask`` or causal): weights holds BLOCK_TENSORS per unique block (layer i runs block i % unique blocks),
 // k_caches / v_caches one tensor per logical layer.
 Tensor quant_stack(const Tensor& x, const Tensor& cos, const Tensor& sin, at::TensorList weights, at::IntArrayRef ints,
                    double eps, at::TensorList k_caches, at::TensorList v_caches, int64_t start,
                    const std::optional<Tensor>& mask, int64_t first, int64_t last) {
-  TORCH_CHECK(weights.size() % 11 == 0 && !weights.empty(), "weights: 11 tensors per block");
+  const int64_t n_weights = weights.size();
+  TORCH_CHECK(n_weights % BLOCK_TENSORS == 0 && n_weights > 0, "weights: ", BLOCK_TENSORS, " tensors per block");
   TORCH_CHECK(0 <= first && first <= last && last <= static_cast<int64_t>(k_caches.size()) &&
                   k_caches.size() == v_caches.size(),
               "layers out of range");
-  const int64_t unique = weights.size() / 11;
+  const int64_t unique = n_weights / BLOCK_TENSORS;
   c10::List<std::optional<Tensor>> masks, prefixes;
   masks.push_back(mask);
   prefixes.push_back(std::nullopt);
@@ -505,8 +509,8 @@ Tensor quant_stack(const Tensor& x, const Tensor& cos, const Tensor& sin, at::Te
   const std::vector<int64_t> rows{0, x.size(1)};
   Tensor y = x;
   for (int64_t i = first; i < last; ++i)
-    y = quant_block(y, cos, sin, weights.slice((i % unique) * 11, 11), ints, eps, {k_caches[i], v_caches[i]}, start,
-                    rows, masks, prefixes);
+    y = quant_block(y, cos, sin, weights.slice((i % unique) * BLOCK_TENSORS, BLOCK_TENSORS), ints, eps,
+                    {k_caches[i], v_caches[i]}, start, rows, masks, prefixes);
   return y;
 }
 
